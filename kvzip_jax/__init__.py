@@ -1,0 +1,1 @@
+"""kvzip_jax: functional Flax LLMs with explicit KV caches, Hugging Face checkpoints and KVzip compression."""

@@ -1,0 +1,193 @@
+"""One decoder for llama / qwen2 / qwen3 / gemma3, driven by ModelConfig, behind a pure forward.
+
+Decoder layers are stacked on a leading axis and applied with `lax.scan`, so compile time does not grow with
+depth. Per-layer differences (Gemma3's sliding vs full layers) are scanned flags that select a precomputed mask
+and RoPE table, not separate code paths.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kvzip_jax.cache import DenseKVCache
+from kvzip_jax.config import FULL, SLIDING, ModelConfig
+from kvzip_jax.models.layers import MLP, Attention, RMSNorm, _normal, attend, rope_tables
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        c = config
+        norm = functools.partial(RMSNorm, c.hidden_size, eps=c.rms_norm_eps, gemma=c.gemma_norms, dtype=dtype)
+        self.config = c
+        self.attn_in_norm = norm()
+        self.attn = Attention(c, dtype=dtype, rngs=rngs)
+        self.mlp_in_norm = norm()
+        self.mlp = MLP(c, dtype=dtype, rngs=rngs)
+        # Gemma's sandwich norms on the attention and MLP outputs.
+        self.attn_out_norm = norm() if c.gemma_norms else None
+        self.mlp_out_norm = norm() if c.gemma_norms else None
+
+    def __call__(self, x, cos, sin, mask, layer, cache_k, cache_v, batch_idx, slots):
+        """x [B, T, H]; writes this layer's new K/V into the stacked cache at `slots` [B, T] and attends."""
+        c = self.config
+        q, k, v = self.attn.project_qkv(self.attn_in_norm(x), cos, sin)
+        cache_k = cache_k.at[layer, batch_idx, :, slots].set(k.astype(cache_k.dtype), mode="drop")
+        cache_v = cache_v.at[layer, batch_idx, :, slots].set(v.astype(cache_v.dtype), mode="drop")
+        keys, values = cache_k[layer].astype(q.dtype), cache_v[layer].astype(q.dtype)
+        out = attend(q, keys, values, mask, scale=c.attn_scale, softcap=c.attn_logit_softcap)
+        h = self.attn.output(out)
+        if self.attn_out_norm is not None:
+            h = self.attn_out_norm(h)
+        x = x + h
+        h = self.mlp(self.mlp_in_norm(x))
+        if self.mlp_out_norm is not None:
+            h = self.mlp_out_norm(h)
+        return x + h, cache_k, cache_v
+
+
+class Transformer(nnx.Module):
+    """Parameters of a decoder-only LM. Param paths (`embed/embedding`, `layers/attn/q_proj/kernel`, ...) are
+    stable: Optax labels, Orbax files, sharding rules and the HF key map all key on them."""
+
+    def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        self.embed = nnx.Param(_normal(rngs, (c.vocab_size, c.hidden_size), dtype))
+        layers = [DecoderLayer(c, dtype=dtype, rngs=rngs) for _ in range(c.num_layers)]
+        graphdef = nnx.graphdef(layers[0])
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(layer) for layer in layers])
+        self.layers = nnx.merge(graphdef, stacked)
+        self.final_norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, gemma=c.gemma_norms, dtype=dtype)
+        self.lm_head = None if c.tie_word_embeddings else nnx.Param(_normal(rngs, (c.hidden_size, c.vocab_size), dtype))
+
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        x = jnp.take(self.embed[...], tokens, axis=0)
+        if self.config.gemma_norms:
+            # transformers casts the sqrt(hidden) normaliser to the weight dtype first (it matters in bf16).
+            x = x * jnp.asarray(np.sqrt(self.config.hidden_size), x.dtype)
+        return x
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        c = self.config
+        hidden = self.final_norm(hidden)
+        head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        logits = jnp.einsum("...h,hv->...v", hidden, head, preferred_element_type=jnp.float32)
+        if c.final_logit_softcap is not None:
+            logits = jnp.tanh(logits / c.final_logit_softcap) * c.final_logit_softcap
+        return logits
+
+    def __call__(
+        self,
+        inputs: jax.Array,
+        positions: jax.Array,
+        cache: DenseKVCache,
+        n_valid: jax.Array | None = None,
+        logits_at: Literal["all", "last", "none"] = "all",
+    ):
+        """inputs: token ids [B, T] or embeddings [B, T, H]; positions [B, T] (RoPE positions).
+
+        The T new tokens take slots cache.length[b] + t; `n_valid[b]` (default T) of them count, the rest are
+        right padding that later writes overwrite. Returns (logits, hidden, cache); logits are [B, T, V] for
+        "all", [B, V] at each row's last valid token for "last", None for "none".
+        """
+        c = self.config
+        x = self.embed_tokens(inputs) if inputs.ndim == 2 else inputs.astype(self.embed[...].dtype)
+        b, t = x.shape[:2]
+        n_valid = jnp.full((b,), t, jnp.int32) if n_valid is None else n_valid.astype(jnp.int32)
+        slots = cache.length[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+        key_slots = jnp.arange(cache.capacity, dtype=jnp.int32)
+        causal = key_slots[None, None, :] <= slots[:, :, None]  # [B, T, S]
+        tables = {kind: rope_tables(c, kind, positions) for kind in sorted(set(c.layer_types))}
+        if SLIDING in tables:
+            window = (slots[:, :, None] - key_slots[None, None, :]) < c.sliding_window
+            masks = (causal, causal & window)
+            cos = (tables[FULL][0], tables[SLIDING][0])
+            sin = (tables[FULL][1], tables[SLIDING][1])
+        else:
+            masks, cos, sin = (causal,), (tables[FULL][0],), (tables[FULL][1],)
+        batch_idx = jnp.arange(b, dtype=jnp.int32)[:, None]
+        layer_graph, layer_state = nnx.split(self.layers)
+        layer_kind = jnp.asarray(c.sliding_layers.astype(np.int32))
+
+        def body(carry, xs):
+            h, ck, cv = carry
+            state, layer, kind = xs
+            pick = (lambda opts: opts[0]) if len(masks) == 1 else (lambda opts: jnp.where(kind == 1, opts[1], opts[0]))
+            h, ck, cv = nnx.merge(layer_graph, state)(
+                h, pick(cos), pick(sin), pick(masks), layer, ck, cv, batch_idx, slots
+            )
+            return (h, ck, cv), None
+
+        layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
+        (x, new_k, new_v), _ = jax.lax.scan(body, (x, cache.k, cache.v), (layer_state, layer_ids, layer_kind))
+        new_cache = DenseKVCache(k=new_k, v=new_v, length=cache.length + n_valid)
+        if logits_at == "all":
+            logits = self.logits(x)
+        elif logits_at == "last":
+            last = jnp.take_along_axis(x, jnp.maximum(n_valid - 1, 0)[:, None, None], axis=1)[:, 0]
+            logits = self.logits(last)
+        else:
+            logits = None
+        return logits, x, new_cache
+
+
+@functools.lru_cache(maxsize=None)
+def graphdef_for(config: ModelConfig, dtype_name: str = "float32") -> nnx.GraphDef:
+    """The (static) structure of the model for `config`; no memory is allocated."""
+    abstract = nnx.eval_shape(lambda: Transformer(config, dtype=jnp.dtype(dtype_name), rngs=nnx.Rngs(0)))
+    return nnx.graphdef(abstract)
+
+
+def abstract_params(config: ModelConfig, dtype=jnp.float32) -> nnx.State:
+    """Params as ShapeDtypeStructs: the target that loaders fill."""
+    abstract = nnx.eval_shape(lambda: Transformer(config, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0)))
+    return nnx.state(abstract)
+
+
+def init_params(config: ModelConfig, seed: int = 0, dtype=jnp.float32) -> nnx.State:
+    """Random params (normal, std 0.02; norm scales at their neutral value), built in one jitted call."""
+
+    @jax.jit
+    def build():
+        return nnx.state(Transformer(config, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(seed)))
+
+    return build()
+
+
+def forward(
+    params: nnx.State,
+    inputs: jax.Array,
+    positions: jax.Array,
+    cache: DenseKVCache,
+    *,
+    config: ModelConfig,
+    n_valid: jax.Array | None = None,
+    logits_at: Literal["all", "last", "none"] = "all",
+):
+    """The pure boundary: (params, tokens | embeds, positions, cache) -> (logits, cache). Traceable; jit it."""
+    model = nnx.merge(graphdef_for(config, _params_dtype(params)), params)
+    logits, _, cache = model(inputs, positions, cache, n_valid=n_valid, logits_at=logits_at)
+    return logits, cache
+
+
+def forward_hidden(params, inputs, positions, cache, *, config: ModelConfig, n_valid=None):
+    """Like `forward` but returns the final hidden states [B, T, H] (before the final norm) instead of logits."""
+    model = nnx.merge(graphdef_for(config, _params_dtype(params)), params)
+    _, hidden, cache = model(inputs, positions, cache, n_valid=n_valid, logits_at="none")
+    return hidden, cache
+
+
+def embed(params: nnx.State, tokens: jax.Array, *, config: ModelConfig) -> jax.Array:
+    """Token embeddings as the decoder scales them: the input for splicing in multimodal embeddings."""
+    model = nnx.merge(graphdef_for(config, _params_dtype(params)), params)
+    return model.embed_tokens(tokens)
+
+
+def _params_dtype(params: nnx.State) -> str:
+    return str(jnp.dtype(params["embed"][...].dtype))

@@ -1,0 +1,127 @@
+"""Building blocks of one decoder layer (single-layer shapes; the decoder stacks them on a leading axis)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kvzip_jax.config import ModelConfig
+
+INIT_STD = 0.02
+
+
+def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype) -> jax.Array:
+    return (INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias); kernel is [in, out] (the transpose of torch's Linear.weight).
+
+    A class of our own (not nnx.Linear) so adapters (MokA) can wrap it and read per-token modality ids later.
+    """
+
+    def __init__(self, d_in: int, d_out: int, *, bias: bool, dtype, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(_normal(rngs, (d_in, d_out), dtype))
+        self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.einsum("...i,io->...o", x, self.kernel[...])
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm in float32. Llama style: w * normed; Gemma style: normed * (1 + w), cast as transformers does."""
+
+    def __init__(self, dim: int, *, eps: float, gemma: bool, dtype):
+        self.eps = eps
+        self.gemma = gemma
+        self.scale = nnx.Param(jnp.zeros((dim,), dtype) if gemma else jnp.ones((dim,), dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.gemma:
+            return (normed * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
+        return self.scale[...] * normed.astype(x.dtype)
+
+
+def rope_tables(config: ModelConfig, layer_type: str, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [B, T, head_dim] in float32 for integer positions [B, T] (split-half layout, as transformers)."""
+    inv_freq, scaling = config.rope_for(layer_type).inv_freq_and_scaling(config.head_dim)
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb) * np.float32(scaling), jnp.sin(emb) * np.float32(scaling)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, N, D]; cos/sin [B, T, D]. Rotates the two halves, in x's dtype like transformers."""
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def attend(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float, softcap: float | None
+) -> jax.Array:
+    """Grouped-query attention without replicating K/V.
+
+    q [B, T, Hkv, G, D]; k, v [B, Hkv, S, D]; mask [B, T, S] (True = may attend). Returns [B, T, Hkv, G, D].
+    Logits and softmax in float32.
+    """
+    logits = jnp.einsum("bthgd,bhsd->bhgts", q, k, preferred_element_type=jnp.float32) * np.float32(scale)
+    if softcap is not None:
+        logits = jnp.tanh(logits / np.float32(softcap)) * np.float32(softcap)
+    logits = jnp.where(mask[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhgts,bhsd->bthgd", probs, v)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        self.q_proj = Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.qkv_bias, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_bias, dtype=dtype, rngs=rngs)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, gemma=c.gemma_norms, dtype=dtype)
+            self.k_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, gemma=c.gemma_norms, dtype=dtype)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def project_qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
+        """x [B, T, H] -> q [B, T, Hkv, G, D], k and v [B, T, Hkv, D] with norms and RoPE applied."""
+        c = self.config
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, c.num_heads, c.head_dim)
+        k = self.k_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
+        v = self.v_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q.reshape(b, t, c.num_kv_heads, c.num_groups, c.head_dim), k, v
+
+    def output(self, attn_out: jax.Array) -> jax.Array:
+        b, t = attn_out.shape[:2]
+        return self.o_proj(attn_out.reshape(b, t, -1))
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        c = config
+        self.gelu = c.hidden_act == "gelu_pytorch_tanh"
+        self.gate_proj = Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias, dtype=dtype, rngs=rngs)
+        self.up_proj = Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias, dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gate = self.gate_proj(x)
+        gate = jax.nn.gelu(gate, approximate=True) if self.gelu else jax.nn.silu(gate)
+        return self.down_proj(gate * self.up_proj(x))
