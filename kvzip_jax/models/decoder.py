@@ -59,10 +59,13 @@ class Transformer(nnx.Module):
         c = config
         self.config = c
         self.embed = nnx.Param(_normal(rngs, (c.vocab_size, c.hidden_size), dtype))
-        layers = [DecoderLayer(c, dtype=dtype, rngs=rngs) for _ in range(c.num_layers)]
-        graphdef = nnx.graphdef(layers[0])
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(layer) for layer in layers])
-        self.layers = nnx.merge(graphdef, stacked)
+        # One layer is traced and vmapped over per-layer keys, so building (and compiling) does not grow with depth.
+        def one_layer(key):
+            return nnx.state(DecoderLayer(c, dtype=dtype, rngs=nnx.Rngs(params=key)))
+
+        layer_graph = nnx.graphdef(nnx.eval_shape(lambda: DecoderLayer(c, dtype=dtype, rngs=nnx.Rngs(0))))
+        stacked = jax.vmap(one_layer)(jax.random.split(rngs.params(), c.num_layers))
+        self.layers = nnx.merge(layer_graph, stacked)
         self.final_norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, gemma=c.gemma_norms, dtype=dtype)
         self.lm_head = None if c.tie_word_embeddings else nnx.Param(_normal(rngs, (c.hidden_size, c.vocab_size), dtype))
 
