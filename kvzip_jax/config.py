@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -159,7 +160,7 @@ class ModelConfig:
     rope: tuple[tuple[str, RopeConfig], ...] = ((FULL, RopeConfig()),)
     layer_types: tuple[str, ...] = ()
     sliding_window: int | None = None
-    query_pre_attn_scalar: float | None = None
+    query_pre_attn_scalar: int | float | None = None
     attn_logit_softcap: float | None = None
     final_logit_softcap: float | None = None
     tie_word_embeddings: bool = False
@@ -297,10 +298,9 @@ class ModelConfig:
             rope=tuple(sorted(rope.items())),
             layer_types=layer_types,
             sliding_window=sliding_window,
-            query_pre_attn_scalar=(
-                float(hf.get("query_pre_attn_scalar", 256)) if family == "gemma3" else None
-            ),
-            attn_logit_softcap=hf.get("attn_logit_softcapping"),
+            # Kept as written (an int in real configs): transformers rejects a float here when reading it back.
+            query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256) if family == "gemma3" else None,
+            attn_logit_softcap=_attn_softcap(hf, family),
             final_logit_softcap=hf.get("final_logit_softcapping"),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", defaults["tie_word_embeddings"])),
             qkv_bias=qkv_bias,
@@ -370,6 +370,18 @@ _FAMILY_DEFAULTS = {
         max_position_embeddings=131072, rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="gelu_pytorch_tanh"
     ),
 }
+
+
+def _attn_softcap(hf: dict[str, Any], family: str) -> float | None:
+    cap = hf.get("attn_logit_softcapping")
+    if cap is not None and family == "gemma3":
+        # transformers' Gemma3 attention stores this value but never applies it (nor does Gemma3 itself, which
+        # sets it to None); our parity reference wins, so it is dropped, loudly.
+        warnings.warn(
+            f"attn_logit_softcapping={cap} is ignored for gemma3, as transformers ignores it", stacklevel=3
+        )
+        return None
+    return cap
 
 
 def _rope_from_dict(d: dict[str, Any], max_pos: int, fallback_theta: float | None) -> RopeConfig:

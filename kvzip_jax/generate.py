@@ -207,7 +207,8 @@ def generate(
     check_token_ids(tokens, config)
     stops = tuple(config.eos_token_ids) if stop_token_ids is None else tuple(stop_token_ids)
     check_token_ids(np.array(stops, np.int64), config, "stop token id")
-    needed = int(lengths.max()) + max_new_tokens
+    # The last sampled token is returned, never fed back, so it takes no cache slot and no position.
+    needed = int(lengths.max()) + max_new_tokens - 1
     capacity = capacity or needed
     check_capacity(needed, capacity, f"a prompt of {int(lengths.max())} tokens + max_new_tokens={max_new_tokens}")
     check_positions(needed - 1, config)

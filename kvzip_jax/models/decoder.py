@@ -106,14 +106,12 @@ class Transformer(nnx.Module):
         slots = cache.length[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         key_slots = jnp.arange(cache.capacity, dtype=jnp.int32)
         causal = key_slots[None, None, :] <= slots[:, :, None]  # [B, T, S]
-        tables = {kind: rope_tables(c, kind, positions) for kind in sorted(set(c.layer_types))}
-        if SLIDING in tables:
-            window = (slots[:, :, None] - key_slots[None, None, :]) < c.sliding_window
-            masks = (causal, causal & window)
-            cos = (tables[FULL][0], tables[SLIDING][0])
-            sin = (tables[FULL][1], tables[SLIDING][1])
-        else:
-            masks, cos, sin = (causal,), (tables[FULL][0],), (tables[FULL][1],)
+        # One mask and RoPE table per layer type present, in the order (full, sliding); a scanned flag picks one.
+        kinds = [kind for kind in (FULL, SLIDING) if kind in c.layer_types]
+        tables = [rope_tables(c, kind, positions) for kind in kinds]
+        window = None if c.sliding_window is None else (slots[:, :, None] - key_slots[None, None, :]) < c.sliding_window
+        masks = tuple(causal & window if kind == SLIDING else causal for kind in kinds)
+        cos, sin = tuple(t[0] for t in tables), tuple(t[1] for t in tables)
         batch_idx = jnp.arange(b, dtype=jnp.int32)[:, None]
         layer_graph, layer_state = nnx.split(self.layers)
         layer_kind = jnp.asarray(c.sliding_layers.astype(np.int32))

@@ -1,0 +1,158 @@
+"""Shared test set-up.
+
+- 8 host CPU devices (for mesh tests), set before jax is imported anywhere.
+- fp32 matmuls at "highest" precision so parity against PyTorch is meaningful.
+- `gpu` / `tpu` marked tests are skipped unless the default backend matches.
+- Session-scoped factories for tiny, perturbed Hugging Face models saved to disk once per distinct config.
+"""
+
+from __future__ import annotations
+
+import os
+
+_FLAG = "--xla_force_host_platform_device_count=8"
+if _FLAG not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+
+import json  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+# The tiny shape every parity config starts from (G = 4 heads / 2 kv heads = 2, head_dim 16 != hidden / heads).
+TINY = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+)
+PERTURB_SCALE = 0.1
+
+
+def pytest_collection_modifyitems(config, items):
+    backend = jax.default_backend()
+    for item in items:
+        for marker in ("gpu", "tpu"):
+            if marker in item.keywords and backend != marker:
+                item.add_marker(pytest.mark.skip(reason=f"needs a {marker.upper()} (default backend is {backend})"))
+
+
+def _hf_classes(name: str):
+    import transformers
+
+    return {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
+    }[name]
+
+
+def build_hf_model(family: str, seed: int = 0, scale: float = PERTURB_SCALE, **overrides):
+    """A tiny random transformers model with EVERY parameter perturbed (norm weights off 1/0, biases off 0)."""
+    import torch
+
+    config_cls, model_cls = _hf_classes(family)
+    kwargs = {**TINY, **overrides}
+    config = config_cls(**kwargs)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_model_factory(tmp_path_factory):
+    """factory(family, **config_overrides) -> (hf_model, checkpoint_dir); each distinct config is built once.
+
+    family is one of llama / qwen2 / qwen3 / gemma3 (Gemma3ForCausalLM, text only). The checkpoint is written by
+    transformers' save_pretrained (single model.safetensors, fp32). Callers must not mutate the returned model.
+    """
+    built: dict[str, tuple[object, str]] = {}
+
+    def factory(family: str, seed: int = 0, **overrides):
+        key = json.dumps({"family": family, "seed": seed, **overrides}, sort_keys=True)
+        if key not in built:
+            model = build_hf_model(family, seed=seed, **overrides)
+            path = tmp_path_factory.mktemp(f"hf_{family}")
+            model.save_pretrained(path)
+            built[key] = (model, str(path))
+        return built[key]
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def loaded_factory(hf_model_factory):
+    """factory(family, **overrides) -> (hf_model, path, config, params) with params loaded by our loader (fp32)."""
+    import jax.numpy as jnp
+
+    from kvzip_jax.models import load_params
+
+    cache: dict[str, tuple] = {}
+
+    def factory(family: str, seed: int = 0, **overrides):
+        key = json.dumps({"family": family, "seed": seed, **overrides}, sort_keys=True)
+        if key not in cache:
+            model, path = hf_model_factory(family, seed=seed, **overrides)
+            config, params = load_params(path, dtype=jnp.float32)
+            cache[key] = (model, path, config, params)
+        return cache[key]
+
+    return factory
+
+
+def hf_logits(model, tokens: np.ndarray, positions: np.ndarray | None = None) -> np.ndarray:
+    """transformers' fp32 logits [B, T, V] for a full (unpadded) batch."""
+    import torch
+
+    with torch.no_grad():
+        kwargs = {}
+        if positions is not None:
+            kwargs["position_ids"] = torch.as_tensor(np.asarray(positions), dtype=torch.long)
+        out = model(input_ids=torch.as_tensor(np.asarray(tokens), dtype=torch.long), **kwargs)
+    return out.logits.float().numpy()
+
+
+@pytest.fixture(scope="session")
+def hf_logits_fn():
+    return hf_logits
+
+
+def _ours_logits_impl(params, config, tokens, positions=None):
+    import jax.numpy as jnp
+
+    from kvzip_jax.cache import DenseKVCache
+
+    tokens = jnp.asarray(np.asarray(tokens), jnp.int32)
+    b, t = tokens.shape
+    if positions is None:
+        positions = np.broadcast_to(np.arange(t), (b, t))
+    positions = jnp.asarray(np.asarray(positions), jnp.int32)
+    cache = DenseKVCache.zeros(config, b, t, params["embed"][...].dtype)
+    logits, _ = _jit_forward(params, tokens, positions, cache, config=config)
+    return np.asarray(logits)
+
+
+@pytest.fixture(scope="session")
+def ours_logits_fn():
+    """fn(params, config, tokens, positions=None) -> our logits [B, T, V] from one full forward on a fresh cache."""
+    return _ours_logits_impl
+
+
+def _forward_kw(params, tokens, positions, cache, *, config):
+    from kvzip_jax.models import forward
+
+    return forward(params, tokens, positions, cache, config=config)
+
+
+_jit_forward = jax.jit(_forward_kw, static_argnames=("config",))
