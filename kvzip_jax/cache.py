@@ -46,3 +46,47 @@ class DenseKVCache:
         """Forget every slot at or beyond `length` (per row). Stale slots are masked, so nothing is rewritten."""
         return dataclasses.replace(self, length=jnp.minimum(self.length, jnp.asarray(length, jnp.int32)))
 
+    def next_positions(self) -> jax.Array:
+        """RoPE position of each row's next token (slot == position in the dense working form)."""
+        return self.length
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PagedKVCache:
+    """Head-wise paged cache: every (layer, row, kv head) is its own ragged sequence read through its page table.
+
+    Memory is proportional to the pairs kept (plus page rounding and a preallocated decode headroom per head):
+    the pool holds exactly the pages that the tables reference. Positions are never renumbered: each stored pair
+    keeps its original RoPE position in `pos_pages`, which also drives causal and sliding-window masks.
+    """
+
+    k_pages: jax.Array  # [N_pages, page_size, D]
+    v_pages: jax.Array  # [N_pages, page_size, D]
+    pos_pages: jax.Array  # int32 [N_pages, page_size]: original position of each stored pair
+    page_table: jax.Array  # int32 [L, B, Hkv, P_max]; entries past num_pages point at page 0 and are never read
+    num_pages: jax.Array  # int32 [L, B, Hkv]: pages owned by each head sequence
+    lengths: jax.Array  # int32 [L, B, Hkv]: valid pairs per head sequence
+    next_position: jax.Array  # int32 [B]: RoPE position of each row's next token
+
+    @property
+    def page_size(self) -> int:
+        return self.k_pages.shape[1]
+
+    @property
+    def batch_size(self) -> int:
+        return self.page_table.shape[1]
+
+    def next_positions(self) -> jax.Array:
+        return self.next_position
+
+    def nbytes(self) -> int:
+        """K and V bytes of the pool (what the compressed context really occupies, headroom included)."""
+        return self.k_pages.nbytes + self.v_pages.nbytes
+
+    def metadata_nbytes(self) -> int:
+        return self.pos_pages.nbytes + self.page_table.nbytes + self.num_pages.nbytes + self.lengths.nbytes
+
+    def rollback(self, lengths: jax.Array, next_position: jax.Array) -> PagedKVCache:
+        """Restore saved lengths and positions: appended pairs are forgotten, the kept ones were never touched."""
+        return dataclasses.replace(self, lengths=lengths, next_position=next_position)

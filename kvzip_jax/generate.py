@@ -93,8 +93,9 @@ def _prefill_chunk(params, tokens, cache, n_valid, *, config: ModelConfig):
 
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
 def decode_step(params: nnx.State, tokens: jax.Array, cache: DenseKVCache, *, config: ModelConfig):
-    """One token per row: tokens [B] -> (logits [B, V], cache). The cache is donated (updated in place)."""
-    positions = cache.length[:, None]
+    """One token per row: tokens [B] -> (logits [B, V], cache). The cache is donated (updated in place).
+    Works on the dense and on the compressed paged cache."""
+    positions = cache.next_positions()[:, None]
     return forward(params, tokens[:, None], positions, cache, config=config, logits_at="last")
 
 
@@ -170,7 +171,7 @@ def _generation_loop(params, first_logits, cache, key, stop_ids, pad_id, *, conf
 
     def body(state):
         step, tok, cache, done, out, key = state
-        positions = cache.length[:, None]
+        positions = cache.next_positions()[:, None]
         # Finished rows still ride along in the batch but do not advance their cache.
         logits, cache = forward(
             params, tok[:, None], positions, cache, config=config, n_valid=(~done).astype(jnp.int32),
@@ -215,6 +216,24 @@ def generate(
     dtype = cache_dtype or params["embed"][...].dtype
     cache = DenseKVCache.zeros(config, len(prompts), capacity, dtype)
     logits, cache = prefill(params, config, prompts, cache, chunk_size=chunk_size)
+    return continue_generation(params, config, logits, cache, max_new_tokens=max_new_tokens, sampling=sampling,
+                               stop_token_ids=stops, seed=seed)
+
+
+def continue_generation(
+    params: nnx.State,
+    config: ModelConfig,
+    logits: jax.Array,
+    cache,
+    *,
+    max_new_tokens: int,
+    sampling: SamplingConfig,
+    stop_token_ids: Sequence[int],
+    seed: int = 0,
+) -> GenerationResult:
+    """Sample from `logits` [B, V] (the last prompt token's) and run the jitted loop on a prefilled cache
+    (dense or paged; donated). Callers have checked capacity and positions."""
+    stops = tuple(stop_token_ids)
     stop_arr = jnp.asarray(np.array(stops or (-1,), np.int32))
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
     out, done, steps, cache = _generation_loop(

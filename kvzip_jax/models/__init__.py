@@ -6,6 +6,7 @@ from kvzip_jax.models.decoder import (
     embed,
     forward,
     forward_hidden,
+    forward_scores,
     graphdef_for,
     init_params,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "embed",
     "forward",
     "forward_hidden",
+    "forward_scores",
     "graphdef_for",
     "init_params",
     "load_params",

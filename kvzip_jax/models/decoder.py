@@ -7,17 +7,19 @@ and RoPE table, not separate code paths.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kvzip_jax.cache import DenseKVCache
+from kvzip_jax.cache import DenseKVCache, PagedKVCache
 from kvzip_jax.config import FULL, SLIDING, ModelConfig
-from kvzip_jax.models.layers import MLP, Attention, RMSNorm, _normal, attend, rope_tables
+from kvzip_jax.models.kv_attention import ScoreChunk, dense_write_attend, paged_write_attend
+from kvzip_jax.models.layers import MLP, Attention, RMSNorm, _normal, rope_tables
 
 
 class DecoderLayer(nnx.Module):
@@ -33,22 +35,17 @@ class DecoderLayer(nnx.Module):
         self.attn_out_norm = norm() if c.gemma_norms else None
         self.mlp_out_norm = norm() if c.gemma_norms else None
 
-    def __call__(self, x, cos, sin, mask, layer, cache_k, cache_v, batch_idx, slots):
-        """x [B, T, H]; writes this layer's new K/V into the stacked cache at `slots` [B, T] and attends."""
-        c = self.config
+    def __call__(self, x, cos, sin, kv_attend):
+        """x [B, T, H]. `kv_attend(q, k, v)` writes the new K/V into this layer's cache and attends over it."""
         q, k, v = self.attn.project_qkv(self.attn_in_norm(x), cos, sin)
-        cache_k = cache_k.at[layer, batch_idx, :, slots].set(k.astype(cache_k.dtype), mode="drop")
-        cache_v = cache_v.at[layer, batch_idx, :, slots].set(v.astype(cache_v.dtype), mode="drop")
-        keys, values = cache_k[layer].astype(q.dtype), cache_v[layer].astype(q.dtype)
-        out = attend(q, keys, values, mask, scale=c.attn_scale, softcap=c.attn_logit_softcap)
-        h = self.attn.output(out)
+        h = self.attn.output(kv_attend(q, k, v))
         if self.attn_out_norm is not None:
             h = self.attn_out_norm(h)
         x = x + h
         h = self.mlp(self.mlp_in_norm(x))
         if self.mlp_out_norm is not None:
             h = self.mlp_out_norm(h)
-        return x + h, cache_k, cache_v
+        return x + h
 
 
 class Transformer(nnx.Module):
@@ -89,45 +86,87 @@ class Transformer(nnx.Module):
         self,
         inputs: jax.Array,
         positions: jax.Array,
-        cache: DenseKVCache,
+        cache: DenseKVCache | PagedKVCache,
         n_valid: jax.Array | None = None,
         logits_at: Literal["all", "last", "none"] = "all",
-    ):
+        score: ScoreChunk | None = None,
+    ) -> DecoderOutput:
         """inputs: token ids [B, T] or embeddings [B, T, H]; positions [B, T] (RoPE positions).
 
-        The T new tokens take slots cache.length[b] + t; `n_valid[b]` (default T) of them count, the rest are
-        right padding that later writes overwrite. Returns (logits, hidden, cache); logits are [B, T, V] for
-        "all", [B, V] at each row's last valid token for "last", None for "none".
+        Dense cache: the T new tokens take slots cache.length[b] + t. Paged cache: they are appended to every head
+        sequence of row b. `n_valid[b]` (default T) of them count; the rest are right padding that is never kept.
+        logits are [B, T, V] for "all", [B, V] at each row's last valid token for "last", None for "none".
+        `score` (dense cache only) also returns KVzip scores [L, B, Hkv, chunk_size] of that context chunk.
         """
         c = self.config
         x = self.embed_tokens(inputs) if inputs.ndim == 2 else inputs.astype(self.embed[...].dtype)
         b, t = x.shape[:2]
         n_valid = jnp.full((b,), t, jnp.int32) if n_valid is None else n_valid.astype(jnp.int32)
-        slots = cache.length[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-        key_slots = jnp.arange(cache.capacity, dtype=jnp.int32)
-        causal = key_slots[None, None, :] <= slots[:, :, None]  # [B, T, S]
-        # One mask and RoPE table per layer type present, in the order (full, sliding); a scanned flag picks one.
+        # One RoPE table per layer type present, in the order (full, sliding); a scanned flag picks one.
         kinds = [kind for kind in (FULL, SLIDING) if kind in c.layer_types]
         tables = [rope_tables(c, kind, positions) for kind in kinds]
-        window = None if c.sliding_window is None else (slots[:, :, None] - key_slots[None, None, :]) < c.sliding_window
-        masks = tuple(causal & window if kind == SLIDING else causal for kind in kinds)
-        cos, sin = tuple(t[0] for t in tables), tuple(t[1] for t in tables)
-        batch_idx = jnp.arange(b, dtype=jnp.int32)[:, None]
+        cos, sin = tuple(tb[0] for tb in tables), tuple(tb[1] for tb in tables)
         layer_graph, layer_state = nnx.split(self.layers)
         layer_kind = jnp.asarray(c.sliding_layers.astype(np.int32))
-
-        def body(carry, xs):
-            h, ck, cv = carry
-            state, layer, kind = xs
-            pick = (lambda opts: opts[0]) if len(masks) == 1 else (lambda opts: jnp.where(kind == 1, opts[1], opts[0]))
-            h, ck, cv = nnx.merge(layer_graph, state)(
-                h, pick(cos), pick(sin), pick(masks), layer, ck, cv, batch_idx, slots
-            )
-            return (h, ck, cv), None
-
         layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
-        (x, new_k, new_v), _ = jax.lax.scan(body, (x, cache.k, cache.v), (layer_state, layer_ids, layer_kind))
-        new_cache = DenseKVCache(k=new_k, v=new_v, length=cache.length + n_valid)
+
+        def pick(options, kind):
+            return options[0] if len(options) == 1 else jnp.where(kind == 1, options[1], options[0])
+
+        if isinstance(cache, DenseKVCache):
+            slots = cache.length[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+            key_slots = jnp.arange(cache.capacity, dtype=jnp.int32)
+            causal = key_slots[None, None, :] <= slots[:, :, None]  # [B, T, S]
+            if c.sliding_window is not None:
+                window = (slots[:, :, None] - key_slots[None, None, :]) < c.sliding_window
+            masks = tuple(causal & window if kind == SLIDING else causal for kind in kinds)
+
+            def body(carry, xs):
+                h, ck, cv = carry
+                state, layer, kind = xs
+                box = {}
+
+                def kv_attend(q, k, v):
+                    out, box["k"], box["v"], box["scores"] = dense_write_attend(
+                        q, k, v, ck, cv, layer, slots, pick(masks, kind), c, n_valid, score
+                    )
+                    return out
+
+                h = nnx.merge(layer_graph, state)(h, pick(cos, kind), pick(sin, kind), kv_attend)
+                return (h, box["k"], box["v"]), box["scores"]
+
+            (x, new_k, new_v), scores = jax.lax.scan(
+                body, (x, cache.k, cache.v), (layer_state, layer_ids, layer_kind)
+            )
+            new_cache = DenseKVCache(k=new_k, v=new_v, length=cache.length + n_valid)
+        else:
+            if score is not None:
+                raise ValueError("KVzip scoring runs on the dense cache, not on a compressed one")
+            no_window = jnp.int32(np.iinfo(np.int32).max)
+            windows = tuple(jnp.int32(c.sliding_window) if kind == SLIDING else no_window for kind in kinds)
+
+            def body(carry, xs):
+                h, pages = carry
+                state, kind, table, num_pages, lengths = xs
+                box = {}
+
+                def kv_attend(q, k, v):
+                    out, box["pages"], box["lengths"] = paged_write_attend(
+                        q, k, v, pages, table, num_pages, lengths, positions, n_valid, pick(windows, kind), c
+                    )
+                    return out
+
+                h = nnx.merge(layer_graph, state)(h, pick(cos, kind), pick(sin, kind), kv_attend)
+                return (h, box["pages"]), box["lengths"]
+
+            pages = (cache.k_pages, cache.v_pages, cache.pos_pages)
+            xs = (layer_state, layer_kind, cache.page_table, cache.num_pages, cache.lengths)
+            (x, (k_pages, v_pages, pos_pages)), lengths = jax.lax.scan(body, (x, pages), xs)
+            new_cache = dataclasses.replace(
+                cache, k_pages=k_pages, v_pages=v_pages, pos_pages=pos_pages, lengths=lengths,
+                next_position=cache.next_position + n_valid,
+            )
+            scores = None
         if logits_at == "all":
             logits = self.logits(x)
         elif logits_at == "last":
@@ -135,7 +174,14 @@ class Transformer(nnx.Module):
             logits = self.logits(last)
         else:
             logits = None
-        return logits, x, new_cache
+        return DecoderOutput(logits, x, new_cache, scores)
+
+
+class DecoderOutput(NamedTuple):
+    logits: jax.Array | None
+    hidden: jax.Array
+    cache: DenseKVCache | PagedKVCache
+    scores: jax.Array | None
 
 
 @functools.lru_cache(maxsize=None)
@@ -165,23 +211,34 @@ def forward(
     params: nnx.State,
     inputs: jax.Array,
     positions: jax.Array,
-    cache: DenseKVCache,
+    cache: DenseKVCache | PagedKVCache,
     *,
     config: ModelConfig,
     n_valid: jax.Array | None = None,
     logits_at: Literal["all", "last", "none"] = "all",
 ):
-    """The pure boundary: (params, tokens | embeds, positions, cache) -> (logits, cache). Traceable; jit it."""
+    """The pure boundary: (params, tokens | embeds, positions, cache) -> (logits, cache). Traceable; jit it.
+
+    Works on the dense working cache and on the compressed head-wise paged cache alike."""
     model = nnx.merge(graphdef_for(config, _params_dtype(params)), params)
-    logits, _, cache = model(inputs, positions, cache, n_valid=n_valid, logits_at=logits_at)
-    return logits, cache
+    out = model(inputs, positions, cache, n_valid=n_valid, logits_at=logits_at)
+    return out.logits, out.cache
 
 
 def forward_hidden(params, inputs, positions, cache, *, config: ModelConfig, n_valid=None):
     """Like `forward` but returns the final hidden states [B, T, H] (before the final norm) instead of logits."""
     model = nnx.merge(graphdef_for(config, _params_dtype(params)), params)
-    _, hidden, cache = model(inputs, positions, cache, n_valid=n_valid, logits_at="none")
-    return hidden, cache
+    out = model(inputs, positions, cache, n_valid=n_valid, logits_at="none")
+    return out.hidden, out.cache
+
+
+def forward_scores(params, inputs, positions, cache: DenseKVCache, score: ScoreChunk, *, config: ModelConfig,
+                   n_valid=None):
+    """A KVzip scoring forward: the repeat input runs over the whole dense cache and every layer scores the
+    chunk's pairs. Returns (scores [L, B, Hkv, chunk_size], cache with the repeat tokens appended)."""
+    model = nnx.merge(graphdef_for(config, _params_dtype(params)), params)
+    out = model(inputs, positions, cache, n_valid=n_valid, logits_at="none", score=score)
+    return out.scores, out.cache
 
 
 def embed(params: nnx.State, tokens: jax.Array, *, config: ModelConfig) -> jax.Array:

@@ -71,13 +71,13 @@ def attend(
 ) -> jax.Array:
     """Grouped-query attention without replicating K/V.
 
-    q [B, T, Hkv, G, D]; k, v [B, Hkv, S, D]; mask [B, T, S] (True = may attend). Returns [B, T, Hkv, G, D].
-    Logits and softmax in float32.
+    q [B, T, Hkv, G, D]; k, v [B, Hkv, S, D]; mask [B, Hkv or 1, T, S] (True = may attend).
+    Returns [B, T, Hkv, G, D]. Logits and softmax in float32.
     """
     logits = jnp.einsum("bthgd,bhsd->bhgts", q, k, preferred_element_type=jnp.float32) * np.float32(scale)
     if softcap is not None:
         logits = jnp.tanh(logits / np.float32(softcap)) * np.float32(softcap)
-    logits = jnp.where(mask[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
+    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bhgts,bhsd->bthgd", probs, v)
 

@@ -1,0 +1,250 @@
+"""The KVzip workflow: prefill [system prefix | context], score by reconstruction, select, compact into the
+head-wise paged cache, then answer any number of questions from it (each rolled back afterwards).
+
+    scored = score(params, config, prompt, [context_ids])           # once per context (the expensive part)
+    ctx = scored.compress(ratio=0.3)                                 # cheap; any ratio / level from one scoring
+    answers = ctx.ask(params, [question_ids], max_new_tokens=64)     # as many times as you like
+
+Batches of contexts of different lengths are rows of one batch; each row has its own budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kvzip_jax.cache import DenseKVCache, PagedKVCache
+from kvzip_jax.config import ModelConfig
+from kvzip_jax.generate import (
+    DEFAULT_CHUNK,
+    GenerationResult,
+    SamplingConfig,
+    check_positions,
+    check_token_ids,
+    continue_generation,
+    pad_prompts,
+    prefill,
+)
+from kvzip_jax.kvzip.compact import DEFAULT_PAGE_SIZE, compact
+from kvzip_jax.kvzip.prompts import DEFAULT_CHUNK_SIZE, KVzipPrompt, context_ids, question_ids, repeat_inputs
+from kvzip_jax.kvzip.scoring import score_context
+from kvzip_jax.kvzip.select import keep_mask
+from kvzip_jax.models.decoder import forward
+
+DEFAULT_HEADROOM = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryReport:
+    """What compression bought, per batch: bytes of K+V and the real kept fraction per row."""
+
+    dense_kv_bytes: int  # K+V of the uncompressed [system | context] pairs (no padding, no headroom)
+    compressed_kv_bytes: int  # K+V of the paged pool: kept pairs + page rounding + decode headroom
+    kept_kv_bytes: int  # K+V of the kept pairs alone
+    metadata_bytes: int  # positions, page tables, lengths
+    kept_ratio: tuple[float, ...]  # real fraction of evictable context pairs kept, per row
+    times: dict[str, float]
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class ScoredContext:
+    """A prefilled dense cache with KVzip scores: compress it at any ratio and level without rescoring."""
+
+    config: ModelConfig
+    prompt: KVzipPrompt
+    cache: DenseKVCache
+    scores: np.ndarray  # [L, B, Hkv, n_c_max] float32
+    n_ctx: tuple[int, ...]
+    times: dict[str, float]
+
+    @property
+    def n_sys(self) -> int:
+        return self.prompt.n_sys
+
+    def evictable_layers(self) -> np.ndarray:
+        """Gemma3: only full-attention layers are scored and evicted; sliding layers keep their window."""
+        return ~self.config.sliding_layers
+
+    def keep_mask(self, ratio: float, level: str = "pair", head_scores=None):
+        """(selection over the context [L, B, Hkv, n_c], keep mask over the cache slots [L, B, Hkv, S_cap])."""
+        c = self.config
+        valid = np.arange(self.scores.shape[-1])[None, :] < np.array(self.n_ctx)[:, None]
+        layers = self.evictable_layers()
+        if not layers.any():
+            raise ValueError("every layer of this model is a sliding-window layer: nothing for KVzip to evict")
+        selection = keep_mask(self.scores, ratio, level, valid=valid, layers=layers, head_scores=head_scores)
+        num_layers, batch, heads, capacity = self.cache.k.shape[:4]
+        keep = np.zeros((num_layers, batch, heads, capacity), bool)
+        keep[..., : self.n_sys] = True  # the system prefix (template + instruction) is always kept
+        for b, n in enumerate(self.n_ctx):
+            keep[:, b, :, self.n_sys : self.n_sys + n] = selection.mask[:, b, :, :n]
+            total = self.n_sys + n
+            if c.sliding_window is not None:
+                # A sliding layer's future queries (positions >= total) only see positions > total - window.
+                window_start = max(total - c.sliding_window + 1, 0)
+                for layer in np.flatnonzero(c.sliding_layers):
+                    keep[layer, b, :, :] = False
+                    keep[layer, b, :, window_start:total] = True
+        return selection, keep
+
+    def compress(
+        self, ratio: float, level: str = "pair", *, head_scores=None, headroom: int = DEFAULT_HEADROOM,
+        page_size: int = DEFAULT_PAGE_SIZE,
+    ) -> CompressedContext:
+        t0 = time.perf_counter()
+        selection, keep = self.keep_mask(ratio, level, head_scores)
+        paged = compact(self.cache, keep, headroom=headroom, page_size=page_size)
+        jax.block_until_ready(paged.k_pages)
+        times = {**self.times, "compact_s": time.perf_counter() - t0}
+        itemsize = paged.k_pages.dtype.itemsize
+        per_pair = 2 * self.config.head_dim * itemsize
+        layers, heads = self.config.num_layers, self.config.num_kv_heads
+        report = MemoryReport(
+            dense_kv_bytes=int(sum(layers * heads * (self.n_sys + n) for n in self.n_ctx) * per_pair),
+            compressed_kv_bytes=int(paged.nbytes()),
+            kept_kv_bytes=int(keep.sum() * per_pair),
+            metadata_bytes=int(paged.metadata_nbytes()),
+            kept_ratio=tuple(float(r) for r in selection.kept_ratio),
+            times=times,
+        )
+        return CompressedContext(self.config, self.prompt, paged, np.asarray(paged.lengths),
+                                 np.asarray(paged.next_position), headroom, ratio, level, report)
+
+
+def score(
+    params: nnx.State,
+    config: ModelConfig,
+    prompt: KVzipPrompt,
+    contexts: Sequence[Sequence[int]],
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    prefill_chunk: int = DEFAULT_CHUNK,
+    progress: bool = True,
+) -> ScoredContext:
+    """Prefill [system prefix | context] for each row and score every context pair by reconstruction."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if not contexts:
+        raise ValueError("no contexts given")
+    rows = [context_ids(prompt, c) for c in contexts]  # raises on an empty context
+    check_token_ids(np.concatenate([np.asarray(r) for r in rows]), config)
+    chunks = [repeat_inputs(prompt, c, chunk_size) for c in contexts]
+    width = max(len(c.ids) for row in chunks for c in row)
+    longest = max(len(r) for r in rows)
+    check_positions(longest + width - 1, config)  # P16: repeat inputs sit after the whole context
+    dtype = params["embed"][...].dtype
+    cache = DenseKVCache.zeros(config, len(rows), longest + width, dtype)
+    t0 = time.perf_counter()
+    _, cache = prefill(params, config, rows, cache, chunk_size=prefill_chunk)
+    jax.block_until_ready(cache.k)
+    t1 = time.perf_counter()
+    scores, cache = score_context(params, config, cache, chunks, n_sys=prompt.n_sys, chunk_size=chunk_size,
+                                  progress=progress)
+    t2 = time.perf_counter()
+    return ScoredContext(config, prompt, cache, scores, tuple(len(c) for c in contexts),
+                         {"prefill_s": t1 - t0, "score_s": t2 - t1})
+
+
+@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
+def _append(params, tokens, cache: PagedKVCache, n_valid, *, config: ModelConfig):
+    positions = cache.next_position[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
+    return forward(params, tokens, positions, cache, config=config, n_valid=n_valid, logits_at="last")
+
+
+@dataclasses.dataclass
+class CompressedContext:
+    """A compressed context, ready for any number of questions. `cache` always holds exactly the compressed
+    context between calls: each question's pairs are appended in the headroom and rolled back afterwards."""
+
+    config: ModelConfig
+    prompt: KVzipPrompt
+    cache: PagedKVCache
+    # Host copies: every question donates the cache, so rollbacks start from fresh device arrays.
+    base_lengths: np.ndarray
+    base_next_position: np.ndarray
+    headroom: int
+    ratio: float
+    level: str
+    report: MemoryReport
+
+    def ask(
+        self,
+        params: nnx.State,
+        questions: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int = 64,
+        sampling: SamplingConfig = SamplingConfig(),
+        stop_token_ids: Sequence[int] | None = None,
+        seed: int = 0,
+        raw: bool = False,
+    ) -> GenerationResult:
+        """One question (token ids) per row. Without `raw`, each is wrapped as the official query turn
+        (question ‖ template postfix). The cache is rolled back afterwards, so questions are independent."""
+        if len(questions) != self.cache.batch_size:
+            raise ValueError(f"{len(questions)} questions for {self.cache.batch_size} compressed contexts")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        turns = [list(q) if raw else question_ids(self.prompt, q) for q in questions]
+        tokens, lengths = pad_prompts(turns)
+        check_token_ids(tokens, self.config)
+        needed = int(lengths.max()) + max_new_tokens - 1
+        if needed > self.headroom:
+            raise ValueError(f"a question of {int(lengths.max())} tokens + max_new_tokens={max_new_tokens} needs "
+                             f"{needed} slots per head but the decode headroom is {self.headroom}")
+        check_positions(int(self.base_next_position.max()) + needed - 1, self.config)
+        stops = tuple(self.config.eos_token_ids) if stop_token_ids is None else tuple(stop_token_ids)
+        check_token_ids(np.array(stops, np.int64), self.config, "stop token id")
+        logits, cache = _append(params, jnp.asarray(tokens), self.cache, jnp.asarray(lengths), config=self.config)
+        result = continue_generation(params, self.config, logits, cache, max_new_tokens=max_new_tokens,
+                                     sampling=sampling, stop_token_ids=stops, seed=seed)
+        self.cache = self._rolled_back(result.cache)
+        return dataclasses.replace(result, cache=self.cache)
+
+    def _rolled_back(self, cache: PagedKVCache) -> PagedKVCache:
+        return cache.rollback(jnp.asarray(self.base_lengths), jnp.asarray(self.base_next_position))
+
+    def logits(self, params: nnx.State, tokens: Sequence[Sequence[int]]) -> np.ndarray:
+        """Logits [B, T, V] of appending `tokens` (equal lengths) to the compressed context; rolled back after."""
+        toks = jnp.asarray(np.asarray(tokens, np.int32))
+        check_token_ids(np.asarray(toks), self.config)
+        if toks.shape[1] > self.headroom:
+            raise ValueError(f"{toks.shape[1]} tokens exceed the decode headroom of {self.headroom}")
+        positions = self.cache.next_position[:, None] + jnp.arange(toks.shape[1], dtype=jnp.int32)[None, :]
+        out, cache = _logits_all(params, toks, positions, self.cache, config=self.config)
+        self.cache = self._rolled_back(cache)
+        return np.asarray(out)
+
+
+@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
+def _logits_all(params, tokens, positions, cache, *, config):
+    return forward(params, tokens, positions, cache, config=config)
+
+
+def compress(
+    params: nnx.State,
+    config: ModelConfig,
+    prompt: KVzipPrompt,
+    contexts: Sequence[Sequence[int]],
+    *,
+    ratio: float = 0.3,
+    level: str = "pair",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    headroom: int = DEFAULT_HEADROOM,
+    page_size: int = DEFAULT_PAGE_SIZE,
+    head_scores=None,
+    progress: bool = True,
+) -> CompressedContext:
+    """score + compress in one call."""
+    scored = score(params, config, prompt, contexts, chunk_size=chunk_size, progress=progress)
+    return scored.compress(ratio, level, head_scores=head_scores, headroom=headroom, page_size=page_size)
+

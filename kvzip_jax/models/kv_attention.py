@@ -1,0 +1,111 @@
+"""Per-layer "write the new K/V into the cache, then attend" for each cache form, and KVzip's chunk scoring.
+
+The decoder scans over layers and calls one of these with the layer's slice of the cache state; they return the
+attention output and the updated cache state (and, when asked, the KVzip scores of the chunk being repeated).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels import paged_attention
+from kvzip_jax.config import ModelConfig
+from kvzip_jax.models.layers import attend
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ScoreChunk:
+    """Which context chunk a KVzip scoring forward reconstructs (context-relative, per row).
+
+    The dense cache holds [system prefix (n_sys slots) | context]; the forward's new tokens are the repeat input.
+    """
+
+    chunk_start: jax.Array  # int32 [B]: first context position of the chunk
+    chunk_len: jax.Array  # int32 [B]: tokens in the chunk (0 for rows with no chunk at this step)
+    n_sys: int = dataclasses.field(metadata=dict(static=True))
+    chunk_size: int = dataclasses.field(metadata=dict(static=True))
+
+
+def chunk_scores(
+    q: jax.Array,
+    keys: jax.Array,
+    spec: ScoreChunk,
+    repeat_slots: jax.Array,
+    n_valid: jax.Array,
+    config: ModelConfig,
+) -> jax.Array:
+    """KVzip importance of the chunk's pairs in one layer (official `_get_score`, in float32).
+
+    q [B, T, Hkv, G, D] are the repeat-input queries (post-RoPE); keys [B, Hkv, S, D] the layer's cache with the
+    repeat keys already written at `repeat_slots` [B, T]. The softmax runs over [system | chunk | repeat] keys only,
+    causal inside the repeat block; the score of a chunk pair is its max probability over the G query heads of its
+    group and all valid repeat rows. The scale and soft cap are the model's own (query_pre_attn_scalar for Gemma3),
+    not a hard-coded 1/sqrt(d). Returns [B, Hkv, chunk_size], zero past each row's chunk length.
+    """
+    b, t = q.shape[:2]
+    m, n_sys, s = spec.chunk_size, spec.n_sys, keys.shape[2]
+    chunk_idx = n_sys + spec.chunk_start[:, None] + jnp.arange(m, dtype=jnp.int32)[None, :]  # [B, m]
+
+    def gather(idx):  # idx [B, n] -> [B, Hkv, n, D]
+        return jnp.take_along_axis(keys, jnp.clip(idx, 0, s - 1)[:, None, :, None], axis=2)
+
+    subsampled = jnp.concatenate([keys[:, :, :n_sys], gather(chunk_idx), gather(repeat_slots)], axis=2)
+    logits = jnp.einsum("bthgd,bhsd->bhgts", q, subsampled, preferred_element_type=jnp.float32)
+    logits = logits * np.float32(config.attn_scale)
+    if config.attn_logit_softcap is not None:
+        logits = jnp.tanh(logits / np.float32(config.attn_logit_softcap)) * np.float32(config.attn_logit_softcap)
+    rows = jnp.arange(t, dtype=jnp.int32)
+    row_ok = rows[None, :] < n_valid[:, None]  # [B, T]
+    chunk_ok = jnp.arange(m, dtype=jnp.int32)[None, :] < spec.chunk_len[:, None]  # [B, m]
+    repeat_ok = (rows[None, None, :] <= rows[None, :, None]) & row_ok[:, None, :]  # [B, T(query), T(key)]
+    col_ok = jnp.concatenate(
+        [jnp.ones((b, t, n_sys), bool), jnp.broadcast_to(chunk_ok[:, None, :], (b, t, m)), repeat_ok], axis=2
+    )
+    logits = jnp.where(col_ok[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)[..., n_sys : n_sys + m]  # [B, Hkv, G, T, m]
+    probs = jnp.where(row_ok[:, None, None, :, None], probs, 0.0)
+    return jnp.where(chunk_ok[:, None, :], probs.max(axis=(2, 3)), 0.0)
+
+
+def dense_write_attend(q, k, v, ck, cv, layer, slots, mask, config: ModelConfig, n_valid, score: ScoreChunk | None):
+    """Dense cache: scatter the T new K/V of every row into its slots, attend over the layer's slots."""
+    batch_idx = jnp.arange(q.shape[0], dtype=jnp.int32)[:, None]
+    ck = ck.at[layer, batch_idx, :, slots].set(k.astype(ck.dtype), mode="drop")
+    cv = cv.at[layer, batch_idx, :, slots].set(v.astype(cv.dtype), mode="drop")
+    keys, values = ck[layer].astype(q.dtype), cv[layer].astype(q.dtype)
+    out = attend(q, keys, values, mask[:, None], scale=config.attn_scale, softcap=config.attn_logit_softcap)
+    scores = None if score is None else chunk_scores(q, keys, score, slots, n_valid, config)
+    return out, ck, cv, scores
+
+
+def paged_write_attend(q, k, v, pages, table, num_pages, lengths, q_positions, n_valid, window, config: ModelConfig):
+    """Head-wise paged cache: append the valid new K/V at the end of each head sequence, then paged attention.
+
+    pages = (k_pages, v_pages, pos_pages); table [B, Hkv, P], num_pages and lengths [B, Hkv] are this layer's.
+    Appends that would pass a head's allocated pages are dropped here; the host API refuses them before.
+    """
+    k_pages, v_pages, pos_pages = pages
+    n_total, page = k_pages.shape[:2]
+    b, t = q.shape[:2]
+    steps = jnp.arange(t, dtype=jnp.int32)
+    index = lengths[:, :, None] + steps[None, None, :]  # [B, Hkv, T]: position in the head sequence
+    slot_page = index // page
+    page_id = jnp.take_along_axis(table, jnp.clip(slot_page, 0, table.shape[-1] - 1), axis=2)
+    ok = (slot_page < num_pages[:, :, None]) & (steps[None, None, :] < n_valid[:, None, None])
+    page_id = jnp.where(ok, page_id, n_total)  # out of range: the scatter drops it
+    offset = index % page
+    k_pages = k_pages.at[page_id, offset].set(k.transpose(0, 2, 1, 3).astype(k_pages.dtype), mode="drop")
+    v_pages = v_pages.at[page_id, offset].set(v.transpose(0, 2, 1, 3).astype(v_pages.dtype), mode="drop")
+    pos = jnp.broadcast_to(q_positions[:, None, :], index.shape)
+    pos_pages = pos_pages.at[page_id, offset].set(pos, mode="drop")
+    new_lengths = jnp.minimum(lengths + n_valid[:, None], num_pages * page)
+    out = paged_attention(
+        q, k_pages, v_pages, pos_pages, table, new_lengths, q_positions, scale=config.attn_scale,
+        softcap=config.attn_logit_softcap, window=window,
+    )
+    return out, (k_pages, v_pages, pos_pages), new_lengths
