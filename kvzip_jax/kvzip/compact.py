@@ -7,6 +7,8 @@ original positions, and are bit-identical to their prefill values.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,21 +57,22 @@ def compact(
     return _build_pool(cache, jnp.asarray(target.astype(np.int32)), n_pages, page_size, table, num_pages, counts)
 
 
+@functools.partial(jax.jit, static_argnames=("n_pages", "page_size"))
+def _scatter_pool(k, v, target, *, n_pages: int, page_size: int):
+    """Scatter every dense pair to its pool index (`target`; out of range = evicted, dropped). One compile per
+    pool shape, not per call."""
+    dim, size = k.shape[-1], n_pages * page_size
+    flat_target = target.reshape(-1)
+    k_pool = jnp.zeros((size, dim), k.dtype).at[flat_target].set(k.reshape(-1, dim), mode="drop")
+    v_pool = jnp.zeros((size, dim), v.dtype).at[flat_target].set(v.reshape(-1, dim), mode="drop")
+    positions = jnp.broadcast_to(jnp.arange(k.shape[3], dtype=jnp.int32), target.shape).reshape(-1)
+    pos_pool = jnp.full((size,), -1, jnp.int32).at[flat_target].set(positions, mode="drop")
+    return (k_pool.reshape(n_pages, page_size, dim), v_pool.reshape(n_pages, page_size, dim),
+            pos_pool.reshape(n_pages, page_size))
+
+
 def _build_pool(cache, target, n_pages, page_size, table, num_pages, counts) -> PagedKVCache:
-    dim = cache.k.shape[-1]
-    size = n_pages * page_size
-
-    @jax.jit
-    def scatter(k, v, target):
-        flat_t = target.reshape(-1)
-        k_pool = jnp.zeros((size, dim), k.dtype).at[flat_t].set(k.reshape(-1, dim), mode="drop")
-        v_pool = jnp.zeros((size, dim), v.dtype).at[flat_t].set(v.reshape(-1, dim), mode="drop")
-        positions = jnp.broadcast_to(jnp.arange(k.shape[3], dtype=jnp.int32), target.shape).reshape(-1)
-        pos_pool = jnp.full((size,), -1, jnp.int32).at[flat_t].set(positions, mode="drop")
-        return (k_pool.reshape(n_pages, page_size, dim), v_pool.reshape(n_pages, page_size, dim),
-                pos_pool.reshape(n_pages, page_size))
-
-    k_pages, v_pages, pos_pages = scatter(cache.k, cache.v, target)
+    k_pages, v_pages, pos_pages = _scatter_pool(cache.k, cache.v, target, n_pages=n_pages, page_size=page_size)
     return PagedKVCache(
         k_pages=k_pages, v_pages=v_pages, pos_pages=pos_pages, page_table=jnp.asarray(table),
         num_pages=jnp.asarray(num_pages), lengths=jnp.asarray(counts),

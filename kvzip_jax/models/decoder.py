@@ -90,13 +90,15 @@ class Transformer(nnx.Module):
         n_valid: jax.Array | None = None,
         logits_at: Literal["all", "last", "none"] = "all",
         score: ScoreChunk | None = None,
+        observe: str | None = None,
     ) -> DecoderOutput:
         """inputs: token ids [B, T] or embeddings [B, T, H]; positions [B, T] (RoPE positions).
 
         Dense cache: the T new tokens take slots cache.length[b] + t. Paged cache: they are appended to every head
         sequence of row b. `n_valid[b]` (default T) of them count; the rest are right padding that is never kept.
         logits are [B, T, V] for "all", [B, V] at each row's last valid token for "last", None for "none".
-        `score` (dense cache only) also returns KVzip scores [L, B, Hkv, chunk_size] of that context chunk.
+        `score` (dense cache only) also returns KVzip scores [L, B, Hkv, chunk_size] of that context chunk;
+        `observe` ("mean" | "max", dense only) the attention each cache slot received: [L, B, Hkv, S_cap].
         """
         c = self.config
         x = self.embed_tokens(inputs) if inputs.ndim == 2 else inputs.astype(self.embed[...].dtype)
@@ -128,7 +130,7 @@ class Transformer(nnx.Module):
 
                 def kv_attend(q, k, v):
                     out, box["k"], box["v"], box["scores"] = dense_write_attend(
-                        q, k, v, ck, cv, layer, slots, pick(masks, kind), c, n_valid, score
+                        q, k, v, ck, cv, layer, slots, pick(masks, kind), c, n_valid, score, observe
                     )
                     return out
 
@@ -140,8 +142,8 @@ class Transformer(nnx.Module):
             )
             new_cache = DenseKVCache(k=new_k, v=new_v, length=cache.length + n_valid)
         else:
-            if score is not None:
-                raise ValueError("KVzip scoring runs on the dense cache, not on a compressed one")
+            if score is not None or observe is not None:
+                raise ValueError("scoring runs on the dense cache, not on a compressed one")
             no_window = jnp.int32(np.iinfo(np.int32).max)
             windows = tuple(jnp.int32(c.sliding_window) if kind == SLIDING else no_window for kind in kinds)
 
@@ -198,13 +200,14 @@ def abstract_params(config: ModelConfig, dtype=jnp.float32) -> nnx.State:
 
 
 def init_params(config: ModelConfig, seed: int = 0, dtype=jnp.float32) -> nnx.State:
-    """Random params (normal, std 0.02; norm scales at their neutral value), built in one jitted call."""
+    """Random params (normal, std 0.02; norm scales at their neutral value), built in one jitted call that is
+    compiled once per (config, dtype)."""
+    return _init_params(config, jnp.dtype(dtype).name, jax.random.key(seed))
 
-    @jax.jit
-    def build():
-        return nnx.state(Transformer(config, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(seed)))
 
-    return build()
+@functools.partial(jax.jit, static_argnames=("config", "dtype_name"))
+def _init_params(config: ModelConfig, dtype_name: str, key: jax.Array) -> nnx.State:
+    return nnx.state(Transformer(config, dtype=jnp.dtype(dtype_name), rngs=nnx.Rngs(params=key)))
 
 
 def forward(
@@ -238,6 +241,15 @@ def forward_scores(params, inputs, positions, cache: DenseKVCache, score: ScoreC
     chunk's pairs. Returns (scores [L, B, Hkv, chunk_size], cache with the repeat tokens appended)."""
     model = nnx.merge(graphdef_for(config, _params_dtype(params)), params)
     out = model(inputs, positions, cache, n_valid=n_valid, logits_at="none", score=score)
+    return out.scores, out.cache
+
+
+def forward_observe(params, inputs, positions, cache: DenseKVCache, *, config: ModelConfig, reduce: str,
+                    n_valid=None):
+    """A forward that also returns the attention every cache slot received from the new tokens, reduced over
+    query rows and group heads: (observed [L, B, Hkv, S_cap], cache)."""
+    model = nnx.merge(graphdef_for(config, _params_dtype(params)), params)
+    out = model(inputs, positions, cache, n_valid=n_valid, logits_at="none", observe=reduce)
     return out.scores, out.cache
 
 

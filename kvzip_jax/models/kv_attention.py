@@ -72,13 +72,33 @@ def chunk_scores(
     return jnp.where(chunk_ok[:, None, :], probs.max(axis=(2, 3)), 0.0)
 
 
-def dense_write_attend(q, k, v, ck, cv, layer, slots, mask, config: ModelConfig, n_valid, score: ScoreChunk | None):
-    """Dense cache: scatter the T new K/V of every row into its slots, attend over the layer's slots."""
+def observed_attention(probs: jax.Array, n_valid: jax.Array, reduce: str) -> jax.Array:
+    """Attention each cached pair received from the valid new queries: probs [B, Hkv, G, T, S] reduced over the
+    G query heads of its group and the T rows by "mean" (SnapKV) or "max" (H2O). Returns [B, Hkv, S]."""
+    row_ok = (jnp.arange(probs.shape[3])[None, :] < n_valid[:, None])[:, None, None, :, None]
+    if reduce == "max":
+        return jnp.where(row_ok, probs, 0.0).max(axis=(2, 3))
+    total = jnp.where(row_ok, probs, 0.0).sum(axis=(2, 3))
+    return total / (probs.shape[2] * jnp.maximum(n_valid, 1))[:, None, None]
+
+
+def dense_write_attend(
+    q, k, v, ck, cv, layer, slots, mask, config: ModelConfig, n_valid, score: ScoreChunk | None,
+    observe: str | None = None,
+):
+    """Dense cache: scatter the T new K/V of every row into its slots, attend over the layer's slots.
+
+    Optionally also returns per-pair scores: KVzip chunk scores (`score`) or the attention the cached pairs
+    received from the new queries (`observe` = "mean" | "max", for the SnapKV / H2O baselines)."""
     batch_idx = jnp.arange(q.shape[0], dtype=jnp.int32)[:, None]
     ck = ck.at[layer, batch_idx, :, slots].set(k.astype(ck.dtype), mode="drop")
     cv = cv.at[layer, batch_idx, :, slots].set(v.astype(cv.dtype), mode="drop")
     keys, values = ck[layer].astype(q.dtype), cv[layer].astype(q.dtype)
-    out = attend(q, keys, values, mask[:, None], scale=config.attn_scale, softcap=config.attn_logit_softcap)
+    scale, softcap = config.attn_scale, config.attn_logit_softcap
+    if observe is not None:
+        out, probs = attend(q, keys, values, mask[:, None], scale=scale, softcap=softcap, return_probs=True)
+        return out, ck, cv, observed_attention(probs, n_valid, observe)
+    out = attend(q, keys, values, mask[:, None], scale=scale, softcap=softcap)
     scores = None if score is None else chunk_scores(q, keys, score, slots, n_valid, config)
     return out, ck, cv, scores
 

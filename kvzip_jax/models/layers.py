@@ -67,19 +67,22 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def attend(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float, softcap: float | None
-) -> jax.Array:
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float, softcap: float | None,
+    return_probs: bool = False,
+):
     """Grouped-query attention without replicating K/V.
 
     q [B, T, Hkv, G, D]; k, v [B, Hkv, S, D]; mask [B, Hkv or 1, T, S] (True = may attend).
-    Returns [B, T, Hkv, G, D]. Logits and softmax in float32.
+    Returns [B, T, Hkv, G, D] (and the float32 probabilities [B, Hkv, G, T, S] with `return_probs`).
+    Logits and softmax in float32.
     """
     logits = jnp.einsum("bthgd,bhsd->bhgts", q, k, preferred_element_type=jnp.float32) * np.float32(scale)
     if softcap is not None:
         logits = jnp.tanh(logits / np.float32(softcap)) * np.float32(softcap)
     logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhgts,bhsd->bthgd", probs, v)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bhgts,bhsd->bthgd", probs.astype(v.dtype), v)
+    return (out, probs) if return_probs else out
 
 
 class Attention(nnx.Module):

@@ -1,0 +1,407 @@
+"""KVzip compression into the head-wise paged cache, and answering from it (spec shared/research/kvzip.md §1.6-1.7,
+§2, invariants 7.1.4-12, pitfalls P1, P4, P5, P15).
+
+References are independent of the paged path: a dense library forward on the uncompressed sequence (ratio 1.0),
+and a hand-written masked dense forward (the model's layer modules with a test-written attention over the dense
+prefill K/V where evicted pairs are masked out) for ratio 0.3.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from kvzip_jax.cache import DenseKVCache
+from kvzip_jax.config import FULL, SLIDING, ModelConfig, RopeConfig
+from kvzip_jax.generate import generate
+from kvzip_jax.kvzip import compressor
+from kvzip_jax.kvzip.prompts import KVzipPrompt, question_ids
+from kvzip_jax.kvzip.select import head_scores_from, load_head_scores, save_head_scores
+from kvzip_jax.models import abstract_params, forward, graphdef_for
+from kvzip_jax.models.layers import rope_tables
+
+PROMPT = KVzipPrompt(prefix_ids=(1, 2, 3, 4), postfix_ids=(5, 6), first_repeat_ids=(7, 8, 9), later_repeat_ids=(10, 11))
+N_SYS = len(PROMPT.prefix_ids)
+CHUNK = 16
+CTX_LENS = (45, 30)
+HEADROOM = 16
+
+LLAMA = ModelConfig(family="llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
+                    num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256)
+GEMMA = ModelConfig(
+    family="gemma3", vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4,
+    num_kv_heads=2, head_dim=16, max_position_embeddings=256,
+    rope=((FULL, RopeConfig(theta=1_000_000.0)), (SLIDING, RopeConfig(theta=10_000.0))),
+    layer_types=(SLIDING, FULL, SLIDING, FULL), sliding_window=8, query_pre_attn_scalar=24, qk_norm=True,
+    hidden_act="gelu_pytorch_tanh", tie_word_embeddings=False,
+)
+CONFIGS = {"llama": LLAMA, "gemma3": GEMMA}
+QUESTIONS = ([20, 21, 22, 23, 24], [30, 31, 32, 33, 34])  # equal lengths (CompressedContext.logits needs that)
+OTHER_QUESTIONS = ([40, 41, 42], [50, 51, 52, 53, 54, 55])
+
+
+def perturbed_params(config: ModelConfig, seed: int = 0, scale: float = 0.1):
+    """Random params as `init_params` draws them (std-0.02 weights, neutral norm scales: 1, or 0 for Gemma's
+    (1 + w) norms) with every leaf perturbed by `scale` noise; filled on the host into `abstract_params`."""
+    key = (config, seed, scale)
+    if key not in _PARAMS:
+        rng = np.random.default_rng(seed)
+        paths, tree = jax.tree_util.tree_flatten_with_path(abstract_params(config))
+        leaves = []
+        for path, leaf in paths:
+            noise = rng.standard_normal(leaf.shape).astype(np.float32)
+            if "scale" in jax.tree_util.keystr(path):
+                value = (0.0 if config.gemma_norms else 1.0) + scale * noise
+            else:
+                value = (0.02 + scale) * noise
+            leaves.append(jnp.asarray(value, leaf.dtype))
+        _PARAMS[key] = jax.tree_util.tree_unflatten(tree, leaves)
+    return _PARAMS[key]
+
+
+_PARAMS: dict = {}
+
+
+def contexts(seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(12, 128, n).tolist() for n in CTX_LENS]
+
+
+_SCORED: dict[str, tuple] = {}
+
+
+@pytest.fixture(scope="module")
+def scored():
+    """factory(name) -> (config, params, contexts, ScoredContext); each model is scored once per module."""
+
+    def get(name):
+        if name not in _SCORED:
+            config = CONFIGS[name]
+            params = perturbed_params(config)
+            ctxs = contexts()
+            sc = compressor.score(params, config, PROMPT, ctxs, chunk_size=CHUNK, progress=False)
+            _SCORED[name] = (config, params, ctxs, sc)
+        return _SCORED[name]
+
+    return get
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+def read_paged(cache):
+    """{(l, b, h): (positions [n], K [n, D], V [n, D])} of every head sequence, read through its page table in
+    storage order; also checks that tables only use the sequence's own pages and that the pool is partitioned."""
+    table, num_pages = np.asarray(cache.page_table), np.asarray(cache.num_pages)
+    lengths, pos = np.asarray(cache.lengths), np.asarray(cache.pos_pages)
+    kp, vp = np.asarray(cache.k_pages), np.asarray(cache.v_pages)
+    page = pos.shape[1]
+    owned = np.concatenate([table[idx][: num_pages[idx]] for idx in np.ndindex(num_pages.shape)])
+    assert sorted(owned.tolist()) == list(range(kp.shape[0])), "pool pages are not partitioned among heads"
+    out = {}
+    for idx in np.ndindex(lengths.shape):
+        j = np.arange(lengths[idx])
+        assert (j // page < num_pages[idx]).all()
+        pages, off = table[idx][j // page], j % page
+        out[idx] = (pos[pages, off], kp[pages, off], vp[pages, off])
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _dense_logits(params, tokens, *, config):
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    logits, _ = forward(params, tokens, positions, DenseKVCache.zeros(config, b, t), config=config)
+    return logits
+
+
+def dense_logits(params, config, rows):
+    """Library dense forward of each (ragged) row from scratch; rows are right-padded, which a causal forward
+    never lets reach the real tokens. Returns a list of [len(row), V]."""
+    width = max(map(len, rows))
+    tokens = np.zeros((len(rows), width), np.int32)
+    for i, r in enumerate(rows):
+        tokens[i, : len(r)] = r
+    out = np.asarray(_dense_logits(params, jnp.asarray(tokens), config=config))
+    return [out[i, : len(r)] for i, r in enumerate(rows)]
+
+
+def masked_reference_logits(params, config, sc, keep, tokens_b, b):
+    """Logits of `tokens_b` appended at positions total + t to row b, attending to the dense prefill K/V of the
+    pairs where keep[l, b, h] is True (evicted pairs masked out), through the model's own layer modules."""
+    total = N_SYS + CTX_LENS[b]
+    k, v = np.asarray(sc.cache.k[:, b]), np.asarray(sc.cache.v[:, b])  # [L, H, S, D]
+    cap = k.shape[2]
+    past = [(k[l], v[l], np.arange(cap, dtype=np.int32), keep[l, b] & (np.arange(cap) < total))
+            for l in range(config.num_layers)]
+    positions = total + np.arange(len(tokens_b), dtype=np.int32)
+    out = _masked_forward(params, jnp.asarray(np.asarray(tokens_b, np.int32)), jnp.asarray(positions),
+                          jax.tree.map(jnp.asarray, past), config=config)
+    return np.asarray(out)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _masked_forward(params, tokens, pos, past, *, config: ModelConfig):
+    model = nnx.merge(graphdef_for(config), params)
+    graph, stacked = nnx.split(model.layers)
+    x = model.embed_tokens(tokens[None])
+    hi = jax.lax.Precision.HIGHEST
+    scale = float(config.query_pre_attn_scalar or config.head_dim) ** -0.5
+    for layer_id, kind in enumerate(config.layer_types):
+        layer = nnx.merge(graph, jax.tree.map(lambda a, i=layer_id: a[i], stacked))
+        cos, sin = rope_tables(config, kind, pos[None])
+        window = config.sliding_window if kind == SLIDING else None
+
+        def kv_attend(q, k, v, layer_id=layer_id, window=window):
+            q, k, v = q[0], k[0], v[0]
+            pk, pv, ppos, pvis = past[layer_id]
+            keys = jnp.concatenate([pk, k.transpose(1, 0, 2)], axis=1)
+            values = jnp.concatenate([pv, v.transpose(1, 0, 2)], axis=1)
+            kpos = jnp.concatenate([ppos, pos])
+            vis = jnp.concatenate([pvis, jnp.ones((pk.shape[0], pos.shape[0]), bool)], axis=1)
+            allowed = (kpos[None, :] <= pos[:, None])[None] & vis[:, None, :]
+            if window is not None:
+                allowed &= (pos[:, None] - kpos[None, :] < window)[None]
+            z = jnp.einsum("thgd,hsd->hgts", q, keys, precision=hi) * scale
+            z = jnp.where(allowed[:, None], z, -jnp.inf)
+            p = jnp.exp(z - z.max(-1, keepdims=True))
+            p = p / p.sum(-1, keepdims=True)
+            return jnp.einsum("hgts,hsd->thgd", p, values, precision=hi)[None]
+
+        x = layer(x, cos, sin, kv_attend)
+    return model.logits(x)[0]
+
+
+def totals():
+    return [N_SYS + n for n in CTX_LENS]
+
+
+# ----------------------------------------------------------------------------------- ratio 1.0 == full cache
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_ratio_one_equals_full_cache(name, scored):
+    config, params, ctxs, sc = scored(name)
+    cc = sc.compress(1.0, headroom=HEADROOM)
+    assert cc.report.kept_ratio == (1.0, 1.0)
+    got = cc.logits(params, QUESTIONS)
+    rows = [list(PROMPT.prefix_ids) + c + list(q) for c, q in zip(ctxs, QUESTIONS)]
+    for b, ref in enumerate(dense_logits(params, config, rows)):
+        np.testing.assert_allclose(got[b], ref[-len(QUESTIONS[b]) :], atol=1e-5, rtol=0)
+    assert np.std(got, axis=-1).mean() > 0.1
+    # Greedy answers equal generate() on the uncompressed [prefix | context | question | postfix].
+    ans = cc.ask(params, OTHER_QUESTIONS, max_new_tokens=8)
+    prompts = [list(PROMPT.prefix_ids) + c + question_ids(PROMPT, q) for c, q in zip(ctxs, OTHER_QUESTIONS)]
+    ref = generate(params, config, prompts, max_new_tokens=8)
+    assert ans.tokens == ref.tokens
+    assert all(len(set(t)) > 2 for t in ans.tokens), f"degenerate answers {ans.tokens}"
+
+
+# ---------------------------------------------------------------------------------- masked == compacted (8)
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_masked_equals_compacted(name, scored):
+    config, params, ctxs, sc = scored(name)
+    cc = sc.compress(0.3, headroom=HEADROOM)
+    _, keep = sc.keep_mask(0.3)
+    stored = read_paged(cc.cache)
+    for (l, b, h), (pos, _k, _v) in stored.items():
+        np.testing.assert_array_equal(pos, np.flatnonzero(keep[l, b, h]))
+    got = cc.logits(params, QUESTIONS)
+    full = dense_logits(params, config, [list(PROMPT.prefix_ids) + c + list(q) for c, q in zip(ctxs, QUESTIONS)])
+    for b in range(2):
+        ref = masked_reference_logits(params, config, sc, keep, QUESTIONS[b], b)
+        np.testing.assert_allclose(got[b], ref, atol=2e-5, rtol=0)
+        # Eviction is real: the full-cache logits are different.
+        assert np.abs(got[b] - full[b][-len(QUESTIONS[b]) :]).max() > 1e-3
+
+
+# ------------------------------------------------------------------- kept sets: nested, protected, positions
+def test_nested_protected_positions_and_bit_identical(scored):
+    config, params, ctxs, sc = scored("llama")
+    L, H = config.num_layers, config.num_kv_heads
+    masks, reports = {}, {}
+    dense_k, dense_v = np.asarray(sc.cache.k), np.asarray(sc.cache.v)
+    for r in (0.1, 0.3, 0.5):
+        selection, keep = sc.keep_mask(r)
+        masks[r] = keep
+        cc = sc.compress(r, headroom=HEADROOM)
+        reports[r] = cc.report
+        assert np.asarray(cc.cache.next_position).tolist() == totals()  # positions never renumbered
+        stored = read_paged(cc.cache)
+        for (l, b, h), (pos, k, v) in stored.items():
+            assert (pos[:N_SYS] == np.arange(N_SYS)).all(), "system prefix pair evicted"
+            np.testing.assert_array_equal(pos, np.flatnonzero(keep[l, b, h]))
+            assert (pos < totals()[b]).all() and (np.diff(pos) > 0).all()
+            np.testing.assert_array_equal(k, dense_k[l, b, h, pos])  # bit-identical to the prefill values
+            np.testing.assert_array_equal(v, dense_v[l, b, h, pos])
+        for b, n in enumerate(CTX_LENS):
+            n_pairs = L * H * n
+            kept = sum(len(stored[l, b, h][0]) - N_SYS for l in range(L) for h in range(H))
+            assert cc.report.kept_ratio[b] == pytest.approx(kept / n_pairs, abs=1e-12)
+            assert kept / n_pairs <= r
+            s = sc.scores[:, b, :, :n]
+            if np.unique(s).size == s.size:  # no ties: exactly int(N r) - 1 pairs (official off-by-one, P4)
+                assert kept == int(n_pairs * r) - 1
+    assert (masks[0.1] <= masks[0.3]).all() and (masks[0.3] <= masks[0.5]).all()
+    assert masks[0.1].sum() < masks[0.3].sum() < masks[0.5].sum()
+    # Non-uniform budgets (P5, global across layers and heads): the heads do not all keep the same count.
+    counts = masks[0.3][:, 0, :, N_SYS : totals()[0]].sum(-1)
+    assert np.unique(counts).size > 1
+
+
+@pytest.mark.parametrize("ratio", [0.3, 1.0])
+def test_new_tokens_get_position_after_the_context(ratio, scored):
+    """The t-th appended token is stored with position n_s + n_c + t whatever the ratio (read from pos_pages
+    in the headroom after the question; rollback only resets the lengths)."""
+    config, params, _, sc = scored("llama")
+    cc = sc.compress(ratio, headroom=HEADROOM)
+    base = np.asarray(cc.cache.lengths)
+    cc.logits(params, QUESTIONS)
+    table, pos = np.asarray(cc.cache.page_table), np.asarray(cc.cache.pos_pages)
+    page = pos.shape[1]
+    for idx in np.ndindex(base.shape):
+        j = base[idx] + np.arange(len(QUESTIONS[0]))
+        got = pos[table[idx][j // page], j % page]
+        np.testing.assert_array_equal(got, totals()[idx[1]] + np.arange(len(QUESTIONS[0])))
+
+
+# -------------------------------------------------------------------------------------- rollback (9), reuse
+def test_rollback_and_multi_question_reuse(scored):
+    config, params, _, sc = scored("llama")
+    cc = sc.compress(0.3, headroom=HEADROOM)
+    lengths0, next0 = np.asarray(cc.cache.lengths).copy(), np.asarray(cc.cache.next_position).copy()
+    stored0 = read_paged(cc.cache)
+    a1 = cc.ask(params, OTHER_QUESTIONS, max_new_tokens=6)
+    np.testing.assert_array_equal(np.asarray(cc.cache.lengths), lengths0)
+    np.testing.assert_array_equal(np.asarray(cc.cache.next_position), next0)
+    np.testing.assert_array_equal(np.asarray(a1.cache.lengths), lengths0)
+    stored1 = read_paged(cc.cache)
+    for idx, (pos, k, v) in stored0.items():
+        np.testing.assert_array_equal(stored1[idx][0], pos)
+        np.testing.assert_array_equal(stored1[idx][1], k)
+        np.testing.assert_array_equal(stored1[idx][2], v)
+    assert cc.ask(params, OTHER_QUESTIONS, max_new_tokens=6).tokens == a1.tokens
+    other = cc.ask(params, [list(reversed(q)) for q in OTHER_QUESTIONS], max_new_tokens=6)
+    assert other.tokens != a1.tokens
+    assert cc.ask(params, OTHER_QUESTIONS, max_new_tokens=6).tokens == a1.tokens
+    l1 = cc.logits(params, QUESTIONS)
+    np.testing.assert_array_equal(cc.logits(params, QUESTIONS), l1)
+    np.testing.assert_array_equal(np.asarray(cc.cache.lengths), lengths0)
+
+
+# --------------------------------------------------------------------------------------- head level, budgets
+def test_head_level_whole_rows_and_file_round_trip(scored, tmp_path):
+    config, params, _, sc = scored("llama")
+    L, H = config.num_layers, config.num_kv_heads
+    r = 0.5
+    cc = sc.compress(r, level="head", headroom=HEADROOM)
+    stored = read_paged(cc.cache)
+    for b, n in enumerate(CTX_LENS):
+        n_ctx_kept = [len(stored[l, b, h][0]) - N_SYS for l in range(L) for h in range(H)]
+        assert set(n_ctx_kept) <= {0, n}, f"row {b}: heads keep part of their context: {n_ctx_kept}"
+        assert 0 < sum(n_ctx_kept) < L * H * n
+        assert cc.report.kept_ratio[b] * L * H == pytest.approx(round(cc.report.kept_ratio[b] * L * H))
+        assert cc.report.kept_ratio[b] <= r
+    valid = np.arange(max(CTX_LENS))[None, :] < np.array(CTX_LENS)[:, None]
+    hs = head_scores_from(sc.scores, valid)
+    path = str(tmp_path / "heads.npz")
+    save_head_scores(path, hs, {"family": config.family, "num_layers": L, "num_kv_heads": H})
+    loaded = load_head_scores([path], (L, H))
+    np.testing.assert_array_equal(loaded, hs)
+    keep_a = sc.keep_mask(r, "head", head_scores=hs)[1]
+    keep_b = sc.keep_mask(r, "head", head_scores=loaded)[1]
+    np.testing.assert_array_equal(keep_a, keep_b)
+    from_file = sc.compress(r, level="head", head_scores=loaded, headroom=HEADROOM)
+    stored_f = read_paged(from_file.cache)
+    for idx, (pos, _, _) in stored_f.items():
+        np.testing.assert_array_equal(pos, np.flatnonzero(keep_a[idx]))
+    with pytest.raises(ValueError, match=r"\(2, 2\).*\(3, 2\)"):
+        load_head_scores([path], (3, 2))
+    with pytest.raises(ValueError, match=r"\(2, 2\).*\(1, 2\)"):
+        sc.compress(r, level="head", head_scores=hs[:1])
+
+
+@pytest.mark.parametrize("level", ["pair", "pair-uniform"])
+@pytest.mark.parametrize("r", [0.2, 0.4])
+def test_budget_accounting(level, r, scored):
+    config, _, _, sc = scored("llama")
+    L, H = config.num_layers, config.num_kv_heads
+    selection, keep = sc.keep_mask(r, level)
+    for b, n in enumerate(CTX_LENS):
+        kept = keep[:, b, :, N_SYS : N_SYS + n].sum()
+        assert kept / (L * H * n) == pytest.approx(selection.kept_ratio[b], abs=1e-12)
+        assert abs(kept / (L * H * n) - r) <= 1e-2
+        if level == "pair-uniform":  # every head gets exactly int(n r)
+            assert (keep[:, b, :, N_SYS : N_SYS + n].sum(-1) == int(n * r)).all()
+
+
+# -------------------------------------------------------------------------------------------------- memory
+def test_memory_is_kept_pairs_plus_rounding_plus_headroom(scored):
+    config, _, _, sc = scored("llama")
+    L, H, D = config.num_layers, config.num_kv_heads, config.head_dim
+    per_pair = 2 * D * 4  # K + V, float32
+    page = 16
+    for headroom in (0, HEADROOM):
+        cc = sc.compress(0.3, headroom=headroom, page_size=page)
+        _, keep = sc.keep_mask(0.3)
+        counts = keep.sum(-1)  # [L, B, H]
+        pages = np.maximum(-(-(counts + headroom) // page), 1)
+        np.testing.assert_array_equal(np.asarray(cc.cache.num_pages), pages)
+        np.testing.assert_array_equal(np.asarray(cc.cache.lengths), counts)
+        assert cc.cache.k_pages.shape == (pages.sum(), page, D)
+        assert cc.report.compressed_kv_bytes == cc.cache.nbytes() == pages.sum() * page * per_pair
+        assert cc.report.kept_kv_bytes == counts.sum() * per_pair
+        assert cc.report.dense_kv_bytes == L * H * sum(totals()) * per_pair
+        slack = cc.report.compressed_kv_bytes - cc.report.kept_kv_bytes
+        assert headroom * L * 2 * H * per_pair <= slack < (headroom + page) * L * 2 * H * per_pair
+        # headroom really is free per head sequence
+        assert (pages * page - counts >= headroom).all()
+    assert cc.report.compressed_kv_bytes < cc.report.dense_kv_bytes  # ratio 0.3, headroom 16
+
+
+# --------------------------------------------------------------------------------------------- Gemma3 (P15)
+def test_p15_gemma_sliding_layers_keep_their_window(scored):
+    config, _, _, sc = scored("gemma3")
+    r = 0.3
+    cc = sc.compress(r, headroom=HEADROOM)
+    stored = read_paged(cc.cache)
+    sliding = [i for i, t in enumerate(config.layer_types) if t == SLIDING]
+    full = [i for i, t in enumerate(config.layer_types) if t == FULL]
+    w = config.sliding_window
+    for b, total in enumerate(totals()):
+        for h in range(config.num_kv_heads):
+            for l in sliding:
+                np.testing.assert_array_equal(stored[l, b, h][0], np.arange(total - w + 1, total))
+            for l in full:
+                assert (stored[l, b, h][0][:N_SYS] == np.arange(N_SYS)).all()
+        kept = sum(len(stored[l, b, h][0]) - N_SYS for l in full for h in range(config.num_kv_heads))
+        n_pairs = len(full) * config.num_kv_heads * CTX_LENS[b]
+        assert kept / n_pairs == pytest.approx(cc.report.kept_ratio[b], abs=1e-12)
+        assert 0 < kept / n_pairs <= r
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_bad_compress_and_ask_input(scored):
+    config, params, _, sc = scored("llama")
+    for bad in (0, 0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=r"ratio must be in \(0, 1\]"):
+            sc.compress(bad)
+    with pytest.raises(ValueError, match="unknown selection level 'bogus'"):
+        sc.compress(0.3, level="bogus")
+    cc = sc.compress(0.3, headroom=HEADROOM)
+    # 12 question ids + 2 postfix = 14 tokens, + 4 new tokens - 1 = 17 slots > headroom 16.
+    with pytest.raises(ValueError, match=r"14 tokens.*max_new_tokens=4.*17 slots.*headroom is 16"):
+        cc.ask(params, [list(range(20, 32))] * 2, max_new_tokens=4)
+    cc.ask(params, [list(range(20, 29))] * 2, max_new_tokens=6)  # 9 + 2 + 6 - 1 = 16 slots: fits exactly
+    with pytest.raises(ValueError, match="1 questions for 2 compressed contexts"):
+        cc.ask(params, [[20, 21]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
+        cc.ask(params, [[20], [21]], max_new_tokens=0)
+    with pytest.raises(ValueError, match="17 tokens exceed the decode headroom of 16"):
+        cc.logits(params, [list(range(20, 37))] * 2)
+    with pytest.raises(ValueError, match=r"token id 999 .*vocabulary size is 128"):
+        cc.ask(params, [[999], [20]], max_new_tokens=2)
+    # Failed calls leave the compressed context usable and unchanged.
+    np.testing.assert_array_equal(np.asarray(cc.cache.lengths), cc.base_lengths)
