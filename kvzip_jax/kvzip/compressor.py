@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -66,6 +66,9 @@ class ScoredContext:
     scores: np.ndarray  # [L, B, Hkv, n_c_max] float32
     n_ctx: tuple[int, ...]
     times: dict[str, float]
+    method: str = "kvzip"
+    # (scores, ratio, level, valid, layers, head_scores) -> SelectionResult; None = KVzip's `select.keep_mask`.
+    selector: Callable | None = None
 
     @property
     def n_sys(self) -> int:
@@ -82,7 +85,8 @@ class ScoredContext:
         layers = self.evictable_layers()
         if not layers.any():
             raise ValueError("every layer of this model is a sliding-window layer: nothing for KVzip to evict")
-        selection = keep_mask(self.scores, ratio, level, valid=valid, layers=layers, head_scores=head_scores)
+        select = self.selector or _kvzip_selector
+        selection = select(self.scores, ratio, level, valid, layers, head_scores)
         num_layers, batch, heads, capacity = self.cache.k.shape[:4]
         keep = np.zeros((num_layers, batch, heads, capacity), bool)
         keep[..., : self.n_sys] = True  # the system prefix (template + instruction) is always kept
@@ -121,6 +125,34 @@ class ScoredContext:
                                  np.asarray(paged.next_position), headroom, ratio, level, report)
 
 
+def _kvzip_selector(scores, ratio, level, valid, layers, head_scores):
+    return keep_mask(scores, ratio, level, valid=valid, layers=layers, head_scores=head_scores)
+
+
+def prefill_contexts(
+    params: nnx.State,
+    config: ModelConfig,
+    prompt: KVzipPrompt,
+    contexts: Sequence[Sequence[int]],
+    *,
+    extra_slots: int,
+    prefill_chunk: int = DEFAULT_CHUNK,
+) -> tuple[DenseKVCache, float]:
+    """Dense cache holding [system prefix | context] per row, with `extra_slots` free slots after the longest
+    row (for repeat inputs or observation windows). Returns (cache, prefill seconds)."""
+    if not contexts:
+        raise ValueError("no contexts given")
+    rows = [context_ids(prompt, c) for c in contexts]  # raises on an empty context
+    check_token_ids(np.concatenate([np.asarray(r) for r in rows]), config)
+    longest = max(len(r) for r in rows)
+    check_positions(longest + extra_slots - 1, config)  # P16: what follows the context needs positions too
+    cache = DenseKVCache.zeros(config, len(rows), longest + extra_slots, params["embed"][...].dtype)
+    t0 = time.perf_counter()
+    _, cache = prefill(params, config, rows, cache, chunk_size=prefill_chunk)
+    jax.block_until_ready(cache.k)
+    return cache, time.perf_counter() - t0
+
+
 def score(
     params: nnx.State,
     config: ModelConfig,
@@ -136,23 +168,15 @@ def score(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if not contexts:
         raise ValueError("no contexts given")
-    rows = [context_ids(prompt, c) for c in contexts]  # raises on an empty context
-    check_token_ids(np.concatenate([np.asarray(r) for r in rows]), config)
-    chunks = [repeat_inputs(prompt, c, chunk_size) for c in contexts]
+    chunks = [repeat_inputs(prompt, c, chunk_size) for c in contexts]  # raises on an empty context
     width = max(len(c.ids) for row in chunks for c in row)
-    longest = max(len(r) for r in rows)
-    check_positions(longest + width - 1, config)  # P16: repeat inputs sit after the whole context
-    dtype = params["embed"][...].dtype
-    cache = DenseKVCache.zeros(config, len(rows), longest + width, dtype)
+    cache, prefill_s = prefill_contexts(params, config, prompt, contexts, extra_slots=width,
+                                        prefill_chunk=prefill_chunk)
     t0 = time.perf_counter()
-    _, cache = prefill(params, config, rows, cache, chunk_size=prefill_chunk)
-    jax.block_until_ready(cache.k)
-    t1 = time.perf_counter()
     scores, cache = score_context(params, config, cache, chunks, n_sys=prompt.n_sys, chunk_size=chunk_size,
                                   progress=progress)
-    t2 = time.perf_counter()
     return ScoredContext(config, prompt, cache, scores, tuple(len(c) for c in contexts),
-                         {"prefill_s": t1 - t0, "score_s": t2 - t1})
+                         {"prefill_s": prefill_s, "score_s": time.perf_counter() - t0})
 
 
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
