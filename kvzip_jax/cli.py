@@ -1,0 +1,338 @@
+"""`kvzip-jax`: compress a context once, answer questions from the saved compressed cache later.
+
+    kvzip-jax compress --model DIR --context FILE --ratio 0.3 --out CTX_DIR [--json]
+    kvzip-jax ask --model DIR --compressed CTX_DIR --question "..." [--question "..."] [--json]
+
+Bad input (a ratio outside (0, 1], an empty context, missing files, a question too long for the decode headroom,
+...) prints one line to stderr and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from typing import Any
+
+LEVELS = ("pair", "pair-uniform", "head")
+TEMPLATE_CHOICES = ("auto", "llama3", "qwen2", "qwen3", "gemma3", "chat")
+DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+class UsageError(ValueError):
+    """Bad command-line input: reported as one line, exit status 2."""
+
+
+# ---------------------------------------------------------------------------------------------------- arguments
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvzip-jax", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compress", help="score a context by reconstruction, compress its KV cache, save it")
+    c.add_argument("--model", required=True, help="HF checkpoint directory (config.json, safetensors, tokenizer)")
+    src = c.add_mutually_exclusive_group(required=True)
+    src.add_argument("--context", help="text file with the context")
+    src.add_argument("--context-ids", help="JSON file with the context as a list of token ids")
+    c.add_argument("--ratio", type=float, default=0.3, help="fraction of context KV pairs kept, in (0, 1]")
+    c.add_argument("--level", choices=LEVELS, default="pair")
+    c.add_argument("--head-scores", action="append", default=None,
+                   help="head-score file(s) for --level head (element-wise max over several)")
+    c.add_argument("--chunk-size", type=int, default=2000, help="context tokens per reconstruction chunk")
+    c.add_argument("--headroom", type=int, default=256,
+                   help="decode slots preallocated per head for question + answer tokens")
+    c.add_argument("--page-size", type=int, default=16)
+    c.add_argument("--template", choices=TEMPLATE_CHOICES, default="auto",
+                   help="KVzip prompt template; auto = the model family's template when the tokenizer has its "
+                        "special tokens, else the tokenizer's own chat template")
+    c.add_argument("--task", default=None, help="task name (gsm* selects the reasoning instruction)")
+    c.add_argument("--dtype", choices=tuple(DTYPES), default="auto", help="parameter and cache dtype")
+    c.add_argument("--out", required=True, help="directory to write the compressed context to")
+    c.add_argument("--overwrite", action="store_true", help="replace a compressed context already in --out")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar while scoring")
+    c.add_argument("--json", action="store_true", help="print a JSON report instead of a summary")
+
+    a = sub.add_parser("ask", help="answer questions from a saved compressed context")
+    a.add_argument("--model", required=True, help="the checkpoint directory the context was compressed with")
+    a.add_argument("--compressed", required=True, help="directory written by `kvzip-jax compress`")
+    a.add_argument("--question", action="append", required=True, help="a question (repeat for several)")
+    a.add_argument("--max-new-tokens", type=int, default=64)
+    a.add_argument("--dtype", choices=tuple(DTYPES), default="auto",
+                   help="parameter dtype (must match the dtype used by compress)")
+    a.add_argument("--json", action="store_true", help="print a JSON report instead of the answers")
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+def _check_model_dir(path: str) -> None:
+    if not os.path.isdir(path):
+        raise UsageError(f"model directory not found: {path}")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise UsageError(f"{path} is not a model checkpoint directory (no config.json)")
+
+
+def _check_file(path: str, what: str) -> None:
+    if not os.path.isfile(path):
+        raise UsageError(f"{what} file not found: {path}")
+
+
+def _load_model(path: str, dtype: str):
+    import jax.numpy as jnp
+
+    from kvzip_jax.lm import LanguageModel
+
+    lm = LanguageModel.from_pretrained(path, dtype=None if DTYPES[dtype] is None else jnp.dtype(DTYPES[dtype]))
+    if lm.tokenizer is None:
+        raise UsageError(f"{path} has no tokenizer (tokenizer.json / tokenizer_config.json); the CLI needs one")
+    return lm
+
+
+def _fingerprint(model_dir: str, lm) -> dict[str, Any]:
+    """What identifies the model a context was compressed with (compared, minus the path, by `ask`)."""
+    config_text = json.dumps(lm.config.to_hf_dict(), sort_keys=True)
+    weights = sorted((f, os.path.getsize(os.path.join(model_dir, f)))
+                     for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+    return {
+        "model_dir": os.path.abspath(model_dir),
+        "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
+        "weights": [list(w) for w in weights],
+        "tokenizer_vocab": len(lm.tokenizer),
+    }
+
+
+def _build_prompt(lm, template: str, task: str | None):
+    from kvzip_jax.kvzip.prompts import (
+        FAMILY_TEMPLATE,
+        build_prompt,
+        chat_template_prompt,
+        missing_special_tokens,
+    )
+
+    tok, family = lm.tokenizer, lm.config.family
+    name = template
+    if template == "auto":
+        name = FAMILY_TEMPLATE.get(family)
+        if name is None or missing_special_tokens(tok, name):
+            name = "chat"
+    if name == "chat":
+        if not getattr(tok, "chat_template", None):
+            raise UsageError(f"the tokenizer of model family {family!r} has no chat template; pass --template "
+                             f"{'|'.join(t for t in TEMPLATE_CHOICES if t not in ('auto', 'chat'))}")
+        return "chat", build_prompt(tok, family, task, template=chat_template_prompt(tok))
+    return name, build_prompt(tok, family, task, template=name)
+
+
+def _read_context(args, tokenizer) -> list[int]:
+    if args.context is not None:
+        _check_file(args.context, "context")
+        with open(args.context, encoding="utf-8") as f:
+            text = f.read()
+        if not text.strip():
+            raise UsageError(f"empty context: {args.context} has no text")
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    _check_file(args.context_ids, "context ids")
+    with open(args.context_ids) as f:
+        try:
+            ids = json.load(f)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{args.context_ids} is not valid JSON: {e}") from e
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise UsageError(f"{args.context_ids} must hold a JSON list of integer token ids")
+    if not ids:
+        raise UsageError(f"empty context: {args.context_ids} holds 0 token ids")
+    return ids
+
+
+def _stop_ids(lm) -> list[int]:
+    stops = set(lm.config.eos_token_ids)
+    if lm.tokenizer.eos_token_id is not None:
+        stops.add(int(lm.tokenizer.eos_token_id))
+    return sorted(stops)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+# ----------------------------------------------------------------------------------------------------- commands
+def cmd_compress(args) -> int:
+    if not 0.0 < args.ratio <= 1.0:
+        raise UsageError(f"--ratio {args.ratio} is outside (0, 1]: it is the fraction of context KV pairs kept")
+    if args.chunk_size < 1:
+        raise UsageError(f"--chunk-size {args.chunk_size} must be >= 1")
+    if args.headroom < 1:
+        raise UsageError(f"--headroom {args.headroom} must be >= 1 (slots for question and answer tokens)")
+    if args.page_size < 1:
+        raise UsageError(f"--page-size {args.page_size} must be >= 1")
+    if args.head_scores and args.level != "head":
+        raise UsageError(f"--head-scores is only used with --level head (got --level {args.level})")
+    _check_model_dir(args.model)
+    for p in args.head_scores or ():
+        _check_file(p, "head-score")
+    if args.context is not None:
+        _check_file(args.context, "context")
+    else:
+        _check_file(args.context_ids, "context ids")
+    from kvzip_jax import store
+
+    meta_path = os.path.join(args.out, store.METADATA_FILE)
+    if not args.overwrite and (os.path.exists(meta_path) or os.path.exists(os.path.join(args.out, store.ARRAYS_DIR))):
+        raise UsageError(f"{args.out} already holds a compressed context; pass --overwrite to replace it")
+
+    from kvzip_jax.kvzip import compressor
+    from kvzip_jax.kvzip.select import load_head_scores
+
+    t0 = time.perf_counter()
+    lm = _load_model(args.model, args.dtype)
+    load_s = time.perf_counter() - t0
+    template, prompt = _build_prompt(lm, args.template, args.task)
+    ids = _read_context(args, lm.tokenizer)
+    if not ids:
+        raise UsageError(f"empty context: {args.context} encodes to 0 tokens")
+    head_scores = None
+    if args.head_scores:
+        head_scores = load_head_scores(args.head_scores, (lm.config.num_layers, lm.config.num_kv_heads))
+
+    scored = compressor.score(lm.params, lm.config, prompt, [ids], chunk_size=args.chunk_size,
+                              progress=not args.no_progress)
+    ctx = scored.compress(args.ratio, args.level, head_scores=head_scores, headroom=args.headroom,
+                          page_size=args.page_size)
+    t1 = time.perf_counter()
+    store.save_compressed(args.out, ctx, model_fingerprint=_fingerprint(args.model, lm), overwrite=args.overwrite)
+    save_s = time.perf_counter() - t1
+
+    r = ctx.report
+    report = {
+        "model": os.path.abspath(args.model),
+        "out": os.path.abspath(args.out),
+        "template": template,
+        "n_sys": prompt.n_sys,
+        "n_ctx": len(ids),
+        "ratio": args.ratio,
+        "level": args.level,
+        "kept_ratio": r.kept_ratio[0],
+        "dense_kv_bytes": r.dense_kv_bytes,
+        "compressed_kv_bytes": r.compressed_kv_bytes,
+        "kept_kv_bytes": r.kept_kv_bytes,
+        "metadata_bytes": r.metadata_bytes,
+        "compression_factor": r.dense_kv_bytes / r.compressed_kv_bytes,
+        "headroom": args.headroom,
+        "chunk_size": args.chunk_size,
+        "times": {"load_model_s": load_s, "prefill_s": r.times["prefill_s"], "score_s": r.times["score_s"],
+                  "compact_s": r.times["compact_s"], "save_s": save_s},
+    }
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        t = report["times"]
+        print(f"compressed {len(ids)} context tokens (+{prompt.n_sys} always-kept prompt tokens, template {template})")
+        print(f"  kept ratio: {r.kept_ratio[0]:.3f} (requested {args.ratio}, level {args.level})")
+        print(f"  KV bytes:   dense {_mib(r.dense_kv_bytes)} -> compressed {_mib(r.compressed_kv_bytes)} "
+              f"({report['compression_factor']:.2f}x; kept pairs alone {_mib(r.kept_kv_bytes)}, "
+              f"+{args.headroom} headroom slots per head) + metadata {_mib(r.metadata_bytes)}")
+        print(f"  times:      prefill {t['prefill_s']:.2f}s, score {t['score_s']:.2f}s, compact {t['compact_s']:.2f}s, "
+              f"save {t['save_s']:.2f}s")
+        print(f"  saved to    {os.path.abspath(args.out)}")
+    return 0
+
+
+def cmd_ask(args) -> int:
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
+    empty = [i for i, q in enumerate(args.question) if not q.strip()]
+    if empty:
+        raise UsageError(f"--question #{empty[0] + 1} is empty")
+    _check_model_dir(args.model)
+    from kvzip_jax import store
+
+    meta = store.read_metadata(args.compressed)  # FileNotFoundError / ValueError for a bad directory
+
+    import numpy as np
+
+    from kvzip_jax.kvzip.prompts import encode_question
+
+    t0 = time.perf_counter()
+    lm = _load_model(args.model, args.dtype)
+    dtype = lm.params["embed"][...].dtype
+    ctx = store.load_compressed(args.compressed, lm.config, dtype=dtype)
+    load_s = time.perf_counter() - t0
+    if ctx.cache.batch_size != 1:
+        raise UsageError(f"{args.compressed} holds {ctx.cache.batch_size} contexts; the CLI answers from one")
+    saved = dict(meta.get("model_fingerprint") or {})
+    current = _fingerprint(args.model, lm)
+    saved.pop("model_dir", None)
+    current.pop("model_dir", None)
+    if saved and saved != current:
+        print(f"kvzip-jax: warning: {args.compressed} was compressed with a different model or tokenizer "
+              f"({meta['model_fingerprint'].get('model_dir')}); answers may be meaningless", file=sys.stderr)
+
+    turns = [encode_question(lm.tokenizer, ctx.prompt, q) for q in args.question]
+    for i, t in enumerate(turns):  # check every question before answering any
+        needed = len(t) + args.max_new_tokens - 1
+        if needed > ctx.headroom:
+            raise UsageError(
+                f"--question #{i + 1} is {len(t)} tokens (with the answer prompt); with --max-new-tokens "
+                f"{args.max_new_tokens} it needs {needed} decode slots but the compressed context's headroom is "
+                f"{ctx.headroom}; shorten it, lower --max-new-tokens, or compress again with --headroom >= {needed}"
+            )
+    stops = _stop_ids(lm)
+    results = []
+    for q, t in zip(args.question, turns, strict=True):
+        start = time.perf_counter()
+        out = ctx.ask(lm.params, [t], max_new_tokens=args.max_new_tokens, stop_token_ids=stops, raw=True)
+        tokens = out.tokens[0]
+        np.asarray(ctx.cache.lengths)  # the rollback is part of the question's time
+        seconds = time.perf_counter() - start
+        results.append({
+            "question": q,
+            "answer": lm.tokenizer.decode(tokens, skip_special_tokens=True),
+            "question_tokens": len(t),
+            "new_tokens": len(tokens),
+            "finished": bool(out.finished[0]),
+            "seconds": seconds,
+            "ms_per_token": 1000.0 * seconds / max(len(tokens), 1),
+        })
+    if args.json:
+        r = ctx.report
+        print(json.dumps({
+            "model": os.path.abspath(args.model),
+            "compressed": os.path.abspath(args.compressed),
+            "ratio": ctx.ratio,
+            "level": ctx.level,
+            "kept_ratio": r.kept_ratio[0],
+            "dense_kv_bytes": r.dense_kv_bytes,
+            "compressed_kv_bytes": r.compressed_kv_bytes,
+            "load_s": load_s,
+            "answers": results,
+        }, indent=1))
+    else:
+        for i, res in enumerate(results):
+            if len(results) > 1:
+                print(f"Q{i + 1}: {res['question']}")
+            print(res["answer"])
+            if len(results) > 1 and i + 1 < len(results):
+                print()
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: usage errors exit 2, --help exits 0
+        return int(e.code) if isinstance(e.code, int) else 2
+    command = {"compress": cmd_compress, "ask": cmd_ask}[args.command]
+    try:
+        return command(args)
+    except (ValueError, OSError) as e:  # bad input (files, values, model/context mismatch): one line, no traceback
+        message = " ".join(str(e).split())
+        print(f"kvzip-jax {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
