@@ -115,13 +115,10 @@ class Transformer(nnx.Module):
         def pick(options, kind):
             return options[0] if len(options) == 1 else jnp.where(kind == 1, options[1], options[0])
 
+        no_window = jnp.int32(np.iinfo(np.int32).max)
+        windows = tuple(jnp.int32(c.sliding_window) if kind == SLIDING else no_window for kind in kinds)
         if isinstance(cache, DenseKVCache):
             slots = cache.length[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-            key_slots = jnp.arange(cache.capacity, dtype=jnp.int32)
-            causal = key_slots[None, None, :] <= slots[:, :, None]  # [B, T, S]
-            if c.sliding_window is not None:
-                window = (slots[:, :, None] - key_slots[None, None, :]) < c.sliding_window
-            masks = tuple(causal & window if kind == SLIDING else causal for kind in kinds)
 
             def body(carry, xs):
                 h, ck, cv = carry
@@ -130,7 +127,7 @@ class Transformer(nnx.Module):
 
                 def kv_attend(q, k, v):
                     out, box["k"], box["v"], box["scores"] = dense_write_attend(
-                        q, k, v, ck, cv, layer, slots, pick(masks, kind), c, n_valid, score, observe
+                        q, k, v, ck, cv, layer, slots, pick(windows, kind), c, n_valid, score, observe
                     )
                     return out
 
@@ -144,8 +141,6 @@ class Transformer(nnx.Module):
         else:
             if score is not None or observe is not None:
                 raise ValueError("scoring runs on the dense cache, not on a compressed one")
-            no_window = jnp.int32(np.iinfo(np.int32).max)
-            windows = tuple(jnp.int32(c.sliding_window) if kind == SLIDING else no_window for kind in kinds)
 
             def body(carry, xs):
                 h, pages = carry

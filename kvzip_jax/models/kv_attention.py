@@ -14,7 +14,7 @@ import numpy as np
 
 from kernels import paged_attention
 from kvzip_jax.config import ModelConfig
-from kvzip_jax.models.layers import attend
+from kvzip_jax.models.layers import KEY_BLOCK, attend, attend_blockwise
 
 
 @jax.tree_util.register_dataclass
@@ -83,10 +83,12 @@ def observed_attention(probs: jax.Array, n_valid: jax.Array, reduce: str) -> jax
 
 
 def dense_write_attend(
-    q, k, v, ck, cv, layer, slots, mask, config: ModelConfig, n_valid, score: ScoreChunk | None,
+    q, k, v, ck, cv, layer, slots, window, config: ModelConfig, n_valid, score: ScoreChunk | None,
     observe: str | None = None,
 ):
-    """Dense cache: scatter the T new K/V of every row into its slots, attend over the layer's slots.
+    """Dense cache: scatter the T new K/V of every row into its slots, attend over the layer's slots (causal by
+    slot, and `window` for sliding layers). Multi-token steps over a cache longer than one key block use the
+    blockwise attention, whose memory does not grow with the cache.
 
     Optionally also returns per-pair scores: KVzip chunk scores (`score`) or the attention the cached pairs
     received from the new queries (`observe` = "mean" | "max", for the SnapKV / H2O baselines)."""
@@ -95,6 +97,12 @@ def dense_write_attend(
     cv = cv.at[layer, batch_idx, :, slots].set(v.astype(cv.dtype), mode="drop")
     keys, values = ck[layer].astype(q.dtype), cv[layer].astype(q.dtype)
     scale, softcap = config.attn_scale, config.attn_logit_softcap
+    if observe is None and q.shape[1] > 1 and keys.shape[2] > KEY_BLOCK:
+        out = attend_blockwise(q, keys, values, slots, window, scale=scale, softcap=softcap)
+        scores = None if score is None else chunk_scores(q, keys, score, slots, n_valid, config)
+        return out, ck, cv, scores
+    key_slots = jnp.arange(keys.shape[2], dtype=jnp.int32)[None, None, :]
+    mask = (key_slots <= slots[:, :, None]) & (slots[:, :, None] - key_slots < window)  # [B, T, S]
     if observe is not None:
         out, probs = attend(q, keys, values, mask[:, None], scale=scale, softcap=softcap, return_probs=True)
         return out, ck, cv, observed_attention(probs, n_valid, observe)

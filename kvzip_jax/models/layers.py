@@ -128,3 +128,59 @@ class MLP(nnx.Module):
         gate = self.gate_proj(x)
         gate = jax.nn.gelu(gate, approximate=True) if self.gelu else jax.nn.silu(gate)
         return self.down_proj(gate * self.up_proj(x))
+
+
+KEY_BLOCK = 512  # keys per block of the blockwise (online-softmax) attention
+
+
+def attend_blockwise(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_slots: jax.Array,
+    window: jax.Array | int,
+    *,
+    scale: float,
+    softcap: float | None,
+    block: int = KEY_BLOCK,
+) -> jax.Array:
+    """Causal (by slot) attention over the dense cache, one block of keys at a time with an online softmax, so
+    the temporaries are [B, Hkv, G, T, block] instead of [B, Hkv, G, T, S]: prefill and KVzip scoring memory
+    stays bounded by the chunk, not the context. Key slot s is visible to a query at slot p when s <= p and
+    p - s < window. Same result as `attend` up to float32 rounding.
+
+    q [B, T, Hkv, G, D]; k, v [B, Hkv, S, D]; q_slots [B, T]. Returns [B, T, Hkv, G, D].
+    """
+    b, t, hkv, g, d = q.shape
+    s = k.shape[2]
+    block = min(block, s)
+    n_blocks = -(-s // block)
+    neg = jnp.finfo(jnp.float32).min
+    qp = q_slots[:, None, None, :, None]  # [B, 1, 1, T, 1]
+
+    def step(j, carry):
+        m, l, acc = carry
+        # The last block is shifted left to stay in bounds; columns it shares with the previous block are masked.
+        start = jnp.minimum(j * block, s - block)
+        idx = start + jnp.arange(block, dtype=jnp.int32)
+        kb = jax.lax.dynamic_slice_in_dim(k, start, block, axis=2)
+        vb = jax.lax.dynamic_slice_in_dim(v, start, block, axis=2)
+        logits = jnp.einsum("bthgd,bhsd->bhgts", q, kb, preferred_element_type=jnp.float32) * np.float32(scale)
+        if softcap is not None:
+            logits = jnp.tanh(logits / np.float32(softcap)) * np.float32(softcap)
+        kp = idx[None, None, None, None, :]
+        ok = (kp <= qp) & (qp - kp < window) & (kp >= j * block)
+        logits = jnp.where(ok, logits, neg)
+        m_new = jnp.maximum(m, logits.max(axis=-1))
+        p = jnp.where(ok, jnp.exp(logits - m_new[..., None]), 0.0)
+        correction = jnp.exp(m - m_new)
+        l = l * correction + p.sum(axis=-1)
+        acc = acc * correction[..., None] + jnp.einsum("bhgts,bhsd->bhgtd", p.astype(vb.dtype), vb,
+                                                       preferred_element_type=jnp.float32)
+        return m_new, l, acc
+
+    init = (jnp.full((b, hkv, g, t), neg, jnp.float32), jnp.zeros((b, hkv, g, t), jnp.float32),
+            jnp.zeros((b, hkv, g, t, d), jnp.float32))
+    _, l, acc = jax.lax.fori_loop(0, n_blocks, step, init)
+    out = acc / jnp.where(l > 0, l, 1.0)[..., None]
+    return out.transpose(0, 3, 1, 2, 4).astype(q.dtype)
