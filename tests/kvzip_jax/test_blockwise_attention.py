@@ -61,3 +61,25 @@ def test_long_prefill_parity_with_transformers(loaded_factory, hf_logits_fn, fam
     ref = hf_logits_fn(model, tokens)
     last, _ = prefill(params, config, tokens.tolist(), DenseKVCache.zeros(config, 1, 704), chunk_size=256)
     assert np.abs(np.asarray(last)[0] - ref[0, -1]).max() <= 1e-4
+
+
+def test_chunk_scores_blockwise_equals_single_block():
+    """The two-pass scoring gives the same scores whatever the block size (several blocks, a shifted last one,
+    short chunk and padded repeat rows in the second row)."""
+    from kvzip_jax.config import ModelConfig
+    from kvzip_jax.models.kv_attention import ScoreChunk, chunk_scores
+
+    config = ModelConfig(family="llama", vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=1,
+                         num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512)
+    rng = np.random.default_rng(3)
+    b, t, s, n_sys, m = 2, 50, 200, 5, 40
+    q = jnp.asarray(rng.standard_normal((b, t, 2, 2, 16)), jnp.float32)
+    keys = jnp.asarray(rng.standard_normal((b, 2, s, 16)), jnp.float32)
+    spec = ScoreChunk(chunk_start=jnp.asarray([0, 40], jnp.int32), chunk_len=jnp.asarray([40, 23], jnp.int32),
+                      n_sys=n_sys, chunk_size=m)
+    slots = jnp.asarray(np.stack([np.arange(t) + 120, np.arange(t) + 140]), jnp.int32)
+    n_valid = jnp.asarray([50, 31], jnp.int32)
+    one = chunk_scores(q, keys, spec, slots, n_valid, config, block=1024)
+    many = jax.jit(lambda *a: chunk_scores(*a, config, block=16))(q, keys, spec, slots, n_valid)
+    np.testing.assert_allclose(np.asarray(many), np.asarray(one), rtol=1e-5, atol=1e-7)
+    assert np.asarray(one)[1, :, 23:].max() == 0.0 and np.asarray(one).min() >= 0.0
