@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 LEVELS = ("pair", "pair-uniform", "head")
+# == kvzip.text.TEMPLATE_CHOICES (repeated so that --help needs no jax import)
 TEMPLATE_CHOICES = ("auto", "llama3", "qwen2", "qwen3", "gemma3", "chat")
 DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -103,36 +104,16 @@ def _fingerprint(model_dir: str, lm) -> dict[str, Any]:
     }
 
 
-def _build_prompt(lm, template: str, task: str | None):
-    from kvzip_jax.kvzip.prompts import (
-        FAMILY_TEMPLATE,
-        build_prompt,
-        chat_template_prompt,
-        missing_special_tokens,
-    )
+def _read_context(args, lm) -> list[int]:
+    from kvzip_jax.kvzip.text import encode_context
 
-    tok, family = lm.tokenizer, lm.config.family
-    name = template
-    if template == "auto":
-        name = FAMILY_TEMPLATE.get(family)
-        if name is None or missing_special_tokens(tok, name):
-            name = "chat"
-    if name == "chat":
-        if not getattr(tok, "chat_template", None):
-            raise UsageError(f"the tokenizer of model family {family!r} has no chat template; pass --template "
-                             f"{'|'.join(t for t in TEMPLATE_CHOICES if t not in ('auto', 'chat'))}")
-        return "chat", build_prompt(tok, family, task, template=chat_template_prompt(tok))
-    return name, build_prompt(tok, family, task, template=name)
-
-
-def _read_context(args, tokenizer) -> list[int]:
     if args.context is not None:
         _check_file(args.context, "context")
         with open(args.context, encoding="utf-8") as f:
             text = f.read()
         if not text.strip():
             raise UsageError(f"empty context: {args.context} has no text")
-        return list(tokenizer.encode(text, add_special_tokens=False))
+        return encode_context(lm, text)
     _check_file(args.context_ids, "context ids")
     with open(args.context_ids) as f:
         try:
@@ -144,13 +125,6 @@ def _read_context(args, tokenizer) -> list[int]:
     if not ids:
         raise UsageError(f"empty context: {args.context_ids} holds 0 token ids")
     return ids
-
-
-def _stop_ids(lm) -> list[int]:
-    stops = set(lm.config.eos_token_ids)
-    if lm.tokenizer.eos_token_id is not None:
-        stops.add(int(lm.tokenizer.eos_token_id))
-    return sorted(stops)
 
 
 def _mib(n: int) -> str:
@@ -182,22 +156,21 @@ def cmd_compress(args) -> int:
     if not args.overwrite and (os.path.exists(meta_path) or os.path.exists(os.path.join(args.out, store.ARRAYS_DIR))):
         raise UsageError(f"{args.out} already holds a compressed context; pass --overwrite to replace it")
 
-    from kvzip_jax.kvzip import compressor
+    from kvzip_jax.kvzip import text
     from kvzip_jax.kvzip.select import load_head_scores
 
     t0 = time.perf_counter()
     lm = _load_model(args.model, args.dtype)
     load_s = time.perf_counter() - t0
-    template, prompt = _build_prompt(lm, args.template, args.task)
-    ids = _read_context(args, lm.tokenizer)
+    template, prompt = text.resolve_prompt(lm, args.template, args.task)
+    ids = _read_context(args, lm)
     if not ids:
         raise UsageError(f"empty context: {args.context} encodes to 0 tokens")
     head_scores = None
     if args.head_scores:
         head_scores = load_head_scores(args.head_scores, (lm.config.num_layers, lm.config.num_kv_heads))
 
-    scored = compressor.score(lm.params, lm.config, prompt, [ids], chunk_size=args.chunk_size,
-                              progress=not args.no_progress)
+    scored = text.score_ids(lm, prompt, [ids], chunk_size=args.chunk_size, progress=not args.no_progress)
     ctx = scored.compress(args.ratio, args.level, head_scores=head_scores, headroom=args.headroom,
                           page_size=args.page_size)
     t1 = time.perf_counter()
@@ -252,7 +225,7 @@ def cmd_ask(args) -> int:
 
     import numpy as np
 
-    from kvzip_jax.kvzip.prompts import encode_question
+    from kvzip_jax.kvzip import text
 
     t0 = time.perf_counter()
     lm = _load_model(args.model, args.dtype)
@@ -269,7 +242,7 @@ def cmd_ask(args) -> int:
         print(f"kvzip-jax: warning: {args.compressed} was compressed with a different model or tokenizer "
               f"({meta['model_fingerprint'].get('model_dir')}); answers may be meaningless", file=sys.stderr)
 
-    turns = [encode_question(lm.tokenizer, ctx.prompt, q) for q in args.question]
+    turns = text.encode_questions(lm, ctx.prompt, args.question)
     for i, t in enumerate(turns):  # check every question before answering any
         needed = len(t) + args.max_new_tokens - 1
         if needed > ctx.headroom:
@@ -278,17 +251,16 @@ def cmd_ask(args) -> int:
                 f"{args.max_new_tokens} it needs {needed} decode slots but the compressed context's headroom is "
                 f"{ctx.headroom}; shorten it, lower --max-new-tokens, or compress again with --headroom >= {needed}"
             )
-    stops = _stop_ids(lm)
     results = []
     for q, t in zip(args.question, turns, strict=True):
         start = time.perf_counter()
-        out = ctx.ask(lm.params, [t], max_new_tokens=args.max_new_tokens, stop_token_ids=stops, raw=True)
+        out = text.ask_ids(lm, ctx, [t], max_new_tokens=args.max_new_tokens)
         tokens = out.tokens[0]
         np.asarray(ctx.cache.lengths)  # the rollback is part of the question's time
         seconds = time.perf_counter() - start
         results.append({
             "question": q,
-            "answer": lm.tokenizer.decode(tokens, skip_special_tokens=True),
+            "answer": text.decode(lm, tokens),
             "question_tokens": len(t),
             "new_tokens": len(tokens),
             "finished": bool(out.finished[0]),

@@ -60,7 +60,9 @@ def layerwise_selector(layer_ratios=None):
         del level, head_scores
         r = check_ratio(ratio)
         num_layers = scores.shape[0]
-        ratios = np.full(num_layers, r) if layer_ratios is None else layer_ratios(r, num_layers)
+        ratios = np.full(num_layers, r)
+        if layer_ratios is not None:  # spread over the evicted layers only (Gemma3's sliding layers are not)
+            ratios[layers] = layer_ratios(r, int(layers.sum()))
         mask = np.zeros(scores.shape, bool)
         for layer in range(num_layers):
             if not layers[layer]:

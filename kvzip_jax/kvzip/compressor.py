@@ -39,6 +39,7 @@ from kvzip_jax.kvzip.select import keep_mask
 from kvzip_jax.models.decoder import forward
 
 DEFAULT_HEADROOM = 256
+QUESTION_PAD = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,7 +220,7 @@ class CompressedContext:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         turns = [list(q) if raw else question_ids(self.prompt, q) for q in questions]
-        tokens, lengths = pad_prompts(turns)
+        tokens, lengths = pad_prompts(turns, multiple=QUESTION_PAD)  # fewer distinct shapes, fewer compiles
         check_token_ids(tokens, self.config)
         needed = int(lengths.max()) + max_new_tokens - 1
         if needed > self.headroom:

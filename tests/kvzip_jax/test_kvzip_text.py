@@ -1,0 +1,119 @@
+"""The text-level API (`kvzip_jax.kvzip.text`) on the demo checkpoint (a tiny random Llama with a real BPE
+tokenizer and chat template): compress text, ask questions in text, baselines by name, bad input."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvzip_jax.kvzip.baselines import BASELINES
+from kvzip_jax.kvzip.prompts import build_prompt, chat_template_prompt, encode_question
+
+# Two questions of the same token length (13 with the demo tokenizer): one compiled question shape.
+QUESTIONS = ["How does ElasticMM scale?", "What does MokA adapt?"]
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from kvzip_jax.demo import build_checkpoint
+    from kvzip_jax.lm import LanguageModel
+
+    path = tmp_path_factory.mktemp("kvzip_text") / "model"
+    build_checkpoint(str(path))
+    return LanguageModel.from_pretrained(str(path))
+
+
+@pytest.fixture(scope="module")
+def demo_text():
+    from kvzip_jax.demo import DEMO_TEXT
+
+    return DEMO_TEXT
+
+
+@pytest.fixture(scope="module")
+def full(lm, demo_text):
+    from kvzip_jax.kvzip import text
+
+    return text.compress_text(lm, demo_text, ratio=1.0, chunk_size=48, headroom=48)
+
+
+def test_prompt_for_auto_rule(lm):
+    from kvzip_jax.cli import TEMPLATE_CHOICES
+    from kvzip_jax.kvzip import text
+
+    # The demo tokenizer lacks the llama3 special tokens: auto -> the tokenizer's own chat template (as the CLI).
+    name, prompt = text.resolve_prompt(lm)
+    assert name == "chat"
+    assert text.prompt_for(lm) == prompt == build_prompt(lm.tokenizer, "llama", None,
+                                                         template=chat_template_prompt(lm.tokenizer))
+    assert text.prompt_for(lm, task="gsm8k") != prompt  # task picks the instruction
+    assert text.TEMPLATE_CHOICES == TEMPLATE_CHOICES
+    with pytest.raises(ValueError, match="llama3"):  # explicit family template whose tokens are missing
+        text.prompt_for(lm, template="llama3")
+    with pytest.raises(ValueError, match="unknown template"):
+        text.prompt_for(lm, template="nope")
+
+
+def test_compress_and_ask(lm, demo_text):
+    from kvzip_jax.kvzip import text
+
+    ctx = text.compress_text(lm, demo_text, ratio=0.3, chunk_size=48, headroom=48)
+    assert isinstance(ctx, text.TextContext) and ctx.method == "kvzip" and ctx.template == "chat"
+    assert ctx.compressed.ratio == 0.3 and ctx.report is ctx.compressed.report
+    assert 0 < ctx.report.kept_ratio[0] <= 0.3
+    assert ctx.report.compressed_kv_bytes < ctx.report.dense_kv_bytes
+    answers = [ctx.ask(q, max_new_tokens=8)[0] for q in QUESTIONS]
+    assert all(isinstance(a, str) for a in answers)
+    assert ctx.ask(QUESTIONS[0], max_new_tokens=8) == [answers[0]]  # rolled back: asking again is identical
+    with pytest.raises(ValueError, match="2 questions for 1 compressed contexts"):
+        ctx.ask(QUESTIONS)
+    with pytest.raises(ValueError, match="headroom"):
+        ctx.ask(QUESTIONS[0], max_new_tokens=64)
+
+
+def test_ratio_one_equals_generate_on_the_uncompressed_prompt(lm, demo_text, full):
+    from kvzip_jax.kvzip import text
+
+    assert full.report.kept_ratio == (1.0,)
+    prompt = text.prompt_for(lm)
+    ctx_ids = lm.tokenizer.encode(demo_text, add_special_tokens=False)
+    assert full.context_ids == [list(ctx_ids)]
+    assert len({len(encode_question(lm.tokenizer, prompt, q)) for q in QUESTIONS}) == 1
+    for q in QUESTIONS:
+        ids = list(prompt.prefix_ids) + list(ctx_ids) + encode_question(lm.tokenizer, prompt, q)
+        ref_tokens = lm.generate([ids], max_new_tokens=8)[0]
+        result = full.ask_result(q, max_new_tokens=8)
+        assert result.tokens[0] == ref_tokens
+        assert full.ask(q, max_new_tokens=8) == [lm.tokenizer.decode(ref_tokens, skip_special_tokens=True)]
+
+
+def test_baseline_by_name(lm, demo_text, full):
+    from kvzip_jax.kvzip import text
+
+    ctx = text.compress_text(lm, demo_text, ratio=0.3, method="streaming_llm", headroom=48)
+    assert ctx.method == "streaming_llm" and ctx.compressed.ratio == 0.3
+    assert 0 < ctx.report.kept_ratio[0] <= 0.3
+    # At ratio 1.0 every method keeps the same cache, so it answers like KVzip at 1.0.
+    one = text.compress_text(lm, demo_text, ratio=1.0, method="streaming_llm", headroom=48)
+    assert one.ask(QUESTIONS[0], max_new_tokens=8) == full.ask(QUESTIONS[0], max_new_tokens=8)
+
+
+def test_bad_input(lm, demo_text):
+    from kvzip_jax.kvzip import text
+
+    with pytest.raises(ValueError) as e:
+        text.compress_text(lm, demo_text, method="nope")
+    for name in ("kvzip", *BASELINES):
+        assert name in str(e.value)
+    assert text.METHODS == ("kvzip", *BASELINES)
+    with pytest.raises(ValueError, match="ratio"):
+        text.compress_text(lm, demo_text, ratio=1.5)
+    with pytest.raises(ValueError, match="empty context"):
+        text.compress_text(lm, "   ")
+    with pytest.raises(ValueError, match="chunk_size"):
+        text.compress_text(lm, demo_text, chunk_size=0)
+    with pytest.raises(ValueError, match="no contexts"):
+        text.compress_text(lm, [])
+    with pytest.raises(ValueError, match="kvzip takes no method options"):
+        text.compress_text(lm, demo_text, seed=3)
