@@ -112,7 +112,10 @@ def bench_one(params, config, n_ctx, args):
                compact_s=ctx.report.times["compact_s"],
                memory_saving=ctx.report.dense_kv_bytes / ctx.report.compressed_kv_bytes)
     if not args.no_decode:
-        dense = DenseKVCache(k=scored.cache.k, v=scored.cache.v, length=scored.cache.length)
+        # A right-sized dense cache (context + the decoded tokens), not the scoring cache with its repeat slots.
+        cap = PROMPT.n_sys + n_ctx + args.decode_steps
+        dense = DenseKVCache(k=scored.cache.k[:, :, :, :cap], v=scored.cache.v[:, :, :, :cap],
+                             length=scored.cache.length)
         row["decode_ms_dense"] = decode_ms(params, config, dense, args.decode_steps, args.repeats)
         row["decode_ms_paged_full"] = decode_ms(params, config, full.cache, args.decode_steps, args.repeats)
         row["decode_ms_paged_ratio"] = decode_ms(params, config, ctx.cache, args.decode_steps, args.repeats)
