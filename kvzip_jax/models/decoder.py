@@ -76,8 +76,10 @@ class Transformer(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         c = self.config
         hidden = self.final_norm(hidden)
-        head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        logits = jnp.einsum("...h,hv->...v", hidden, head, preferred_element_type=jnp.float32)
+        if self.lm_head is None:  # tied: contract with the [V, H] embedding as stored (no transposed copy)
+            logits = jnp.einsum("...h,vh->...v", hidden, self.embed[...], preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum("...h,hv->...v", hidden, self.lm_head[...], preferred_element_type=jnp.float32)
         if c.final_logit_softcap is not None:
             logits = jnp.tanh(logits / c.final_logit_softcap) * c.final_logit_softcap
         return logits

@@ -20,8 +20,9 @@ from kvzip_jax.kvzip import baselines, compressor
 from kvzip_jax.kvzip.baselines import BASELINES, pyramid_ratios
 from kvzip_jax.kvzip.compressor import ScoredContext, prefill_contexts
 from kvzip_jax.kvzip.prompts import KVzipPrompt, question_ids
-from kvzip_jax.models import abstract_params, graphdef_for
+from kvzip_jax.models import graphdef_for
 from kvzip_jax.models.layers import rope_tables
+from kvzip_testutil import perturbed_params
 
 PROMPT = KVzipPrompt(prefix_ids=(1, 2, 3, 4), postfix_ids=(5, 6), first_repeat_ids=(7, 8, 9), later_repeat_ids=(10, 11))
 N_SYS = len(PROMPT.prefix_ids)
@@ -43,21 +44,6 @@ METHODS = (*BASELINES, "snapkv-query")
 LAYERWISE = ("snapkv", "pyramidkv", "h2o", "random", "snapkv-query")  # official rule within each layer
 
 
-def host_params(config: ModelConfig, seed: int = 0, scale: float = 0.1):
-    """Perturbed random params filled on the host into `abstract_params` (as test_kvzip_cache.py)."""
-    rng = np.random.default_rng(seed)
-    paths, tree = jax.tree_util.tree_flatten_with_path(abstract_params(config))
-    leaves = []
-    for path, leaf in paths:
-        noise = rng.standard_normal(leaf.shape).astype(np.float32)
-        if "scale" in jax.tree_util.keystr(path):
-            value = (0.0 if config.gemma_norms else 1.0) + scale * noise
-        else:
-            value = (0.02 + scale) * noise
-        leaves.append(jnp.asarray(value, leaf.dtype))
-    return jax.tree_util.tree_unflatten(tree, leaves)
-
-
 def contexts(seed: int = 0) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     return [rng.integers(12, 128, n).tolist() for n in CTX_LENS]
@@ -71,7 +57,7 @@ def run_method(name, params, config, ctxs, **kwargs) -> ScoredContext:
 
 @pytest.fixture(scope="module")
 def llama():
-    params = host_params(LLAMA)
+    params = perturbed_params(LLAMA)
     ctxs = contexts()
     scored = {name: run_method(name, params, LLAMA, ctxs) for name in METHODS}
     return params, ctxs, scored
@@ -334,7 +320,7 @@ def test_random_is_deterministic_by_seed(llama):
 
 @pytest.fixture(scope="module")
 def gemma():
-    params = host_params(GEMMA)
+    params = perturbed_params(GEMMA)
     ctxs = contexts()
     return params, ctxs, {name: run_method(name, params, GEMMA, ctxs) for name in BASELINES}
 

@@ -8,7 +8,6 @@ prefill K/V where evicted pairs are masked out) for ratio 0.3.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -23,8 +22,9 @@ from kvzip_jax.generate import generate
 from kvzip_jax.kvzip import compressor
 from kvzip_jax.kvzip.prompts import KVzipPrompt, question_ids
 from kvzip_jax.kvzip.select import head_scores_from, load_head_scores, save_head_scores
-from kvzip_jax.models import abstract_params, forward, graphdef_for
+from kvzip_jax.models import forward, graphdef_for
 from kvzip_jax.models.layers import rope_tables
+from kvzip_testutil import perturbed_params
 
 PROMPT = KVzipPrompt(prefix_ids=(1, 2, 3, 4), postfix_ids=(5, 6), first_repeat_ids=(7, 8, 9), later_repeat_ids=(10, 11))
 N_SYS = len(PROMPT.prefix_ids)
@@ -44,28 +44,6 @@ GEMMA = ModelConfig(
 CONFIGS = {"llama": LLAMA, "gemma3": GEMMA}
 QUESTIONS = ([20, 21, 22, 23, 24], [30, 31, 32, 33, 34])  # equal lengths (CompressedContext.logits needs that)
 OTHER_QUESTIONS = ([40, 41, 42], [50, 51, 52, 53, 54, 55])
-
-
-def perturbed_params(config: ModelConfig, seed: int = 0, scale: float = 0.1):
-    """Random params as `init_params` draws them (std-0.02 weights, neutral norm scales: 1, or 0 for Gemma's
-    (1 + w) norms) with every leaf perturbed by `scale` noise; filled on the host into `abstract_params`."""
-    key = (config, seed, scale)
-    if key not in _PARAMS:
-        rng = np.random.default_rng(seed)
-        paths, tree = jax.tree_util.tree_flatten_with_path(abstract_params(config))
-        leaves = []
-        for path, leaf in paths:
-            noise = rng.standard_normal(leaf.shape).astype(np.float32)
-            if "scale" in jax.tree_util.keystr(path):
-                value = (0.0 if config.gemma_norms else 1.0) + scale * noise
-            else:
-                value = (0.02 + scale) * noise
-            leaves.append(jnp.asarray(value, leaf.dtype))
-        _PARAMS[key] = jax.tree_util.tree_unflatten(tree, leaves)
-    return _PARAMS[key]
-
-
-_PARAMS: dict = {}
 
 
 def contexts(seed: int = 0) -> list[list[int]]:

@@ -21,9 +21,10 @@ from flax import nnx
 from kvzip_jax.config import FULL, SLIDING, ModelConfig, RopeConfig
 from kvzip_jax.kvzip import compressor
 from kvzip_jax.kvzip.prompts import KVzipPrompt, repeat_inputs
-from kvzip_jax.models import abstract_params, graphdef_for
+from kvzip_jax.models import graphdef_for
 from kvzip_jax.models.kv_attention import ScoreChunk, chunk_scores
 from kvzip_jax.models.layers import rope_tables
+from kvzip_testutil import perturbed_params
 
 PROMPT = KVzipPrompt(prefix_ids=(1, 2, 3, 4), postfix_ids=(5, 6), first_repeat_ids=(7, 8, 9), later_repeat_ids=(10, 11))
 CHUNK = 16
@@ -41,30 +42,6 @@ GEMMA = ModelConfig(
     hidden_act="gelu_pytorch_tanh", tie_word_embeddings=False,
 )
 CONFIGS = {"llama": LLAMA, "llama_g4": LLAMA_G4, "gemma3": GEMMA}
-
-
-def perturbed_params(config: ModelConfig, seed: int = 0, scale: float = 0.1):
-    """Random params as `init_params` draws them (std-0.02 weights, neutral norm scales: 1, or 0 for Gemma's
-    (1 + w) norms), with every leaf, norm scales included, perturbed by `scale` noise so nothing is degenerate.
-    Filled on the host into `abstract_params(config)`: `init_params` re-jits its builder on every call (~4 s)."""
-    key = (config, seed, scale)
-    if key not in _PARAMS:
-        abstract = abstract_params(config)
-        rng = np.random.default_rng(seed)
-        paths, tree = jax.tree_util.tree_flatten_with_path(abstract)
-        leaves = []
-        for path, leaf in paths:
-            noise = rng.standard_normal(leaf.shape).astype(np.float32)
-            if "scale" in jax.tree_util.keystr(path):
-                value = (0.0 if config.gemma_norms else 1.0) + scale * noise
-            else:
-                value = (0.02 + scale) * noise
-            leaves.append(jnp.asarray(value, leaf.dtype))
-        _PARAMS[key] = jax.tree_util.tree_unflatten(tree, leaves)
-    return _PARAMS[key]
-
-
-_PARAMS: dict = {}
 
 
 def contexts(seed: int = 0) -> list[list[int]]:
