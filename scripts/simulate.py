@@ -34,7 +34,7 @@ def parse(argv=None):
     p.add_argument("--overheads", action="store_true", help="only measure decision time and simulation speed")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes for the matrix")
     p.add_argument("--out", default="docs", help="output folder for CSVs and figures")
-    p.add_argument("--bench-md", default="docs/benchmarks_elasticmm.md", help="markdown file the results append to")
+    p.add_argument("--bench-md", default="docs/benchmarks.md", help="markdown file the results append to")
     p.add_argument("--policy", default="elasticmm", help=f"one of {list(POLICIES)}")
     p.add_argument("--n-prefill", type=int, default=None, help="static_pd prefill instances")
     p.add_argument("--split", default="equal", help="static_epd preset or tP,tD,mE,mP,mD")
