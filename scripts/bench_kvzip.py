@@ -18,12 +18,13 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from bench_generate import median_time  # same folder: one timing rule for every benchmark
 
 from kvzip_jax.cache import DenseKVCache
 from kvzip_jax.config import FULL, ModelConfig, RopeConfig
@@ -49,15 +50,6 @@ def make_config(preset: str) -> ModelConfig:
                       original_max_position_embeddings=8192)
     return ModelConfig(family="llama", max_position_embeddings=262144, rms_norm_eps=1e-5, rope=((FULL, rope),),
                        **PRESETS[preset])
-
-
-def median(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def scoring_step_temp_bytes(params, config, cache: DenseKVCache, width: int, chunk: int) -> int:
@@ -91,7 +83,7 @@ def decode_ms(params, config, cache, steps: int, repeats: int) -> float:
         jax.block_until_ready(res.cache)
 
     run(1), run(steps)
-    return 1e3 * (median(lambda: run(steps), repeats) - median(lambda: run(1), repeats)) / (steps - 1)
+    return 1e3 * (median_time(lambda: run(steps), repeats) - median_time(lambda: run(1), repeats)) / (steps - 1)
 
 
 def bench_one(params, config, n_ctx, args):

@@ -7,6 +7,7 @@ layer modules with a test-written causal attention that records the softmax of e
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -14,39 +15,26 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from kvzip_testutil import GEMMA, PROMPT, contexts, perturbed_params
+from kvzip_testutil import LLAMA as BASE_LLAMA
 
-from kvzip_jax.config import FULL, SLIDING, ModelConfig, RopeConfig
+from kvzip_jax.config import SLIDING, ModelConfig
 from kvzip_jax.kvzip import baselines, compressor
 from kvzip_jax.kvzip.baselines import BASELINES, pyramid_ratios
 from kvzip_jax.kvzip.compressor import ScoredContext, prefill_contexts
-from kvzip_jax.kvzip.prompts import KVzipPrompt, question_ids
+from kvzip_jax.kvzip.prompts import question_ids
 from kvzip_jax.models import graphdef_for
 from kvzip_jax.models.layers import rope_tables
-from kvzip_testutil import perturbed_params
 
-PROMPT = KVzipPrompt(prefix_ids=(1, 2, 3, 4), postfix_ids=(5, 6), first_repeat_ids=(7, 8, 9), later_repeat_ids=(10, 11))
 N_SYS = len(PROMPT.prefix_ids)
 CTX_LENS = (45, 30)
 HEADROOM = 16
 WINDOW = 16  # SnapKV's observation window for contexts under 1K tokens
 QUESTIONS = ([20, 21, 22, 23, 24], [30, 31, 32])
 
-LLAMA = ModelConfig(family="llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=4,
-                    num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256)
-GEMMA = ModelConfig(
-    family="gemma3", vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4,
-    num_kv_heads=2, head_dim=16, max_position_embeddings=256,
-    rope=((FULL, RopeConfig(theta=1_000_000.0)), (SLIDING, RopeConfig(theta=10_000.0))),
-    layer_types=(SLIDING, FULL, SLIDING, FULL), sliding_window=8, query_pre_attn_scalar=24, qk_norm=True,
-    hidden_act="gelu_pytorch_tanh", tie_word_embeddings=False,
-)
+LLAMA = dataclasses.replace(BASE_LLAMA, num_layers=4, layer_types=())
 METHODS = (*BASELINES, "snapkv-query")
 LAYERWISE = ("snapkv", "pyramidkv", "h2o", "random", "snapkv-query")  # official rule within each layer
-
-
-def contexts(seed: int = 0) -> list[list[int]]:
-    rng = np.random.default_rng(seed)
-    return [rng.integers(12, 128, n).tolist() for n in CTX_LENS]
 
 
 def run_method(name, params, config, ctxs, **kwargs) -> ScoredContext:

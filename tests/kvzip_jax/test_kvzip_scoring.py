@@ -17,36 +17,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from kvzip_testutil import GEMMA, LLAMA, PROMPT, contexts, perturbed_params
 
-from kvzip_jax.config import FULL, SLIDING, ModelConfig, RopeConfig
+from kvzip_jax.config import FULL, SLIDING, ModelConfig
 from kvzip_jax.kvzip import compressor
-from kvzip_jax.kvzip.prompts import KVzipPrompt, repeat_inputs
+from kvzip_jax.kvzip.prompts import repeat_inputs
 from kvzip_jax.models import graphdef_for
 from kvzip_jax.models.kv_attention import ScoreChunk, chunk_scores
 from kvzip_jax.models.layers import rope_tables
-from kvzip_testutil import perturbed_params
 
-PROMPT = KVzipPrompt(prefix_ids=(1, 2, 3, 4), postfix_ids=(5, 6), first_repeat_ids=(7, 8, 9), later_repeat_ids=(10, 11))
 CHUNK = 16
 CTX_LENS = (45, 30)  # ragged rows: chunks 16+16+13 and 16+14 (last chunk short)
 REF_LEN = 80  # >= n_s + n_c + n_in of every reference sequence (at most 4 + 45 + 28 = 77)
 
-LLAMA = ModelConfig(family="llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
-                    num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256)
 LLAMA_G4 = dataclasses.replace(LLAMA, num_heads=8, num_kv_heads=2)
-GEMMA = ModelConfig(
-    family="gemma3", vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4,
-    num_kv_heads=2, head_dim=16, max_position_embeddings=256,
-    rope=((FULL, RopeConfig(theta=1_000_000.0)), (SLIDING, RopeConfig(theta=10_000.0))),
-    layer_types=(SLIDING, FULL, SLIDING, FULL), sliding_window=8, query_pre_attn_scalar=24, qk_norm=True,
-    hidden_act="gelu_pytorch_tanh", tie_word_embeddings=False,
-)
 CONFIGS = {"llama": LLAMA, "llama_g4": LLAMA_G4, "gemma3": GEMMA}
-
-
-def contexts(seed: int = 0) -> list[list[int]]:
-    rng = np.random.default_rng(seed)
-    return [rng.integers(12, 128, n).tolist() for n in CTX_LENS]
 
 
 def official_scale(config: ModelConfig) -> float:
