@@ -18,7 +18,6 @@ import datetime
 import json
 import os
 import platform
-import time
 
 import jax
 import jax.numpy as jnp
