@@ -79,12 +79,7 @@ class _RefLRU:
             if self.ref[key] == 0:
                 self.lru.move_to_end(key)
             return True
-        while self.used + size > self.capacity and self.lru:
-            old, _ = self.lru.popitem(last=False)
-            self.used -= self.size.pop(old)
-            del self.ref[old]
-            self.evictions += 1
-        if self.used + size > self.capacity:
+        if not self._make_room(size):
             return False
         self.size[key] = size
         self.ref[key] = 0
@@ -97,17 +92,21 @@ class _RefLRU:
         if key in self.size:
             self.acquire(key)
             return True
-        while self.used + size > self.capacity and self.lru:
-            old, _ = self.lru.popitem(last=False)
-            self.used -= self.size.pop(old)
-            del self.ref[old]
-            self.evictions += 1
-        if self.used + size > self.capacity:
+        if not self._make_room(size):
             return False
         self.size[key] = size
         self.ref[key] = 1
         self.used += size
         return True
+
+    def _make_room(self, size: int) -> bool:
+        """Evict least recently used unreferenced entries until `size` fits; False if it still cannot."""
+        while self.used + size > self.capacity and self.lru:
+            old, _ = self.lru.popitem(last=False)
+            self.used -= self.size.pop(old)
+            del self.ref[old]
+            self.evictions += 1
+        return self.used + size <= self.capacity
 
     def check(self):
         assert self.used == sum(self.size.values()) <= self.capacity, f"{self.what}: size accounting broken"
