@@ -12,6 +12,27 @@ AUTO = "auto"
 _PLATFORM_DEFAULT = {"gpu": PALLAS_GPU, "cuda": PALLAS_GPU, "rocm": PALLAS_GPU, "tpu": PALLAS_TPU}
 
 
+BACKENDS = (AUTO, REFERENCE, PALLAS_GPU, PALLAS_TPU)
+
+# (backend, interpret) of dispatcher calls that pass none. A `jax.make_user_context` is part of jit's cache key, so
+# entering `use_backend` makes a jitted caller (the decoder) retrace instead of reusing another backend's executable.
+_CONTEXT = jax.make_user_context(default_value=(AUTO, False))
+
+
+def use_backend(backend: str, *, interpret: bool = False):
+    """A context manager: within it, every op's dispatcher called without `backend` uses this one (and
+    `interpret`). This is how code that does not pass a backend itself (the decoder, KVzip scoring) is switched."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+    return _CONTEXT((backend, bool(interpret)))
+
+
+def requested_backend(backend: str | None, interpret: bool | None) -> tuple[str, bool]:
+    """The explicit arguments, else the innermost `use_backend` context's, else ("auto", False)."""
+    ctx_backend, ctx_interpret = _CONTEXT.value
+    return (ctx_backend if backend is None else backend), bool(ctx_interpret if interpret is None else interpret)
+
+
 def resolve_backend(backend: str, available: tuple[str, ...], op: str) -> str:
     """The concrete backend for `backend` ("auto" → the platform's kernel if `op` has one, else the reference).
 
@@ -21,5 +42,5 @@ def resolve_backend(backend: str, available: tuple[str, ...], op: str) -> str:
         preferred = _PLATFORM_DEFAULT.get(jax.default_backend(), REFERENCE)
         return preferred if preferred in available else REFERENCE
     if backend not in available:
-        raise ValueError(f"{op}: unknown backend {backend!r}; available: {', '.join((AUTO,) + available)}")
+        raise ValueError(f"{op}: unknown backend {backend!r}; available: {', '.join((AUTO, *available))}")
     return backend

@@ -1,14 +1,32 @@
-"""One dispatcher per op: checks the inputs once (shapes and dtypes are static under jit, so this costs nothing at
-run time) and picks the backend."""
+"""One dispatcher per op: checks the inputs once and picks the backend.
+
+Shapes and dtypes are static under jit, so those checks cost nothing at run time. Values (page indices, lengths)
+are checked only when the arrays are concrete (an eager call on the host); under jit they are tracers and the
+kernels clamp what they read instead.
+
+The backend comes from the `backend` argument, else from the innermost `use_backend(...)` context, else "auto".
+The context is how a caller that does not pass `backend` itself (the decoder) is switched to a Pallas kernel. It is
+a `jax.make_user_context`, part of jit's cache key: entering it makes a jitted function retrace, never silently
+reuse an executable compiled for another backend.
+"""
 
 from __future__ import annotations
 
+import importlib
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from kernels.backend import AUTO, BACKENDS, PALLAS_GPU, PALLAS_TPU, REFERENCE, requested_backend, resolve_backend
 from kernels.paged_attention import paged_attention_reference
 
-BACKENDS = ("auto", "reference")
+PAGED_ATTENTION_BACKENDS = (REFERENCE, PALLAS_GPU, PALLAS_TPU)
+NO_WINDOW = np.iinfo(np.int32).max
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
 
 
 def _check_paged_inputs(q, k_pages, v_pages, pos_pages, page_table, lengths, q_positions) -> None:
@@ -35,6 +53,51 @@ def _check_paged_inputs(q, k_pages, v_pages, pos_pages, page_table, lengths, q_p
             raise ValueError(f"{name} must be an integer array, got {arr.dtype}")
 
 
+def _check_paged_values(k_pages, page_table, lengths) -> None:
+    """Host-side value checks (concrete arrays only): lengths within the table, used page indices within the pool."""
+    if not (_is_concrete(page_table) and _is_concrete(lengths)):
+        return
+    n_pool, page = k_pages.shape[:2]
+    width = page_table.shape[-1]
+    lens = np.asarray(jax.device_get(lengths)).astype(np.int64)
+    bad = np.argwhere((lens < 0) | (lens > width * page))
+    if bad.size:
+        b, h = bad[0]
+        raise ValueError(f"lengths[{b}, {h}] = {lens[b, h]} is outside [0, P*page = {width}*{page} = {width * page}]")
+    table = np.asarray(jax.device_get(page_table)).astype(np.int64)
+    used = np.arange(width)[None, None, :] < -(-lens // page)[:, :, None]
+    bad = np.argwhere(used & ((table < 0) | (table >= n_pool)))
+    if bad.size:
+        b, h, i = bad[0]
+        raise ValueError(f"page_table[{b}, {h}, {i}] = {table[b, h, i]} is outside the pool [0, N={n_pool}) "
+                         f"(that page holds pairs: lengths[{b}, {h}] = {lens[b, h]})")
+
+
+def _window_scalar(window):
+    """None -> no window; a Python int must be >= 1; an array (traced per layer by the decoder) passes as is."""
+    if window is None:
+        return jnp.int32(NO_WINDOW)
+    if isinstance(window, (int, np.integer)):
+        if window < 1:
+            raise ValueError(f"window must be >= 1 (a query always sees itself), got {window}")
+        return jnp.int32(min(int(window), NO_WINDOW))
+    return jnp.asarray(window, jnp.int32)
+
+
+def _kernel_module(backend: str):
+    """The Pallas kernels are imported on first use: importing the library never pulls in Triton or Mosaic."""
+    name = {PALLAS_GPU: "kernels.paged_attention_gpu", PALLAS_TPU: "kernels.paged_attention_tpu"}[backend]
+    return importlib.import_module(name)
+
+
+def _pick_backend(backend: str | None, interpret: bool | None, page: int, head_dim: int) -> tuple[str, bool]:
+    requested, interpret = requested_backend(backend, interpret)
+    chosen = resolve_backend(requested, PAGED_ATTENTION_BACKENDS, "paged_attention")
+    if requested == AUTO and chosen == PALLAS_GPU and not _kernel_module(PALLAS_GPU).gpu_shapes_ok(page, head_dim):
+        chosen = REFERENCE  # auto never fails on a shape the Triton kernel cannot tile; an explicit request does
+    return chosen, interpret
+
+
 def paged_attention(
     q: jax.Array,
     k_pages: jax.Array,
@@ -46,14 +109,34 @@ def paged_attention(
     *,
     scale: float,
     softcap: float | None = None,
-    window: int | None = None,
-    backend: str = "auto",
+    window: int | jax.Array | None = None,
+    backend: str | None = None,
+    interpret: bool | None = None,
 ) -> jax.Array:
-    """Attention of T new queries per row over a head-wise paged cache; see `paged_attention_reference`."""
-    if backend not in BACKENDS:
+    """Attention of T new queries per row over a head-wise paged cache; see `paged_attention_reference`.
+
+    backend: "auto" (the platform's Pallas kernel, else the reference) | "reference" | "pallas_gpu" |
+    "pallas_tpu"; None takes the `use_backend` context (default "auto"). interpret: run a Pallas backend in
+    interpret mode (CPU); None takes the context (default False). Raises ValueError on bad input, before any
+    kernel runs.
+    """
+    if backend is not None and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
     _check_paged_inputs(q, k_pages, v_pages, pos_pages, page_table, lengths, q_positions)
-    return paged_attention_reference(
-        q, k_pages, v_pages, pos_pages, page_table, lengths, q_positions, scale=scale, softcap=softcap,
-        window=window,
+    _check_paged_values(k_pages, page_table, lengths)
+    win = _window_scalar(window)
+    page, head_dim = k_pages.shape[1], k_pages.shape[2]
+    chosen, interpret = _pick_backend(backend, interpret, page, head_dim)
+    if chosen == REFERENCE:
+        return paged_attention_reference(
+            q, k_pages, v_pages, pos_pages, page_table, lengths, q_positions, scale=scale, softcap=softcap,
+            window=window,
+        )
+    module = _kernel_module(chosen)
+    if chosen == PALLAS_GPU:
+        module.check_gpu_shapes(page, head_dim)  # an explicit request on an untileable shape: name value and limit
+    kernel = module.paged_attention_gpu if chosen == PALLAS_GPU else module.paged_attention_tpu
+    return kernel(
+        q, k_pages, v_pages, pos_pages, page_table, lengths, q_positions, win, scale=float(scale),
+        softcap=None if softcap is None else float(softcap), interpret=bool(interpret),
     )

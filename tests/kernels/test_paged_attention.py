@@ -5,6 +5,10 @@ at the end of every head sequence of that row (as `paged_write_attend` does befo
 sees at least itself; context pairs have gappy, increasing positions (as after KVzip eviction). Unused pages and
 table entries past a head's pages point at pages poisoned with NaN: they must not leak into the output.
 Shapes stay legal for GPU/TPU kernels (page size 16, D in {64, 128}).
+
+The Pallas kernels (Triton and Mosaic TPU) run here in CPU interpret mode on tiny shapes, are lowered for their
+real platform without a device (the lowering enforces the block-shape rules that interpret mode does not), and
+drive the decoder end to end; `gpu` / `tpu` marked tests run them compiled where such a device is present.
 """
 
 from __future__ import annotations
@@ -15,20 +19,24 @@ import numpy as np
 import pytest
 
 import kernels
-from kernels import paged_attention
+from kernels import paged_attention, use_backend
+from kernels.dispatch import NO_WINDOW
+from kernels.paged_attention_gpu import paged_attention_gpu
+from kernels.paged_attention_tpu import _page_index, paged_attention_tpu
 
 PAGE = 16
 P_MAX = 4  # table width: 64 slots per head sequence at most
-HKV = 3
-BATCH = 2
 
 
-def _case(seed: int, g: int, d: int, t: int, dtype):
+def _case(seed: int, g: int, d: int, t: int, dtype, lengths=None):
     """Build a random paged cache. Returns (inputs dict, per-(b, h) dense views for the numpy reference)."""
     rng = np.random.default_rng(seed)
     cap = P_MAX * PAGE
     # Ragged lengths: 0 (empty head), full (every table page), page boundaries and in-between.
-    lengths = np.array([[0, PAGE, cap], [PAGE + 1, PAGE - 1, 2 * PAGE + 7]], np.int32)[:BATCH, :HKV]
+    if lengths is None:
+        lengths = [[0, PAGE, cap], [PAGE + 1, PAGE - 1, 2 * PAGE + 7]]
+    lengths = np.array(lengths, np.int32)
+    batch, hkv = lengths.shape
     lengths = np.where((lengths > 0) & (lengths < t), t, lengths).astype(np.int32)
     num_pages = np.maximum(-(-lengths // PAGE), 1)
     # Pool: real pages first, then poison pages (NaN K/V, position 0 so a position mask alone would admit them).
@@ -42,14 +50,14 @@ def _case(seed: int, g: int, d: int, t: int, dtype):
     v_pool[n_real:] = np.nan
     # Pages are handed out in a shuffled order so that a head's pages are not contiguous in the pool.
     order = rng.permutation(n_real)
-    table = np.empty((BATCH, HKV, P_MAX), np.int32)
-    q_positions = np.zeros((BATCH, t), np.int32)
+    table = np.empty((batch, hkv, P_MAX), np.int32)
+    q_positions = np.zeros((batch, t), np.int32)
     dense = {}
     used = 0
-    for b in range(BATCH):
+    for b in range(batch):
         base = 200 + 10 * b  # new tokens' positions: after every stored context position
         q_positions[b] = base + np.arange(t)
-        for h in range(HKV):
+        for h in range(hkv):
             n = int(lengths[b, h])
             pages = order[used : used + num_pages[b, h]]
             used += num_pages[b, h]
@@ -68,7 +76,7 @@ def _case(seed: int, g: int, d: int, t: int, dtype):
                     pos_pool[pg, off] = 0
             idx = [pg * PAGE + off for pg, off in slots[:n]]
             dense[b, h] = (idx, pos)
-    q = rng.standard_normal((BATCH, t, HKV, g, d)).astype(np.float32)
+    q = rng.standard_normal((batch, t, hkv, g, d)).astype(np.float32)
     inputs = dict(
         q=jnp.asarray(q, dtype), k_pages=jnp.asarray(k_pool, dtype), v_pages=jnp.asarray(v_pool, dtype),
         pos_pages=jnp.asarray(pos_pool), page_table=jnp.asarray(table), lengths=jnp.asarray(lengths),
@@ -83,7 +91,7 @@ def _reference(inputs, dense, *, scale, softcap=None, window=None):
     kf = np.asarray(inputs["k_pages"].astype(jnp.float32), np.float64).reshape(-1, q.shape[-1])
     vf = np.asarray(inputs["v_pages"].astype(jnp.float32), np.float64).reshape(-1, q.shape[-1])
     qpos = np.asarray(inputs["q_positions"])
-    b_, t_, hkv, g_, d = q.shape
+    b_, t_, hkv, g_, _ = q.shape
     out = np.zeros_like(q)
     for b in range(b_):
         for h in range(hkv):
@@ -105,7 +113,7 @@ def _reference(inputs, dense, *, scale, softcap=None, window=None):
     return out
 
 
-_jitted = jax.jit(paged_attention, static_argnames=("scale", "softcap", "window", "backend"))
+_jitted = jax.jit(paged_attention, static_argnames=("scale", "softcap", "window", "backend", "interpret"))
 
 
 def _call(inputs, **kw):
@@ -162,7 +170,7 @@ def test_causal_among_new_tokens():
     out = np.asarray(_call(inputs, scale=0.125))
     # Changing the V of the last new token (the last stored pair of every head) only changes query t=2.
     v = np.asarray(inputs["v_pages"]).copy()
-    for (b, h), (idx, _pos) in dense.items():
+    for idx, _pos in dense.values():
         if idx:
             v.reshape(-1, 64)[idx[-1]] += 10.0
     out2 = np.asarray(_call({**inputs, "v_pages": jnp.asarray(v)}, scale=0.125))
@@ -229,3 +237,248 @@ def test_unknown_backend():
         paged_attention(**inputs, scale=0.125, backend="triton")
     out = _call(inputs, scale=0.125, backend="reference")
     np.testing.assert_array_equal(np.asarray(out), np.asarray(_call(inputs, scale=0.125)))
+
+
+# ------------------------------------------------------------------------------------------ Pallas kernels
+# Interpret mode on CPU is slow (about 1-3 s per call here): two rows x two kv heads, a 4-page table, and a
+# hand-picked set of cases instead of the cartesian product. Every case has an empty head, a full head
+# (= P * page) and heads ending on / just past a page boundary.
+PALLAS = ("pallas_gpu", "pallas_tpu")
+KERNEL_LENGTHS = ([[0, P_MAX * PAGE], [PAGE + 1, 2 * PAGE]], [[PAGE - 1, 2 * PAGE + 7], [P_MAX * PAGE, 0]])
+# (G, D, T, dtype, softcap, window): G in {1, 4, 7}, D in {64, 128}, T in {1, 3}, f32 and bf16, cap and window.
+KERNEL_GRID = [
+    (1, 64, 1, jnp.float32, None, None),
+    (4, 128, 3, jnp.bfloat16, None, None),
+    (7, 64, 3, jnp.float32, 1.5, 5),
+    (7, 128, 1, jnp.bfloat16, None, 20),
+]
+
+
+def _wild_table(inputs):
+    """Table entries past each head's used pages (all of an empty head's) -> indices outside the pool: they must
+    be neither checked nor dereferenced."""
+    table = np.asarray(inputs["page_table"]).copy()
+    lens = np.asarray(inputs["lengths"])
+    unused = np.arange(P_MAX)[None, None, :] >= -(-lens // PAGE)[:, :, None]
+    n_pool = inputs["k_pages"].shape[0]
+    table[unused] = np.where(np.arange(int(unused.sum())) % 2, -7, n_pool + 100)
+    return {**inputs, "page_table": jnp.asarray(table)}
+
+
+@pytest.mark.parametrize("backend", PALLAS)
+@pytest.mark.parametrize(
+    "case", range(len(KERNEL_GRID)),
+    ids=[f"G{g}-D{d}-T{t}-{jnp.dtype(x).name}-cap{c}-win{w}" for g, d, t, x, c, w in KERNEL_GRID],
+)
+def test_pallas_interpret_matches_reference(backend, case):
+    g, d, t, dtype, softcap, window = KERNEL_GRID[case]
+    lengths = KERNEL_LENGTHS[case % 2]
+    inputs, dense = _case(seed=500 + case, g=g, d=d, t=t, dtype=dtype, lengths=lengths)
+    inputs = _wild_table(inputs)
+    scale = 0.3 if softcap else d**-0.5  # large logits when the soft cap should bite
+    # The decoder passes the window as a traced int32 (one per layer kind): so does one case here.
+    win = jnp.int32(window) if window == 20 else window
+    out = paged_attention(**inputs, scale=scale, softcap=softcap, window=win, backend=backend, interpret=True)
+    assert out.shape == inputs["q"].shape and out.dtype == inputs["q"].dtype
+    out = np.asarray(out.astype(jnp.float32))
+    assert np.isfinite(out).all(), "poisoned (NaN) pages or slots leaked into the output"
+    ref = _reference(inputs, dense, scale=scale, softcap=softcap, window=window)
+    tol = 2e-5 if dtype == jnp.float32 else 3e-2
+    np.testing.assert_allclose(out, ref, atol=tol, rtol=tol)
+    jnp_ref = paged_attention(**inputs, scale=scale, softcap=softcap, window=window, backend="reference")
+    np.testing.assert_allclose(out, np.asarray(jnp_ref.astype(jnp.float32)), atol=tol, rtol=tol)
+    for b, h in zip(*np.nonzero(np.asarray(inputs["lengths"]) == 0), strict=True):
+        assert np.all(out[b, :, h] == 0), "an empty head sequence must give exactly 0"
+
+
+@pytest.mark.parametrize("kernel,max_rows", [(paged_attention_gpu, 16), (paged_attention_tpu, 8)], ids=PALLAS)
+def test_long_steps_split_the_query_rows(kernel, max_rows):
+    """T*G = 21 query rows in tiles of max_rows (2 tiles for Triton, 3 blocks for TPU); each tile of a head runs
+    its own online softmax over the same pages."""
+    inputs, dense = _case(seed=21, g=7, d=64, t=3, dtype=jnp.float32, lengths=KERNEL_LENGTHS[0])
+    out = kernel(**inputs, window=jnp.int32(NO_WINDOW), scale=0.125, interpret=True, max_rows=max_rows)
+    np.testing.assert_allclose(np.asarray(out), _reference(inputs, dense, scale=0.125), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "pallas_tpu"])
+def test_slots_no_head_owns_are_never_read(backend):
+    """Rewriting every slot no head owns (finite garbage, positions that the masks would admit) leaves the output
+    bit-identical. (The Triton kernel reads no block past a head's length at all: its loop stops there.)"""
+    inputs, dense = _case(seed=3, g=4, d=64, t=1, dtype=jnp.float32, lengths=KERNEL_LENGTHS[1])
+    out = np.asarray(paged_attention(**inputs, scale=0.125, backend=backend, interpret=True))
+    owned = np.zeros(inputs["k_pages"].shape[0] * PAGE, bool)
+    for idx, _ in dense.values():
+        owned[idx] = True
+    rng = np.random.default_rng(1)
+    k = np.asarray(inputs["k_pages"]).reshape(-1, 64).copy()
+    v = np.asarray(inputs["v_pages"]).reshape(-1, 64).copy()
+    pos = np.asarray(inputs["pos_pages"]).reshape(-1).copy()
+    k[~owned] = 1e4 * rng.standard_normal((int((~owned).sum()), 64))
+    v[~owned] = 1e4
+    pos[~owned] = rng.integers(-5, 300, int((~owned).sum()))
+    garbage = {"k_pages": jnp.asarray(k.reshape(inputs["k_pages"].shape)),
+               "v_pages": jnp.asarray(v.reshape(inputs["v_pages"].shape)),
+               "pos_pages": jnp.asarray(pos.reshape(inputs["pos_pages"].shape))}
+    out2 = paged_attention(**{**inputs, **garbage}, scale=0.125, backend=backend, interpret=True)
+    np.testing.assert_array_equal(out, np.asarray(out2))
+
+
+def test_tpu_index_map_stops_at_the_last_page():
+    """Steps past a head's last page keep its block index (Pallas then issues no DMA): the pages a head does not
+    use are never fetched. An empty head names one clamped, in-pool block that the body never uses."""
+    width, n_pool = 5, 9
+    table = jnp.asarray([[[3, 1, 4, 8, 8], [-4, 50, 2, 2, 2]]], jnp.int32).reshape(-1)
+    lens = jnp.asarray([[2 * PAGE + 1, 0]], jnp.int32).reshape(-1)
+    steps = [[int(_page_index(0, h, j, table, lens, hkv=2, width=width, page=PAGE, num_pages=n_pool))
+              for j in range(width)] for h in range(2)]
+    assert steps == [[3, 1, 4, 4, 4], [0, 0, 0, 0, 0]]
+
+
+@pytest.mark.parametrize(
+    "kernel,platform,needle,small_tile",
+    [(paged_attention_gpu, "cuda", "triton", 16), (paged_attention_tpu, "tpu", "tpu_custom_call", 8)],
+    ids=["triton", "mosaic_tpu"],
+)
+def test_kernels_lower_for_the_real_backend(kernel, platform, needle, small_tile):
+    """Cross-platform lowering on CPU runs the real Triton / Mosaic lowering (block-shape and power-of-2 rules,
+    supported ops) without a device: G=7 and T=3 (padded rows, one tile or several), bf16 and f32, soft cap and a
+    traced window. (It stops before Triton's / Mosaic's own compiler: see the gpu / tpu marked tests.)"""
+    for max_rows in (None, small_tile):
+        for dtype in (jnp.bfloat16, jnp.float32):
+            inputs, _ = _case(seed=1, g=7, d=128, t=3, dtype=dtype, lengths=KERNEL_LENGTHS[0])
+            tiling = {} if max_rows is None else {"max_rows": max_rows}
+
+            def run(inputs, window, tiling=tiling):
+                return kernel(**inputs, window=window, scale=0.1, softcap=2.0, **tiling)
+
+            try:
+                lowered = jax.jit(run).trace(inputs, jnp.int32(8)).lower(lowering_platforms=(platform,))
+            except (ImportError, NotImplementedError) as err:  # a jaxlib built without that backend's lowering
+                pytest.skip(f"no {platform} lowering in this jaxlib: {err}")
+            assert needle in lowered.as_text().lower()
+
+
+def test_gpu_kernel_refuses_untileable_shapes(monkeypatch):
+    inputs, _ = _case(seed=0, g=4, d=64, t=1, dtype=jnp.float32, lengths=KERNEL_LENGTHS[0])
+    small = {**inputs, "k_pages": inputs["k_pages"][:, :8], "v_pages": inputs["v_pages"][:, :8],
+             "pos_pages": inputs["pos_pages"][:, :8], "lengths": jnp.minimum(inputs["lengths"], 8)}
+    with pytest.raises(ValueError, match=r"pallas_gpu.*page size.*power of two >= 16, got 8"):
+        paged_attention(**small, scale=0.125, backend="pallas_gpu", interpret=True)
+    # "auto" on a GPU falls back to the reference instead of failing on such a cache.
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    out = paged_attention(**small, scale=0.125, interpret=True)
+    ref = paged_attention(**small, scale=0.125, backend="reference")
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+
+
+@pytest.mark.parametrize(
+    "change,pattern",
+    [
+        (lambda x: dict(lengths=x["lengths"].at[1, 0].set(-1)), r"lengths\[1, 0\] = -1 is outside \[0, P\*page"),
+        (lambda x: dict(lengths=x["lengths"].at[0, 1].set(P_MAX * PAGE + 1)), r"lengths\[0, 1\] = 65.*4\*16 = 64"),
+        (lambda x: dict(page_table=x["page_table"].at[1, 1, 1].set(-1)), r"page_table\[1, 1, 1\] = -1.*\[0, N="),
+        (lambda x: dict(page_table=x["page_table"].at[0, 1, 3].set(10_000)), r"page_table\[0, 1, 3\] = 10000"),
+    ],
+    ids=["len-negative", "len-past-table", "page-negative", "page-past-pool"],
+)
+@pytest.mark.parametrize("backend", ["reference", *PALLAS])
+def test_bad_values_raise_before_any_kernel(change, pattern, backend):
+    inputs, _ = _case(seed=0, g=4, d=64, t=1, dtype=jnp.float32, lengths=KERNEL_LENGTHS[0])
+    with pytest.raises(ValueError, match=pattern):
+        paged_attention(**{**inputs, **change(inputs)}, scale=0.125, backend=backend, interpret=True)
+
+
+def test_bad_window_and_context_backend():
+    inputs, _ = _case(seed=0, g=4, d=64, t=1, dtype=jnp.float32, lengths=KERNEL_LENGTHS[0])
+    with pytest.raises(ValueError, match=r"window must be >= 1.*got 0"):
+        paged_attention(**inputs, scale=0.125, window=0)
+    with pytest.raises(ValueError, match=r"unknown backend 'cuda'"):
+        with use_backend("cuda"):
+            pass
+
+
+# The end-to-end check: the decoder (which passes no backend) switched to each kernel by the context.
+def _tiny_decoder():
+    from kvzip_jax.config import FULL, SLIDING, ModelConfig, RopeConfig
+    from kvzip_jax.models import abstract_params
+
+    # Gemma3-like: a sliding layer (traced window) and a full one, soft-capped logits; G = 2, head_dim 16.
+    config = ModelConfig(
+        family="gemma3", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=16, max_position_embeddings=256,
+        rope=((FULL, RopeConfig(theta=1_000_000.0)), (SLIDING, RopeConfig(theta=10_000.0))),
+        layer_types=(SLIDING, FULL), sliding_window=8, query_pre_attn_scalar=24, qk_norm=True,
+        hidden_act="gelu_pytorch_tanh", tie_word_embeddings=False, attn_logit_softcap=3.0,
+    )
+    rng = np.random.default_rng(0)
+    paths, tree = jax.tree_util.tree_flatten_with_path(abstract_params(config))
+    leaves = [jnp.asarray(0.3 * rng.standard_normal(leaf.shape), leaf.dtype) for _, leaf in paths]
+    return config, jax.tree_util.tree_unflatten(tree, leaves)
+
+
+def test_decoder_on_paged_cache_matches_reference_with_pallas_backends():
+    from kvzip_jax.cache import DenseKVCache
+    from kvzip_jax.kvzip.compact import compact
+    from kvzip_jax.models import forward
+
+    config, params = _tiny_decoder()
+    b, n_ctx, t = 2, 40, 3
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, config.vocab_size, (b, n_ctx)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(n_ctx, dtype=jnp.int32), (b, n_ctx))
+    _, dense = jax.jit(forward, static_argnames="config")(
+        params, tokens, positions, DenseKVCache.zeros(config, b, n_ctx), config=config
+    )
+    # Ragged per-head keep masks (one head keeps nothing of row 1's context), then a T=3 step on the paged cache.
+    keep = rng.random((config.num_layers, b, config.num_kv_heads, n_ctx)) < rng.uniform(0.2, 0.9, (2, b, 2, 1))
+    keep[:, 1, 0] = False
+    paged = compact(dense, keep, headroom=t, page_size=PAGE)
+    new = jnp.asarray(rng.integers(0, config.vocab_size, (b, t)), jnp.int32)
+    new_pos = paged.next_position[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+
+    traces = []
+
+    @jax.jit
+    def run(params, tokens, positions, cache):
+        traces.append(1)
+        return forward(params, tokens, positions, cache, config=config)
+
+    def step(backend):
+        with use_backend(backend, interpret=True):
+            logits, cache = run(params, new, new_pos, paged)
+        return np.asarray(logits), cache
+
+    ref_logits, ref_cache = step("reference")
+    step("reference")
+    assert len(traces) == 1
+    assert np.isfinite(ref_logits).all()
+    for backend in PALLAS:
+        logits, cache = step(backend)
+        np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=1e-4, err_msg=backend)
+        np.testing.assert_array_equal(np.asarray(cache.lengths), np.asarray(ref_cache.lengths))
+    # The context is part of jit's cache key: one trace per backend, none reused across backends.
+    assert len(traces) == 1 + len(PALLAS)
+
+
+# ------------------------------------------------------------------------------------------ real devices
+def _on_device(backend):
+    """The compiled kernel (explicitly, and as "auto" picks it on its platform) against the numpy reference."""
+    for dtype, tol in ((jnp.bfloat16, 3e-2), (jnp.float32, 1e-4)):
+        inputs, dense = _case(seed=9, g=8, d=128, t=3, dtype=dtype, lengths=KERNEL_LENGTHS[0])
+        inputs = _wild_table(inputs)
+        ref = _reference(inputs, dense, scale=0.088, softcap=2.0, window=24)
+        for chosen in (backend, "auto"):
+            out = _jitted(**inputs, scale=0.088, softcap=2.0, window=24, backend=chosen)
+            np.testing.assert_allclose(np.asarray(out.astype(jnp.float32)), ref, atol=tol, rtol=tol,
+                                       err_msg=f"{chosen} {jnp.dtype(dtype).name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
+def test_pallas_gpu_on_device_matches_reference():
+    _on_device("pallas_gpu")
+
+
+@pytest.mark.tpu
+def test_pallas_tpu_on_device_matches_reference():
+    _on_device("pallas_tpu")
