@@ -1,8 +1,18 @@
 """Kernels with their jnp references, one dispatcher per op. Imports only jax.
 
-Backends: "reference" (jnp; the oracle and the CPU path). The Pallas GPU/TPU kernels plug in here.
+Backends (`kernels.backend`): "reference" (jnp; the oracle and the CPU path), "pallas_gpu" (Pallas, Triton
+lowering), "pallas_tpu" (Pallas, Mosaic TPU with scalar-prefetched page tables), and "auto" (the platform's
+kernel, else the reference). Both Pallas backends also run on CPU with `interpret=True`.
+
+- `paged_attention`: decode attention over the head-wise paged cache (dispatcher, with input checks).
+- `kvzip_scores`: KVzip's fused chunk scoring (max over queries and group of the softmax over
+  [system | chunk | repeat] keys, computed blockwise), with its dispatcher and input checks.
+- `use_backend(backend, interpret=...)`: a context that sets the backend of dispatcher calls that pass none
+  (how the decoder is switched to a kernel); read at trace time.
 """
 
+from kernels.backend import use_backend
 from kernels.dispatch import paged_attention
+from kernels.kvzip_scores import kvzip_scores, kvzip_scores_reference
 
-__all__ = ["paged_attention"]
+__all__ = ["kvzip_scores", "kvzip_scores_reference", "paged_attention", "use_backend"]

@@ -10,9 +10,8 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from kernels import paged_attention
+from kernels import kvzip_scores, paged_attention
 from kvzip_jax.config import ModelConfig
 from kvzip_jax.models.layers import KEY_BLOCK, attend, attend_blockwise
 
@@ -31,9 +30,6 @@ class ScoreChunk:
     chunk_size: int = dataclasses.field(metadata=dict(static=True))
 
 
-SCORE_BLOCK = 256  # key columns per block of the two-pass scoring
-
-
 def chunk_scores(
     q: jax.Array,
     keys: jax.Array,
@@ -41,7 +37,8 @@ def chunk_scores(
     repeat_slots: jax.Array,
     n_valid: jax.Array,
     config: ModelConfig,
-    block: int = SCORE_BLOCK,
+    block: int | None = None,
+    backend: str | None = None,
 ) -> jax.Array:
     """KVzip importance of the chunk's pairs in one layer (official `_get_score`, in float32).
 
@@ -51,11 +48,10 @@ def chunk_scores(
     group and all valid repeat rows. The scale and soft cap are the model's own (query_pre_attn_scalar for Gemma3),
     not a hard-coded 1/sqrt(d). Returns [B, Hkv, chunk_size], zero past each row's chunk length.
 
-    Computed blockwise in two passes so that no [T, n_sys + m + T] matrix exists (memory independent of the chunk
-    size squared): pass 1 accumulates each row's log-sum-exp over blocks of `block` keys; pass 2 revisits only the
-    chunk's columns and takes max_rows exp(logit - lse).
+    The math is `kernels.kvzip_scores` (two passes, no [T, n_sys + m + T] matrix; a fused Pallas kernel on GPU /
+    TPU). `block` overrides its key block size (None: the backend's default); `backend` its choice (None: the
+    `kernels.use_backend` context, "auto" by default).
     """
-    b, t = q.shape[:2]
     m, n_sys, s = spec.chunk_size, spec.n_sys, keys.shape[2]
     chunk_idx = n_sys + spec.chunk_start[:, None] + jnp.arange(m, dtype=jnp.int32)[None, :]  # [B, m]
 
@@ -64,62 +60,10 @@ def chunk_scores(
 
     # The subsampled keys are O(m) rows: a copy of them is cheap; their logits are what must stay blockwise.
     subsampled = jnp.concatenate([keys[:, :, :n_sys], gather(chunk_idx), gather(repeat_slots)], axis=2)
-    width = subsampled.shape[2]
-    block = min(block, width)
-    rows = jnp.arange(t, dtype=jnp.int32)
-    row_ok = rows[None, :] < n_valid[:, None]  # [B, T]
-    scale, cap = np.float32(config.attn_scale), config.attn_logit_softcap
-    neg = jnp.finfo(jnp.float32).min
-
-    def block_logits(start):
-        """Logits [B, Hkv, G, T, block] of columns start..start+block and their validity [B, 1, 1, T, block]."""
-        cols = start + jnp.arange(block, dtype=jnp.int32)
-        kb = jax.lax.dynamic_slice_in_dim(subsampled, start, block, axis=2)
-        logits = jnp.einsum("bthgd,bhsd->bhgts", q, kb, preferred_element_type=jnp.float32) * scale
-        if cap is not None:
-            logits = jnp.tanh(logits / np.float32(cap)) * np.float32(cap)
-        in_chunk = (cols >= n_sys) & (cols < n_sys + m)
-        chunk_ok = in_chunk[None, None, :] & ((cols - n_sys)[None, None, :] < spec.chunk_len[:, None, None])
-        rep = cols - n_sys - m  # repeat key index
-        repeat_ok = (rep[None, None, :] >= 0) & (rep[None, None, :] <= rows[None, :, None]) & (
-            rep[None, None, :] < n_valid[:, None, None]
-        )
-        ok = (cols < n_sys)[None, None, :] | chunk_ok | repeat_ok  # [B, T, block]
-        ok = ok & row_ok[:, :, None]
-        return logits, ok[:, None, None]
-
-    def lse_step(j, carry):
-        mx, total = carry
-        start = jnp.minimum(j * block, width - block)
-        logits, ok = block_logits(start)
-        fresh = (start + jnp.arange(block))[None, None, None, None, :] >= j * block  # skip overlapped columns
-        ok = ok & fresh
-        logits = jnp.where(ok, logits, neg)
-        new_mx = jnp.maximum(mx, logits.max(axis=-1))
-        total = total * jnp.exp(mx - new_mx) + jnp.where(ok, jnp.exp(logits - new_mx[..., None]), 0.0).sum(-1)
-        return new_mx, total
-
-    shape = q.shape[:1] + (q.shape[2], q.shape[3], t)
-    mx, total = jax.lax.fori_loop(
-        0, -(-width // block), lse_step, (jnp.full(shape, neg, jnp.float32), jnp.zeros(shape, jnp.float32))
+    return kvzip_scores(
+        q, subsampled, n_sys=n_sys, chunk_len=spec.chunk_len, n_valid=n_valid, scale=config.attn_scale,
+        softcap=config.attn_logit_softcap, backend=backend, block_keys=block,
     )
-    lse = mx + jnp.log(jnp.where(total > 0, total, 1.0))
-
-    chunk_block = min(block, m)
-
-    def max_step(j, scores):
-        start = jnp.minimum(j * chunk_block, m - chunk_block)
-        cols = n_sys + start + jnp.arange(chunk_block, dtype=jnp.int32)
-        kb = jax.lax.dynamic_slice_in_dim(subsampled, n_sys + start, chunk_block, axis=2)
-        logits = jnp.einsum("bthgd,bhsd->bhgts", q, kb, preferred_element_type=jnp.float32) * scale
-        if cap is not None:
-            logits = jnp.tanh(logits / np.float32(cap)) * np.float32(cap)
-        ok = ((cols - n_sys)[None, None, :] < spec.chunk_len[:, None, None]) & row_ok[:, :, None]
-        probs = jnp.where(ok[:, None, None], jnp.exp(logits - lse[..., None]), 0.0)
-        return jax.lax.dynamic_update_slice_in_dim(scores, probs.max(axis=(2, 3)), start, axis=2)
-
-    scores = jnp.zeros((b, q.shape[2], m), jnp.float32)
-    return jax.lax.fori_loop(0, -(-m // chunk_block), max_step, scores)
 
 
 def observed_attention(probs: jax.Array, n_valid: jax.Array, reduce: str) -> jax.Array:
@@ -169,7 +113,7 @@ def paged_write_attend(q, k, v, pages, table, num_pages, lengths, q_positions, n
     """
     k_pages, v_pages, pos_pages = pages
     n_total, page = k_pages.shape[:2]
-    b, t = q.shape[:2]
+    t = q.shape[1]
     steps = jnp.arange(t, dtype=jnp.int32)
     index = lengths[:, :, None] + steps[None, None, :]  # [B, Hkv, T]: position in the head sequence
     slot_page = index // page
