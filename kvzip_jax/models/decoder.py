@@ -19,7 +19,7 @@ from flax import nnx
 from kvzip_jax.cache import DenseKVCache, PagedKVCache
 from kvzip_jax.config import FULL, SLIDING, ModelConfig
 from kvzip_jax.models.kv_attention import ScoreChunk, dense_write_attend, paged_write_attend
-from kvzip_jax.models.layers import MLP, Attention, RMSNorm, _normal, rope_tables
+from kvzip_jax.models.layers import MLP, Attention, RMSNorm, _normal, causal_self_attend, rope_tables
 
 
 class DecoderLayer(nnx.Module):
@@ -88,7 +88,7 @@ class Transformer(nnx.Module):
         self,
         inputs: jax.Array,
         positions: jax.Array,
-        cache: DenseKVCache | PagedKVCache,
+        cache: DenseKVCache | PagedKVCache | None,
         n_valid: jax.Array | None = None,
         logits_at: Literal["all", "last", "none"] = "all",
         score: ScoreChunk | None = None,
@@ -96,6 +96,7 @@ class Transformer(nnx.Module):
     ) -> DecoderOutput:
         """inputs: token ids [B, T] or embeddings [B, T, H]; positions [B, T] (RoPE positions).
 
+        No cache (None): the T tokens attend causally to themselves only and no cache is returned (training).
         Dense cache: the T new tokens take slots cache.length[b] + t. Paged cache: they are appended to every head
         sequence of row b. `n_valid[b]` (default T) of them count; the rest are right padding that is never kept.
         logits are [B, T, V] for "all", [B, V] at each row's last valid token for "last", None for "none".
@@ -119,7 +120,23 @@ class Transformer(nnx.Module):
 
         no_window = jnp.int32(np.iinfo(np.int32).max)
         windows = tuple(jnp.int32(c.sliding_window) if kind == SLIDING else no_window for kind in kinds)
-        if isinstance(cache, DenseKVCache):
+        if cache is None:
+            if score is not None or observe is not None:
+                raise ValueError("scoring and observing need a dense cache")
+
+            def body(h, xs):
+                state, kind = xs
+
+                def kv_attend(q, k, v):
+                    return causal_self_attend(
+                        q, k, v, pick(windows, kind), scale=c.attn_scale, softcap=c.attn_logit_softcap
+                    )
+
+                return nnx.merge(layer_graph, state)(h, pick(cos, kind), pick(sin, kind), kv_attend), None
+
+            x, _ = jax.lax.scan(body, x, (layer_state, layer_kind))
+            new_cache, scores = None, None
+        elif isinstance(cache, DenseKVCache):
             slots = cache.length[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
 
             def body(carry, xs):
@@ -211,7 +228,7 @@ def forward(
     params: nnx.State,
     inputs: jax.Array,
     positions: jax.Array,
-    cache: DenseKVCache | PagedKVCache,
+    cache: DenseKVCache | PagedKVCache | None,
     *,
     config: ModelConfig,
     n_valid: jax.Array | None = None,
@@ -219,7 +236,8 @@ def forward(
 ):
     """The pure boundary: (params, tokens | embeds, positions, cache) -> (logits, cache). Traceable; jit it.
 
-    Works on the dense working cache and on the compressed head-wise paged cache alike."""
+    Works on the dense working cache and on the compressed head-wise paged cache alike; with cache=None the
+    tokens attend only to themselves (the differentiable training forward) and the returned cache is None."""
     model = nnx.merge(graphdef_for(config, _params_dtype(params)), params)
     out = model(inputs, positions, cache, n_valid=n_valid, logits_at=logits_at)
     return out.logits, out.cache

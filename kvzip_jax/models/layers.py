@@ -85,6 +85,18 @@ def attend(
     return (out, probs) if return_probs else out
 
 
+
+def causal_self_attend(q: jax.Array, k: jax.Array, v: jax.Array, window, *, scale: float, softcap: float | None):
+    """Attention of T tokens over themselves only (no cache): the training forward.
+
+    q [B, T, Hkv, G, D]; k, v [B, T, Hkv, D] as the projections produce them. Causal, plus `window` for sliding
+    layers. One plain masked softmax: differentiable, and at training lengths the [T, T] logits are small."""
+    t = q.shape[1]
+    idx = jnp.arange(t, dtype=jnp.int32)
+    mask = (idx[None, :] <= idx[:, None]) & (idx[:, None] - idx[None, :] < window)  # [T, S]
+    keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    return attend(q, keys, values, mask[None, None], scale=scale, softcap=softcap)
+
 class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
         c = config
