@@ -1,0 +1,136 @@
+"""Training examples in exactly KVzip's prompt format, and the Grain pipeline that batches them.
+
+Two kinds of example, both starting with the "llama3" KVzip prefix (system turn + task instruction) and a context:
+
+- ``qa``: ``prefix ‖ context ‖ (question ‖ postfix ‖ answer ‖ <|eot_id|>)+``: the questions of the sample, each in
+  the official ``apply_template`` form. Later questions follow earlier answers (more supervised answers per
+  context); the first one is exactly what inference sees after a rollback.
+- ``repeat``: ``prefix ‖ context ‖ repeat input of one chunk`` built by `kvzip.prompts.repeat_inputs`: the first
+  chunk's "Repeat the previous context exactly." form or a later chunk's "starting with" + 8 anchor ids form, then
+  the teacher-forced copy. This teaches the reconstruction that KVzip's scores come from.
+
+Loss weights: 1 on answers (and their <|eot_id|>) and on the chunk copies, `CONTEXT_WEIGHT` on context tokens (the
+filler grammar is learnable, the facts are noise), 0 on prompts and padding. Every example is a pure function of
+(seed, step, row), so a resumed run sees exactly the batches a straight run would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from kvzip_jax.kvzip import prompts
+from kvzip_jax.train.tasks import TASKS, Sample, make_sample
+
+CONTEXT_WEIGHT = 0.1
+REPEAT_FRACTION = 0.4
+CHUNK_SIZES = (64, 128, 192, 256)
+TOKENS_PER_FILLER = 13  # a filler sentence is ~11-14 tokens; only used to pick a first guess
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+    ids: np.ndarray  # int32 [seq_len]: the example, right-padded
+    weights: np.ndarray  # float32 [seq_len]: loss weight of predicting ids[t] from ids[:t]
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def fit_sample(tokenizer, seed: int, index: int, task: str, budget: int, rng: np.random.Generator):
+    """The sample of (seed, index, task) with the most filler whose context fits in `budget` tokens.
+
+    Returns (sample, context ids). Facts are never cut: if even zero filler does not fit, it is a ValueError."""
+    n_filler = max(0, int(rng.integers(budget // (3 * TOKENS_PER_FILLER), budget // TOKENS_PER_FILLER + 1)))
+    while True:
+        sample = make_sample(seed, index, task, n_filler)
+        ids = encode_text(tokenizer, sample.context)
+        if len(ids) <= budget:
+            return sample, ids
+        if n_filler == 0:
+            raise ValueError(f"a {task!r} sample needs {len(ids)} context tokens, more than the budget {budget}")
+        n_filler = int(n_filler * budget / len(ids) * 0.95)
+
+
+def qa_turns(tokenizer, prompt: prompts.KVzipPrompt, sample: Sample) -> list[tuple[list[int], list[int]]]:
+    """(question turn ids, answer ids ending in <|eot_id|>) for each question of the sample."""
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    return [
+        (prompts.encode_question(tokenizer, prompt, qa.question), [*encode_text(tokenizer, qa.answer), eot])
+        for qa in sample.qa
+    ]
+
+
+def _pad(ids: list[int], weights: list[float], seq_len: int, pad_id: int) -> Encoded:
+    if len(ids) > seq_len:
+        raise ValueError(f"example of {len(ids)} tokens exceeds seq_len {seq_len}")
+    n = seq_len - len(ids)
+    return Encoded(np.asarray(ids + [pad_id] * n, np.int32), np.asarray(weights + [0.0] * n, np.float32))
+
+
+def make_example(tokenizer, prompt: prompts.KVzipPrompt, seed: int, index: int, seq_len: int) -> Encoded:
+    """Training example `index` of stream `seed`, `seq_len` tokens long."""
+    rng = np.random.default_rng([seed, index, 1])
+    task = TASKS[int(rng.integers(len(TASKS)))]
+    prefix = list(prompt.prefix_ids)
+    if rng.random() < REPEAT_FRACTION:
+        chunk = int(rng.choice(CHUNK_SIZES))
+        head = max(len(prompt.first_repeat_ids), len(prompt.later_repeat_ids) + prompts.DEFAULT_ANCHOR)
+        budget = seq_len - len(prefix) - head - len(prompt.postfix_ids) - min(chunk, seq_len // 4)
+        _, ctx = fit_sample(tokenizer, seed, index, task, budget, rng)
+        pieces = prompts.repeat_inputs(prompt, ctx, chunk_size=min(chunk, seq_len // 4))
+        piece = pieces[int(rng.integers(len(pieces)))]
+        ids = prefix + ctx + list(piece.ids)
+        weights = [0.0] * len(prefix) + [CONTEXT_WEIGHT] * len(ctx)
+        weights += [0.0] * piece.chunk_offset + [1.0] * piece.length
+        return _pad(ids, weights, seq_len, tokenizer.pad_token_id)
+    # Leave room for the question turns: ~40 tokens each is generous for these tasks.
+    sample, ctx = fit_sample(tokenizer, seed, index, task, seq_len - len(prefix) - 3 * 40, rng)
+    ids, weights = prefix + ctx, [0.0] * len(prefix) + [CONTEXT_WEIGHT] * len(ctx)
+    for question, answer in qa_turns(tokenizer, prompt, sample):
+        if len(ids) + len(question) + len(answer) > seq_len:
+            break
+        ids += question + answer
+        weights += [0.0] * len(question) + [1.0] * len(answer)
+    return _pad(ids, weights, seq_len, tokenizer.pad_token_id)
+
+
+def batches(tokenizer, prompt: prompts.KVzipPrompt, seed: int, batch_size_at, seq_len_at):
+    """A Grain MapDataset whose item `step` is the batch of that step: dict(ids [B, S], weights [B, S]).
+
+    `seq_len_at(step)` and `batch_size_at(step)` give each step's shape (the length curriculum). Example indices
+    are (step, row) pairs, so shapes may change between steps without reusing an example; random access by step
+    is what makes resuming exact."""
+    import grain
+
+    def build(step: int) -> dict[str, np.ndarray]:
+        seq_len, batch_size = seq_len_at(step), batch_size_at(step)
+        rows = [make_example(tokenizer, prompt, seed, (step << 8) + r, seq_len) for r in range(batch_size)]
+        return {"ids": np.stack([r.ids for r in rows]), "weights": np.stack([r.weights for r in rows])}
+
+    return grain.MapDataset.range(1 << 30).map(build)
+
+
+HELDOUT_SEED = 1_000_003  # never used for training (training streams use the run's seed, 0 by default)
+
+
+def heldout_samples(tokenizer, n_per_task: int, budget: int, seed: int = HELDOUT_SEED):
+    """Held-out evaluation samples: (task, sample, context ids), `n_per_task` of each task, deterministic by seed.
+
+    Contexts are as long as `budget` allows: the filler starts at a full budget's worth and shrinks until it fits."""
+    out = []
+    for t, task in enumerate(TASKS):
+        for i in range(n_per_task):
+            rng = np.random.default_rng([seed, t, i])
+            index = int(rng.integers(1 << 30))
+            n_filler = budget // TOKENS_PER_FILLER
+            while True:
+                sample = make_sample(seed, index, task, n_filler)
+                ids = encode_text(tokenizer, sample.context)
+                if len(ids) <= budget:
+                    break
+                n_filler = int(n_filler * budget / len(ids) * 0.97)
+            out.append((task, sample, ids))
+    return out

@@ -1,0 +1,172 @@
+"""Train the small demo model: Grain batches, Optax AdamW, Orbax checkpoints that resume exactly, a progress bar,
+a JSONL loss log, and an HF-format Llama checkpoint (config.json + safetensors + tokenizer) at the end.
+
+The learning rate is a linear warmup then constant, on purpose: it does not depend on the total number of steps,
+so extending a finished run (`--steps` larger, same output directory) continues exactly where a longer straight run
+would be. Batches are a pure function of (seed, step) (see `kvzip_jax.train.data`), parameters and optimizer state
+come back from Orbax, so a resumed run reproduces a straight run bit for bit on the same machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from kvzip_jax.config import ModelConfig
+from kvzip_jax.models.decoder import forward, init_params
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines the trained weights (saved next to them as train_config.json)."""
+
+    seed: int = 0
+    steps: int = 1500
+    tokens_per_step: int = 4096  # batch size = tokens_per_step // the step's sequence length
+    short_seq_len: int = 512  # the length curriculum: short sequences first (retrieval skills form faster) ...
+    long_seq_len: int = 1024  # ... then the full context the model ships with
+    short_steps: int = 1000
+    learning_rate: float = 2e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    vocab_size: int = 1024
+    tokenizer_samples: int = 2000
+    hidden_size: int = 192
+    intermediate_size: int = 512
+    num_layers: int = 4
+    num_heads: int = 6
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    checkpoint_every: int = 100
+
+    def seq_len_at(self, step: int) -> int:
+        return self.short_seq_len if step < self.short_steps else self.long_seq_len
+
+    def batch_size_at(self, step: int) -> int:
+        return max(1, self.tokens_per_step // self.seq_len_at(step))
+
+    def model_hf_dict(self, tokenizer) -> dict:
+        """The HF LlamaConfig dict of the model (grouped-query attention, tied embeddings)."""
+        return dict(
+            architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=len(tokenizer),
+            hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads, head_dim=self.head_dim,
+            max_position_embeddings=self.max_position_embeddings, rms_norm_eps=1e-5, hidden_act="silu",
+            rope_theta=self.rope_theta, tie_word_embeddings=True, attention_bias=False, mlp_bias=False,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+
+
+def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps), optax.constant_schedule(cfg.learning_rate)],
+        [cfg.warmup_steps],
+    )
+    # No weight decay on norm scales (1-D leaves): decaying them pulls the RMSNorm gains toward 0.
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1 and p.shape[-1] != p.size, params)  # noqa: E731
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip),
+        optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=cfg.weight_decay, mask=decay_mask),
+    )
+
+
+def weighted_loss(params, ids, weights, *, config: ModelConfig):
+    """Weighted next-token cross entropy: weights[t] applies to predicting ids[t] from ids[:t]."""
+    b, s = ids.shape
+    positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    logits, _ = forward(params, ids, positions, None, config=config)
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+    w = weights[:, 1:]
+    correct = (jnp.argmax(logits[:, :-1], axis=-1) == ids[:, 1:]) & (w >= 1.0)
+    return (nll * w).sum() / jnp.maximum(w.sum(), 1.0), correct.sum() / jnp.maximum((w >= 1.0).sum(), 1)
+
+
+def make_train_step(config: ModelConfig, tx: optax.GradientTransformation):
+    @jax.jit
+    def step(params, opt_state, ids, weights):
+        (loss, acc), grads = jax.value_and_grad(lambda p: weighted_loss(p, ids, weights, config=config),
+                                                has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, acc
+
+    return step
+
+
+def train(out_dir: str, cfg: TrainConfig, *, log_every: int = 10) -> str:
+    """Train (or resume) into `out_dir`; returns the path of the exported HF checkpoint (`out_dir`/model)."""
+    import orbax.checkpoint as ocp
+    from tqdm import tqdm
+
+    from kvzip_jax.kvzip import prompts
+    from kvzip_jax.models.hf_io import save_params
+    from kvzip_jax.train import data
+    from kvzip_jax.train.tokenizer import build_tokenizer, corpus
+
+    out_dir = os.path.abspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    saved_cfg = os.path.join(out_dir, "train_config.json")
+    if os.path.exists(saved_cfg):
+        previous = {k: v for k, v in json.load(open(saved_cfg)).items() if k != "steps"}
+        now = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "steps"}
+        if previous != now:
+            diff = {k: (previous.get(k), now[k]) for k in now if previous.get(k) != now[k]}
+            raise ValueError(f"{out_dir} holds a run with a different configuration (saved, requested): {diff}")
+    with open(saved_cfg, "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=2)
+
+    tokenizer = build_tokenizer(corpus(cfg.seed + 1, cfg.tokenizer_samples), cfg.vocab_size)
+    prompt = prompts.build_prompt(tokenizer, "llama")
+    config = ModelConfig.from_hf_dict(cfg.model_hf_dict(tokenizer))
+    tx = optimizer(cfg)
+    params = init_params(config, seed=cfg.seed)
+    opt_state = tx.init(params)
+    manager = ocp.CheckpointManager(
+        os.path.join(out_dir, "checkpoints"), options=ocp.CheckpointManagerOptions(max_to_keep=2)
+    )
+    start = 0
+    if manager.latest_step() is not None:
+        start = manager.latest_step()
+        state = manager.restore(start, args=ocp.args.StandardRestore({"params": params, "opt_state": opt_state}))
+        params, opt_state = state["params"], state["opt_state"]
+        print(f"resumed from step {start}")
+    dataset = data.batches(tokenizer, prompt, cfg.seed, cfg.batch_size_at, cfg.seq_len_at)
+    step_fn = make_train_step(config, tx)
+    log = open(os.path.join(out_dir, "loss.jsonl"), "a")
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", unit="step")
+    t0 = time.perf_counter()
+    for step in bar:
+        batch = dataset[step]
+        params, opt_state, loss, acc = step_fn(params, opt_state, jnp.asarray(batch["ids"]),
+                                               jnp.asarray(batch["weights"]))
+        if (step + 1) % log_every == 0 or step + 1 == cfg.steps:
+            loss, acc = float(loss), float(acc)
+            bar.set_postfix(loss=f"{loss:.3f}", answer_token_acc=f"{acc:.3f}")
+            log.write(json.dumps(dict(step=step + 1, loss=loss, answer_token_acc=acc,
+                                      seq_len=cfg.seq_len_at(step), elapsed_s=time.perf_counter() - t0)) + "\n")
+            log.flush()
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            manager.save(step + 1, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
+    manager.wait_until_finished()
+    log.close()
+    model_dir = os.path.join(out_dir, "model")
+    save_params(model_dir, config, params)
+    tokenizer.save_pretrained(model_dir)
+    return model_dir
+
+
+def param_count(params: nnx.State) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
