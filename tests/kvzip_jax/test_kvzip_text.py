@@ -16,7 +16,7 @@ QUESTIONS = ["How does ElasticMM scale?", "What does MokA adapt?"]
 def lm(tmp_path_factory):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from kvzip_jax.demo import build_checkpoint
+    from random_checkpoint import build_checkpoint
     from kvzip_jax.lm import LanguageModel
 
     path = tmp_path_factory.mktemp("kvzip_text") / "model"
@@ -26,7 +26,7 @@ def lm(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def demo_text():
-    from kvzip_jax.demo import DEMO_TEXT
+    from random_checkpoint import DEMO_TEXT
 
     return DEMO_TEXT
 
