@@ -18,24 +18,32 @@ from kvzip_jax.cache import DenseKVCache, PagedKVCache
 DEFAULT_PAGE_SIZE = 16
 
 
-def plan_pages(counts: np.ndarray, headroom: int, page_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per head sequence: pages for its kept pairs + `headroom` appended tokens. Returns (page_table, num_pages)."""
+def plan_pages(counts: np.ndarray, headroom: int, page_size: int, min_table_width: int = 0
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Per head sequence: pages for its kept pairs + `headroom` appended tokens. Returns (page_table, num_pages);
+    the table is at least `min_table_width` entries wide (unused entries point at page 0 and are never read)."""
     if page_size < 1:
         raise ValueError(f"page_size must be >= 1, got {page_size}")
     if headroom < 0:
         raise ValueError(f"headroom must be >= 0, got {headroom}")
     num_pages = np.maximum(-(-(counts + headroom) // page_size), 1).astype(np.int32)
     first = np.concatenate([[0], np.cumsum(num_pages.ravel())[:-1]]).reshape(num_pages.shape)
-    steps = np.arange(int(num_pages.max()), dtype=np.int32)
+    steps = np.arange(max(int(num_pages.max()), min_table_width), dtype=np.int32)
     table = np.where(steps < num_pages[..., None], first[..., None] + steps, 0).astype(np.int32)
     return table, num_pages
 
 
 def compact(
-    cache: DenseKVCache, keep: np.ndarray, *, headroom: int, page_size: int = DEFAULT_PAGE_SIZE
+    cache: DenseKVCache, keep: np.ndarray, *, headroom: int, page_size: int = DEFAULT_PAGE_SIZE,
+    pad_to: tuple[int, int] | None = None,
 ) -> PagedKVCache:
     """Copy the pairs where `keep [L, B, Hkv, S_cap]` is True into a new paged pool with `headroom` free slots
-    per head sequence for the tokens that questions and answers will append."""
+    per head sequence for the tokens that questions and answers will append.
+
+    The pool is exactly as large as the kept pairs need (page rounding and headroom aside), so its shape changes
+    with the ratio and every new shape compiles the decode step again. `pad_to = (pool pages, table width)`
+    allocates at least that much (e.g. `shape_of` a ratio-1.0 compaction of the same contexts), so compressions of
+    one batch at many ratios share one compiled shape: for sweeps, at the cost of the memory saving."""
     keep = np.asarray(keep, bool)
     num_layers, batch, heads, capacity, _ = cache.k.shape
     if keep.shape != (num_layers, batch, heads, capacity):
@@ -44,8 +52,9 @@ def compact(
     if (keep & beyond[None, :, None, :]).any():
         raise ValueError("the keep mask selects slots beyond a row's cache length")
     counts = keep.sum(-1).astype(np.int32)
-    table, num_pages = plan_pages(counts, headroom, page_size)
-    n_pages = int(num_pages.sum())
+    min_pages, min_width = pad_to or (0, 0)
+    table, num_pages = plan_pages(counts, headroom, page_size, min_width)
+    n_pages = max(int(num_pages.sum()), min_pages)
     # Pool index of the j-th stored pair of each head sequence: page table[j // page_size], slot j % page_size.
     j = np.arange(capacity)
     page_of = np.take_along_axis(
@@ -55,6 +64,11 @@ def compact(
     dest = np.maximum(np.cumsum(keep, axis=-1) - 1, 0)  # order-preserving rank of each kept pair
     target = np.where(keep, np.take_along_axis(pool_index, dest, axis=-1), n_pages * page_size)
     return _build_pool(cache, jnp.asarray(target.astype(np.int32)), n_pages, page_size, table, num_pages, counts)
+
+
+def shape_of(cache: PagedKVCache) -> tuple[int, int]:
+    """(pool pages, page-table width) of a compacted cache: the `pad_to` that reproduces its shape."""
+    return int(cache.k_pages.shape[0]), int(cache.page_table.shape[-1])
 
 
 @functools.partial(jax.jit, static_argnames=("n_pages", "page_size"))

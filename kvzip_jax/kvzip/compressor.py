@@ -104,11 +104,12 @@ class ScoredContext:
 
     def compress(
         self, ratio: float, level: str = "pair", *, head_scores=None, headroom: int = DEFAULT_HEADROOM,
-        page_size: int = DEFAULT_PAGE_SIZE,
+        page_size: int = DEFAULT_PAGE_SIZE, pad_to: tuple[int, int] | None = None,
     ) -> CompressedContext:
+        """Select and compact at `ratio`. `pad_to` (see `compact.compact`) fixes the pool shape for sweeps."""
         t0 = time.perf_counter()
         selection, keep = self.keep_mask(ratio, level, head_scores)
-        paged = compact(self.cache, keep, headroom=headroom, page_size=page_size)
+        paged = compact(self.cache, keep, headroom=headroom, page_size=page_size, pad_to=pad_to)
         jax.block_until_ready(paged.k_pages)
         times = {**self.times, "compact_s": time.perf_counter() - t0}
         itemsize = paged.k_pages.dtype.itemsize
