@@ -13,15 +13,8 @@ QUESTIONS = ["How does ElasticMM scale?", "What does MokA adapt?"]
 
 
 @pytest.fixture(scope="module")
-def lm(tmp_path_factory):
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
-    from random_checkpoint import build_checkpoint
-    from kvzip_jax.lm import LanguageModel
-
-    path = tmp_path_factory.mktemp("kvzip_text") / "model"
-    build_checkpoint(str(path))
-    return LanguageModel.from_pretrained(str(path))
+def lm(random_lm):
+    return random_lm
 
 
 @pytest.fixture(scope="module")
