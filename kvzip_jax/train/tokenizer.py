@@ -23,10 +23,16 @@ CHAT_TEMPLATE = (
 )
 
 
+PROMPT_REPEATS = 200  # the fixed prompt strings occur in every example: weight them so BPE merges them
+
+
 def corpus(seed: int, n_samples: int) -> Iterator[str]:
-    """Texts the BPE merges are learned from: task samples plus every fixed prompt string the model will see."""
-    yield from (prompts.TEMPLATES["llama3"].prefix, prompts.TEMPLATES["llama3"].postfix, prompts.FIRST_REPEAT,
-                prompts.LATER_REPEAT, prompts.instruction_for(None), prompts.instruction_for("gsm8k"))
+    """Texts the BPE merges are learned from: task samples plus every fixed prompt string the model will see,
+    repeated so that they become a few tokens each (shorter examples, cheaper training, a smaller n_sys)."""
+    fixed = (prompts.TEMPLATES["llama3"].prefix, prompts.TEMPLATES["llama3"].postfix, prompts.FIRST_REPEAT,
+             prompts.LATER_REPEAT, prompts.instruction_for(None), prompts.instruction_for("gsm8k"))
+    for _ in range(PROMPT_REPEATS):
+        yield from fixed
     for i in range(n_samples):
         sample = make_sample(seed, i, TASKS[i % len(TASKS)])
         yield sample.context

@@ -29,21 +29,24 @@ class TrainConfig:
     """Everything that determines the trained weights (saved next to them as train_config.json)."""
 
     seed: int = 0
-    steps: int = 1500
+    steps: int = 4000
     tokens_per_step: int = 4096  # batch size = tokens_per_step // the step's sequence length
-    short_seq_len: int = 512  # the length curriculum: short sequences first (retrieval skills form faster) ...
-    long_seq_len: int = 1024  # ... then the full context the model ships with
-    short_steps: int = 1000
+    # The length curriculum: short sequences only at first (retrieval circuits form faster on short, cheap
+    # steps), then every `long_every`-th step at the full context the model ships with.
+    short_seq_len: int = 384
+    long_seq_len: int = 1024
+    long_after: int = 500
+    long_every: int = 4
     learning_rate: float = 2e-3
     warmup_steps: int = 100
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     vocab_size: int = 1024
     tokenizer_samples: int = 2000
-    hidden_size: int = 192
-    intermediate_size: int = 512
+    hidden_size: int = 128
+    intermediate_size: int = 384
     num_layers: int = 4
-    num_heads: int = 6
+    num_heads: int = 4
     num_kv_heads: int = 2
     head_dim: int = 32
     max_position_embeddings: int = 2048
@@ -51,7 +54,8 @@ class TrainConfig:
     checkpoint_every: int = 100
 
     def seq_len_at(self, step: int) -> int:
-        return self.short_seq_len if step < self.short_steps else self.long_seq_len
+        long = step >= self.long_after and step % self.long_every == self.long_every - 1
+        return self.long_seq_len if long else self.short_seq_len
 
     def batch_size_at(self, step: int) -> int:
         return max(1, self.tokens_per_step // self.seq_len_at(step))
@@ -75,8 +79,11 @@ def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
         [optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps), optax.constant_schedule(cfg.learning_rate)],
         [cfg.warmup_steps],
     )
-    # No weight decay on norm scales (1-D leaves): decaying them pulls the RMSNorm gains toward 0.
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1 and p.shape[-1] != p.size, params)  # noqa: E731
+    # No weight decay on norm scales (leaves named "scale", stacked over layers or not): decaying them pulls the
+    # RMSNorm gains toward 0.
+    def decay_mask(params):
+        return jax.tree_util.tree_map_with_path(lambda path, _: "scale" not in jax.tree_util.keystr(path), params)
+
     return optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip),
         optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=cfg.weight_decay, mask=decay_mask),

@@ -365,8 +365,12 @@ def test_fit_sample_respects_the_budget(tok):
 
 
 def test_batches_follow_the_curriculum_and_are_deterministic(tok, prompt):
-    cfg = micro_cfg(tokens_per_step=1024, short_seq_len=512, long_seq_len=1024, short_steps=1)
+    cfg = micro_cfg(tokens_per_step=1024, short_seq_len=512, long_seq_len=1024, long_after=1, long_every=2)
     assert (cfg.batch_size_at(0), cfg.seq_len_at(0), cfg.batch_size_at(1), cfg.seq_len_at(1)) == (2, 512, 1, 1024)
+    # long steps only from long_after on, every long_every-th step
+    assert [cfg.seq_len_at(s) for s in range(2, 6)] == [512, 1024, 512, 1024]
+    late = micro_cfg(short_seq_len=512, long_seq_len=1024, long_after=8, long_every=4)
+    assert [late.seq_len_at(s) for s in (3, 7, 11, 15)] == [512, 512, 1024, 1024]
     ds = data.batches(tok, prompt, 0, cfg.batch_size_at, cfg.seq_len_at)
     ds2 = data.batches(tok, prompt, 0, cfg.batch_size_at, cfg.seq_len_at)
     seen = set()
