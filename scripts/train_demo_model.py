@@ -16,7 +16,9 @@ import shutil
 
 from kvzip_jax.train.trainer import TrainConfig, train
 
-ASSET_DIR = os.path.join(os.path.dirname(__file__), "..", "kvzip_jax", "assets", "demo_model")
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+ASSET_DIR = os.path.join(ROOT, "kvzip_jax", "assets", "demo_model")
+DOCS_PLOT = os.path.join(ROOT, "docs", "demo_model_training.png")
 
 
 def main(argv=None) -> None:
@@ -34,7 +36,8 @@ def main(argv=None) -> None:
     if args.install:
         shutil.rmtree(ASSET_DIR, ignore_errors=True)
         shutil.copytree(model_dir, ASSET_DIR)
-        print(f"installed as the embedded default: {os.path.normpath(ASSET_DIR)}")
+        shutil.copy(os.path.join(args.out, "loss.png"), DOCS_PLOT)
+        print(f"installed as the embedded default: {os.path.normpath(ASSET_DIR)} (training curve: {DOCS_PLOT})")
 
 
 if __name__ == "__main__":

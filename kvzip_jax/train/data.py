@@ -21,7 +21,7 @@ import dataclasses
 import numpy as np
 
 from kvzip_jax.kvzip import prompts
-from kvzip_jax.train.tasks import TASKS, Sample, make_sample
+from kvzip_jax.train.tasks import TASKS, Sample, make_sample, random_words
 
 CONTEXT_WEIGHT = 0.1
 REPEAT_FRACTION = 0.4
@@ -97,17 +97,40 @@ def make_example(tokenizer, prompt: prompts.KVzipPrompt, seed: int, index: int, 
     return _pad(ids, weights, seq_len, tokenizer.pad_token_id)
 
 
-def batches(tokenizer, prompt: prompts.KVzipPrompt, seed: int, batch_size_at, seq_len_at):
+def make_copy_example(tokenizer, prompt: prompts.KVzipPrompt, seed: int, index: int, seq_len: int) -> Encoded:
+    """A reconstruction example over a context of random words (`tasks.random_words`): the warm-up. On the task
+    samples most of a copy can be guessed from the filler grammar, which leaves little pressure to learn the
+    look-up-and-copy circuit; on random words only that circuit lowers the loss, and it forms within a few hundred
+    steps (then serves the retrieval tasks too)."""
+    rng = np.random.default_rng([seed, index, 3])
+    chunk = int(rng.choice(CHUNK_SIZES[:2]))
+    head = max(len(prompt.first_repeat_ids), len(prompt.later_repeat_ids) + prompts.DEFAULT_ANCHOR)
+    budget = seq_len - len(prompt.prefix_ids) - head - len(prompt.postfix_ids) - chunk
+    n_words = int(rng.integers(budget // 4, budget // 2 + 1))
+    while True:
+        ctx = encode_text(tokenizer, random_words(seed, index, n_words))
+        if len(ctx) <= budget:
+            break
+        n_words = int(n_words * budget / len(ctx) * 0.95)
+    pieces = prompts.repeat_inputs(prompt, ctx, chunk_size=chunk)
+    piece = pieces[int(rng.integers(len(pieces)))]
+    ids = list(prompt.prefix_ids) + ctx + list(piece.ids)
+    weights = [0.0] * prompt.n_sys + [CONTEXT_WEIGHT] * len(ctx) + [0.0] * piece.chunk_offset + [1.0] * piece.length
+    return _pad(ids, weights, seq_len, tokenizer.pad_token_id)
+
+
+def batches(tokenizer, prompt: prompts.KVzipPrompt, seed: int, batch_size_at, seq_len_at, copy_warmup_steps: int = 0):
     """A Grain MapDataset whose item `step` is the batch of that step: dict(ids [B, S], weights [B, S]).
 
     `seq_len_at(step)` and `batch_size_at(step)` give each step's shape (the length curriculum). Example indices
     are (step, row) pairs, so shapes may change between steps without reusing an example; random access by step
-    is what makes resuming exact."""
+    is what makes resuming exact. The first `copy_warmup_steps` steps are reconstruction of random words only."""
     import grain
 
     def build(step: int) -> dict[str, np.ndarray]:
         seq_len, batch_size = seq_len_at(step), batch_size_at(step)
-        rows = [make_example(tokenizer, prompt, seed, (step << 8) + r, seq_len) for r in range(batch_size)]
+        make = make_copy_example if step < copy_warmup_steps else make_example
+        rows = [make(tokenizer, prompt, seed, (step << 8) + r, seq_len) for r in range(batch_size)]
         return {"ids": np.stack([r.ids for r in rows]), "weights": np.stack([r.weights for r in rows])}
 
     return grain.MapDataset.range(1 << 30).map(build)

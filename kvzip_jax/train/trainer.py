@@ -37,6 +37,7 @@ class TrainConfig:
     long_seq_len: int = 1024
     long_after: int = 500
     long_every: int = 4
+    copy_warmup_steps: int = 300  # reconstruction of random words first (see data.make_copy_example)
     learning_rate: float = 2e-3
     warmup_steps: int = 100
     weight_decay: float = 0.01
@@ -150,7 +151,7 @@ def train(out_dir: str, cfg: TrainConfig, *, log_every: int = 10) -> str:
         state = manager.restore(start, args=ocp.args.StandardRestore({"params": params, "opt_state": opt_state}))
         params, opt_state = state["params"], state["opt_state"]
         print(f"resumed from step {start}")
-    dataset = data.batches(tokenizer, prompt, cfg.seed, cfg.batch_size_at, cfg.seq_len_at)
+    dataset = data.batches(tokenizer, prompt, cfg.seed, cfg.batch_size_at, cfg.seq_len_at, cfg.copy_warmup_steps)
     step_fn = make_train_step(config, tx)
     log = open(os.path.join(out_dir, "loss.jsonl"), "a")
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", unit="step")
@@ -169,10 +170,32 @@ def train(out_dir: str, cfg: TrainConfig, *, log_every: int = 10) -> str:
             manager.save(step + 1, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
     manager.wait_until_finished()
     log.close()
+    plot_log(os.path.join(out_dir, "loss.jsonl"), os.path.join(out_dir, "loss.png"))
     model_dir = os.path.join(out_dir, "model")
     save_params(model_dir, config, params)
     tokenizer.save_pretrained(model_dir)
     return model_dir
+
+
+def plot_log(log_path: str, png_path: str) -> None:
+    """Loss and teacher-forced answer/copy token accuracy against step, from the JSONL log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in open(log_path)]
+    steps = [r["step"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    ax1.plot(steps, [r["loss"] for r in rows], lw=0.8)
+    ax1.set(xlabel="step", ylabel="weighted loss", yscale="log")
+    ax2.plot(steps, [r["answer_token_acc"] for r in rows], lw=0.8)
+    ax2.set(xlabel="step", ylabel="answer / copy token accuracy", ylim=(0, 1))
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
 
 
 def param_count(params: nnx.State) -> int:

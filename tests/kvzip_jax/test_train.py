@@ -321,35 +321,52 @@ def test_qa_examples_supervise_exactly_the_answers(tok, prompt, examples):
 def test_repeat_examples_supervise_exactly_a_context_chunk_copy(tok, prompt, examples):
     checked = 0
     for index, ex, _, is_repeat in examples:
-        if not is_repeat:
-            continue
-        n = len(prompt.prefix_ids)
-        (c0, c1), = _runs(np.isclose(ex.weights, data.CONTEXT_WEIGHT))
-        ctx = ex.ids[c0:c1].tolist()
-        runs = _runs(ex.weights == 1.0)
-        assert len(runs) == 1, f"example {index}: the chunk copy must be one run"
-        a, b = runs[0]
-        assert b == _content_end(ex, tok.pad_token_id), "the copy ends the example"
-        copy = ex.ids[a:b].tolist()
-        starts = [s for s in range(len(ctx) - len(copy) + 1) if ctx[s:s + len(copy)] == copy]
-        assert starts, f"example {index}: weight-1 ids are not a contiguous slice of the context"
-        # the repeat header between context and copy is at weight 0 and has KVzip's exact form
-        header = ex.ids[c1:a].tolist()
-        assert not ex.weights[c1:a].any()
-        post = list(prompt.postfix_ids)
-        assert header[-len(post):] == post
-        head = header[:-len(post)]
-        if head == list(prompt.first_repeat_ids):
-            assert 0 in starts, "the first chunk's copy starts the context"
-        else:
-            later = list(prompt.later_repeat_ids)
-            assert head[:len(later)] == later
-            anchor = head[len(later):]
-            assert len(anchor) == prompts.DEFAULT_ANCHOR
-            assert any(s >= len(anchor) and ctx[s - len(anchor):s] == anchor for s in starts)
-        assert c0 == n
-        checked += 1
+        if is_repeat:
+            _check_repeat_example(tok, prompt, index, ex)
+            checked += 1
     assert checked >= 3
+
+
+def test_copy_warmup_examples_are_reconstructions_of_random_words(tok, prompt):
+    for index in range(4):
+        ex = data.make_copy_example(tok, prompt, 0, index, 512)
+        again = data.make_copy_example(tok, prompt, 0, index, 512)
+        np.testing.assert_array_equal(ex.ids, again.ids)
+        _check_repeat_example(tok, prompt, index, ex)
+    ds = data.batches(tok, prompt, 0, lambda s: 2, lambda s: 512, copy_warmup_steps=1)
+    warm, regular = ds[0], ds[1]
+    np.testing.assert_array_equal(warm["ids"][0], data.make_copy_example(tok, prompt, 0, 0, 512).ids)
+    np.testing.assert_array_equal(regular["ids"][0], data.make_example(tok, prompt, 0, 1 << 8, 512).ids)
+
+
+def _check_repeat_example(tok, prompt, index, ex):
+    """A reconstruction example: one weight-1 run that copies a contiguous context slice, after KVzip's exact
+    repeat header (first-chunk form, or later-chunk form with the 8 anchor ids that precede the slice)."""
+    n = len(prompt.prefix_ids)
+    (c0, c1), = _runs(np.isclose(ex.weights, data.CONTEXT_WEIGHT))
+    ctx = ex.ids[c0:c1].tolist()
+    runs = _runs(ex.weights == 1.0)
+    assert len(runs) == 1, f"example {index}: the chunk copy must be one run"
+    a, b = runs[0]
+    assert b == _content_end(ex, tok.pad_token_id), "the copy ends the example"
+    copy = ex.ids[a:b].tolist()
+    starts = [s for s in range(len(ctx) - len(copy) + 1) if ctx[s:s + len(copy)] == copy]
+    assert starts, f"example {index}: weight-1 ids are not a contiguous slice of the context"
+    # the repeat header between context and copy is at weight 0 and has KVzip's exact form
+    header = ex.ids[c1:a].tolist()
+    assert not ex.weights[c1:a].any()
+    post = list(prompt.postfix_ids)
+    assert header[-len(post):] == post
+    head = header[:-len(post)]
+    if head == list(prompt.first_repeat_ids):
+        assert 0 in starts, "the first chunk's copy starts the context"
+    else:
+        later = list(prompt.later_repeat_ids)
+        assert head[:len(later)] == later
+        anchor = head[len(later):]
+        assert len(anchor) == prompts.DEFAULT_ANCHOR
+        assert any(s >= len(anchor) and ctx[s - len(anchor):s] == anchor for s in starts)
+    assert c0 == n
 
 
 def test_fit_sample_respects_the_budget(tok):
