@@ -1,7 +1,7 @@
 """Accuracy against KV ratio for KVzip and the baselines on held-out synthetic samples (every question of a
-context answered from one compression), with the embedded demo model by default.
+context answered from one compression), for a model trained by scripts/train_demo_model.py.
 
-    python scripts/eval_demo_model.py                      # writes docs/kvzip_demo_eval.csv and .png
+    python scripts/eval_demo_model.py --model demo_out/train/model    # writes docs/kvzip_demo_eval.csv and .png
 
 Prints a markdown table (accuracy % per method and ratio) for the README.
 """
@@ -15,7 +15,7 @@ import time
 
 from kvzip_jax.kvzip.evaluate import METHODS, RATIOS, EvalContext, Evaluator, accuracy
 
-DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "..", "kvzip_jax", "assets", "demo_model")
+DEFAULT_MODEL = "demo_out/train/model"  # where scripts/train_demo_model.py writes its HF checkpoint
 PLOT_STYLE = {"kvzip-pair": ("C0", "-"), "kvzip-pair-uniform": ("C0", "--"), "kvzip-head": ("C0", ":"),
               "snapkv": ("C1", "-"), "pyramidkv": ("C2", "-"), "h2o": ("C3", "-"), "streaming_llm": ("C4", "-"),
               "random": ("C7", "-"), "snapkv-query": ("C1", ":"), "snapkv-reuse": ("C1", "--")}
@@ -26,7 +26,7 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--per-task", type=int, default=12, help="held-out contexts per task")
     parser.add_argument("--context-tokens", type=int, default=800, help="context length budget (tokens)")
-    parser.add_argument("--chunk-size", type=int, default=200, help="KVzip reconstruction chunk (several/context)")
+    parser.add_argument("--chunk-size", type=int, default=160, help="KVzip reconstruction chunk (several/context)")
     parser.add_argument("--calibration", type=int, default=4, help="contexts that calibrate the head-level scores")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--out", default="docs/kvzip_demo_eval")

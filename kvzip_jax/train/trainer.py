@@ -37,7 +37,7 @@ class TrainConfig:
     long_seq_len: int = 1024
     long_after: int = 500
     long_every: int = 4
-    copy_warmup_steps: int = 300  # reconstruction of random words first (see data.make_copy_example)
+    copy_warmup_steps: int = 0  # optional reconstruction of random words first (data.make_copy_example)
     learning_rate: float = 2e-3
     warmup_steps: int = 100
     weight_decay: float = 0.01
