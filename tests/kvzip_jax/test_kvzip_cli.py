@@ -26,7 +26,7 @@ def run(argv: list[str]) -> tuple[int, str, str]:
 def workdir(tmp_path_factory):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from random_checkpoint import DEMO_TEXT, build_checkpoint
+    from kvzip_jax.demo import DEMO_TEXT, build_checkpoint
 
     root = tmp_path_factory.mktemp("kvzip_cli")
     build_checkpoint(str(root / "model"))

@@ -11,8 +11,7 @@ import pytest
 
 
 def test_evaluator_ratio_one_is_the_full_cache_for_every_method(random_lm):
-    from random_checkpoint import DEMO_TEXT
-
+    from kvzip_jax.demo import DEMO_TEXT
     from kvzip_jax.kvzip.evaluate import EvalContext, Evaluator, accuracy
     from kvzip_jax.kvzip.text import prompt_for
 
@@ -45,8 +44,7 @@ def test_evaluator_ratio_one_is_the_full_cache_for_every_method(random_lm):
 
 
 def test_pad_to_changes_the_pool_shape_not_the_answers(random_lm):
-    from random_checkpoint import DEMO_TEXT
-
+    from kvzip_jax.demo import DEMO_TEXT
     from kvzip_jax.kvzip.compact import shape_of
     from kvzip_jax.kvzip.text import prompt_for, score_ids
 

@@ -19,7 +19,7 @@ def lm(random_lm):
 
 @pytest.fixture(scope="module")
 def demo_text():
-    from random_checkpoint import DEMO_TEXT
+    from kvzip_jax.demo import DEMO_TEXT
 
     return DEMO_TEXT
 
