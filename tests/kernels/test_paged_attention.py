@@ -182,20 +182,26 @@ def test_unused_pages_do_not_matter():
     """Rewriting every slot no head owns (other finite garbage, any position) leaves the output bit-identical."""
     inputs, dense = _case(seed=3, g=4, d=64, t=1, dtype=jnp.float32)
     out = np.asarray(_call(inputs, scale=0.125))
+    out2 = _call({**inputs, **_garbage_in_unowned_slots(inputs, dense, seed=0)}, scale=0.125)
+    np.testing.assert_array_equal(out, np.asarray(out2))
+
+
+def _garbage_in_unowned_slots(inputs, dense, seed: int) -> dict:
+    """k/v/pos pages with every slot no head owns rewritten: huge finite K/V, positions the masks would admit."""
     owned = np.zeros(inputs["k_pages"].shape[0] * PAGE, bool)
     for idx, _ in dense.values():
         owned[idx] = True
-    rng = np.random.default_rng(0)
-    k = np.asarray(inputs["k_pages"]).reshape(-1, 64).copy()
-    v = np.asarray(inputs["v_pages"]).reshape(-1, 64).copy()
+    rng = np.random.default_rng(seed)
+    d = inputs["k_pages"].shape[-1]
+    k = np.asarray(inputs["k_pages"]).reshape(-1, d).copy()
+    v = np.asarray(inputs["v_pages"]).reshape(-1, d).copy()
     pos = np.asarray(inputs["pos_pages"]).reshape(-1).copy()
-    k[~owned] = 1e4 * rng.standard_normal((int((~owned).sum()), 64))
+    k[~owned] = 1e4 * rng.standard_normal((int((~owned).sum()), d))
     v[~owned] = 1e4
     pos[~owned] = rng.integers(-5, 300, int((~owned).sum()))
-    out2 = _call({**inputs, "k_pages": jnp.asarray(k.reshape(inputs["k_pages"].shape)),
-                  "v_pages": jnp.asarray(v.reshape(inputs["v_pages"].shape)),
-                  "pos_pages": jnp.asarray(pos.reshape(inputs["pos_pages"].shape))}, scale=0.125)
-    np.testing.assert_array_equal(out, np.asarray(out2))
+    return {"k_pages": jnp.asarray(k.reshape(inputs["k_pages"].shape)),
+            "v_pages": jnp.asarray(v.reshape(inputs["v_pages"].shape)),
+            "pos_pages": jnp.asarray(pos.reshape(inputs["pos_pages"].shape))}
 
 
 def test_package_exports_the_dispatcher():
@@ -306,19 +312,7 @@ def test_slots_no_head_owns_are_never_read(backend):
     bit-identical. (The Triton kernel reads no block past a head's length at all: its loop stops there.)"""
     inputs, dense = _case(seed=3, g=4, d=64, t=1, dtype=jnp.float32, lengths=KERNEL_LENGTHS[1])
     out = np.asarray(paged_attention(**inputs, scale=0.125, backend=backend, interpret=True))
-    owned = np.zeros(inputs["k_pages"].shape[0] * PAGE, bool)
-    for idx, _ in dense.values():
-        owned[idx] = True
-    rng = np.random.default_rng(1)
-    k = np.asarray(inputs["k_pages"]).reshape(-1, 64).copy()
-    v = np.asarray(inputs["v_pages"]).reshape(-1, 64).copy()
-    pos = np.asarray(inputs["pos_pages"]).reshape(-1).copy()
-    k[~owned] = 1e4 * rng.standard_normal((int((~owned).sum()), 64))
-    v[~owned] = 1e4
-    pos[~owned] = rng.integers(-5, 300, int((~owned).sum()))
-    garbage = {"k_pages": jnp.asarray(k.reshape(inputs["k_pages"].shape)),
-               "v_pages": jnp.asarray(v.reshape(inputs["v_pages"].shape)),
-               "pos_pages": jnp.asarray(pos.reshape(inputs["pos_pages"].shape))}
+    garbage = _garbage_in_unowned_slots(inputs, dense, seed=1)
     out2 = paged_attention(**{**inputs, **garbage}, scale=0.125, backend=backend, interpret=True)
     np.testing.assert_array_equal(out, np.asarray(out2))
 
