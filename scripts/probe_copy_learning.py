@@ -28,9 +28,9 @@ class _Ids:
         return VOCAB
 
 
-def batch(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
-    r = rng.integers(10, VOCAB, (size, CONTEXT))
-    start = rng.integers(0, CONTEXT - ANCHOR - COPY, size)
+def batch(rng: np.random.Generator, size: int, context: int = CONTEXT) -> tuple[np.ndarray, np.ndarray]:
+    r = rng.integers(10, VOCAB, (size, context))
+    start = rng.integers(0, context - ANCHOR - COPY + 1, size)
     span = np.stack([r[b, s : s + ANCHOR + COPY] for b, s in enumerate(start)])
     ids = np.concatenate([np.ones((size, 1), int), r, np.full((size, 1), 5), span], 1).astype(np.int32)
     weights = np.zeros(ids.shape, np.float32)
@@ -44,7 +44,13 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=16)
-    for field in ("learning_rate", "warmup_steps", "num_layers", "hidden_size", "num_heads", "seed"):
+    parser.add_argument("--context", type=str, default=str(CONTEXT),
+                        help=f"random tokens per example (>= {ANCHOR + COPY}); a comma list is a length curriculum, "
+                             "one length per --stage-steps steps, the last one kept")
+    parser.add_argument("--stage-steps", type=int, default=300)
+    fields = ("learning_rate", "warmup_steps", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
+              "weight_decay", "seed")
+    for field in fields:
         parser.add_argument(f"--{field.replace('_', '-')}", type=type(getattr(TrainConfig(), field)),
                             default=getattr(TrainConfig(), field))
     args = parser.parse_args(argv)
@@ -55,8 +61,7 @@ def main(argv=None) -> None:
     from kvzip_jax.models.decoder import init_params
     from kvzip_jax.train.trainer import make_train_step, optimizer
 
-    cfg = dataclasses.replace(TrainConfig(), **{k: getattr(args, k) for k in (
-        "learning_rate", "warmup_steps", "num_layers", "hidden_size", "num_heads", "seed")})
+    cfg = dataclasses.replace(TrainConfig(), **{k: getattr(args, k) for k in fields})
     config = ModelConfig.from_hf_dict(cfg.model_hf_dict(_Ids()))
     tx = optimizer(cfg)
     params = init_params(config, seed=cfg.seed)
@@ -64,11 +69,15 @@ def main(argv=None) -> None:
     step_fn = make_train_step(config, tx)
     rng = np.random.default_rng(cfg.seed)
     t0 = time.perf_counter()
+    contexts = [int(c) for c in args.context.split(",")]
+    if min(contexts) < ANCHOR + COPY:
+        raise ValueError(f"--context {args.context}: each length must be >= {ANCHOR + COPY}")
     for step in range(args.steps):
-        ids, weights = batch(rng, args.batch_size)
+        context = contexts[min(step // args.stage_steps, len(contexts) - 1)]
+        ids, weights = batch(rng, args.batch_size, context)
         params, opt_state, loss, acc = step_fn(params, opt_state, jnp.asarray(ids), jnp.asarray(weights))
         if (step + 1) % 100 == 0:
-            print(f"step {step + 1:5d}  loss {float(loss):.3f}  copy accuracy {float(acc):.3f}  "
+            print(f"step {step + 1:5d}  context {context:4d}  loss {float(loss):.3f}  copy accuracy {float(acc):.3f}  "
                   f"{time.perf_counter() - t0:.0f}s", flush=True)
 
 

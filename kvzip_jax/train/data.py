@@ -101,9 +101,9 @@ def make_copy_example(tokenizer, prompt: prompts.KVzipPrompt, seed: int, index: 
     """A reconstruction example over a context of random words (`tasks.random_words`): the warm-up. On the task
     samples most of a copy can be guessed from the filler grammar, which leaves little pressure to learn the
     look-up-and-copy circuit; on random words only that circuit lowers the loss, and it forms within a few hundred
-    steps (then serves the retrieval tasks too)."""
+    steps on short sequences (then serves the retrieval tasks too)."""
     rng = np.random.default_rng([seed, index, 3])
-    chunk = int(rng.choice(CHUNK_SIZES[:2]))
+    chunk = min(int(rng.choice(CHUNK_SIZES[:2])), seq_len // 4)  # short warm-up sequences get short chunks
     head = max(len(prompt.first_repeat_ids), len(prompt.later_repeat_ids) + prompts.DEFAULT_ANCHOR)
     budget = seq_len - len(prompt.prefix_ids) - head - len(prompt.postfix_ids) - chunk
     n_words = int(rng.integers(budget // 4, budget // 2 + 1))

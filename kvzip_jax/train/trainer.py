@@ -31,13 +31,16 @@ class TrainConfig:
     seed: int = 0
     steps: int = 4000
     tokens_per_step: int = 4096  # batch size = tokens_per_step // the step's sequence length
-    # The length curriculum: short sequences only at first (retrieval circuits form faster on short, cheap
-    # steps), then every `long_every`-th step at the full context the model ships with.
-    short_seq_len: int = 384
+    # The length curriculum. Look-up-and-copy (the induction circuit every task and KVzip's scoring rely on)
+    # forms within a few hundred steps on short contexts and not at all in 500+ steps on long ones (attention
+    # spread over many keys gives it almost no gradient at first; scripts/probe_copy_learning.py measures this),
+    # so training starts short: `seq_len_stages` is "step:length,..." (each from its step on), and from
+    # `long_after` on every `long_every`-th step is at the full context the model ships with.
+    seq_len_stages: str = "0:192,300:320,1000:384"
     long_seq_len: int = 1024
-    long_after: int = 500
+    long_after: int = 1000
     long_every: int = 4
-    copy_warmup_steps: int = 0  # optional reconstruction of random words first (data.make_copy_example)
+    copy_warmup_steps: int = 300  # reconstruction of random words only, first (data.make_copy_example)
     learning_rate: float = 2e-3
     warmup_steps: int = 100
     weight_decay: float = 0.01
@@ -54,9 +57,25 @@ class TrainConfig:
     rope_theta: float = 10000.0
     checkpoint_every: int = 100
 
+    def __post_init__(self):
+        stages = self.length_stages()
+        if not stages or stages[0][0] != 0 or any(a[0] >= b[0] for a, b in zip(stages, stages[1:])):
+            raise ValueError(f"seq_len_stages {self.seq_len_stages!r}: need 'step:length,...' starting at step 0 "
+                             "with increasing steps")
+        if any(length > self.long_seq_len for _, length in stages):
+            raise ValueError(f"seq_len_stages {self.seq_len_stages!r}: a length exceeds long_seq_len "
+                             f"{self.long_seq_len}")
+
+    def length_stages(self) -> list[tuple[int, int]]:
+        try:
+            return [(int(a), int(b)) for a, b in (part.split(":") for part in self.seq_len_stages.split(","))]
+        except ValueError:
+            raise ValueError(f"seq_len_stages {self.seq_len_stages!r}: need 'step:length,...'") from None
+
     def seq_len_at(self, step: int) -> int:
-        long = step >= self.long_after and step % self.long_every == self.long_every - 1
-        return self.long_seq_len if long else self.short_seq_len
+        if step >= self.long_after and step % self.long_every == self.long_every - 1:
+            return self.long_seq_len
+        return [length for start, length in self.length_stages() if start <= step][-1]
 
     def batch_size_at(self, step: int) -> int:
         return max(1, self.tokens_per_step // self.seq_len_at(step))

@@ -43,7 +43,7 @@ def micro_cfg(**overrides):
 
     base = dict(
         hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
-        vocab_size=512, tokenizer_samples=50, tokens_per_step=512, short_seq_len=512, long_seq_len=512,
+        vocab_size=512, tokenizer_samples=50, tokens_per_step=512, seq_len_stages="0:512", long_seq_len=512,
         checkpoint_every=1, warmup_steps=2,
     )
     return TrainConfig(**{**base, **overrides})
@@ -382,12 +382,15 @@ def test_fit_sample_respects_the_budget(tok):
 
 
 def test_batches_follow_the_curriculum_and_are_deterministic(tok, prompt):
-    cfg = micro_cfg(tokens_per_step=1024, short_seq_len=512, long_seq_len=1024, long_after=1, long_every=2)
+    cfg = micro_cfg(tokens_per_step=1024, seq_len_stages="0:512", long_seq_len=1024, long_after=1, long_every=2)
     assert (cfg.batch_size_at(0), cfg.seq_len_at(0), cfg.batch_size_at(1), cfg.seq_len_at(1)) == (2, 512, 1, 1024)
     # long steps only from long_after on, every long_every-th step
     assert [cfg.seq_len_at(s) for s in range(2, 6)] == [512, 1024, 512, 1024]
-    late = micro_cfg(short_seq_len=512, long_seq_len=1024, long_after=8, long_every=4)
-    assert [late.seq_len_at(s) for s in (3, 7, 11, 15)] == [512, 512, 1024, 1024]
+    late = micro_cfg(seq_len_stages="0:256,5:512", long_seq_len=1024, long_after=8, long_every=4)
+    assert [late.seq_len_at(s) for s in (3, 4, 5, 7, 11, 15)] == [256, 256, 512, 512, 1024, 1024]
+    for bad in ("5:256", "0:256,0:512", "0:2048", "0-256"):
+        with pytest.raises(ValueError, match="seq_len_stages"):
+            micro_cfg(seq_len_stages=bad, long_seq_len=1024)
     ds = data.batches(tok, prompt, 0, cfg.batch_size_at, cfg.seq_len_at)
     ds2 = data.batches(tok, prompt, 0, cfg.batch_size_at, cfg.seq_len_at)
     seen = set()
