@@ -1,5 +1,7 @@
-"""The KVzip demo on a model trained by `scripts/train_demo_model.py`:
+"""The KVzip demo (`make demo`) on the embedded demo model, or on any model trained by
+`scripts/train_demo_model.py`:
 
+    python -m kvzip_jax.kvzip_demo                               # the embedded model (kvzip_jax/assets/demo_model)
     python -m kvzip_jax.kvzip_demo --model demo_out/train/model
 
 Compresses three built-in held-out contexts (a passage, a multi-key needle haystack and variable tracking) once
@@ -11,10 +13,12 @@ memory before and after, and the times. It becomes `make demo` once a trained mo
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numpy as np
 
+DEMO_MODEL_DIR = os.path.join(os.path.dirname(__file__), "assets", "demo_model")  # the embedded default
 DEMO_TASKS = ("passage", "needle", "vartrack")
 DEMO_SEED = 2025  # the built-in contexts: held-out samples, never seen in training
 CHUNK_SIZE = 160  # five reconstruction chunks of an 800-token context; positions stay within the trained 1024
@@ -34,7 +38,8 @@ def _mib(n: int) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="an HF checkpoint directory trained on the synthetic tasks")
+    parser.add_argument("--model", default=DEMO_MODEL_DIR,
+                        help="an HF checkpoint directory trained on the synthetic tasks (default: the embedded one)")
     parser.add_argument("--ratio", type=float, default=0.3, help="fraction of context KV pairs kept")
     parser.add_argument("--baseline", default="snapkv", help="query-agnostic baseline shown next to KVzip")
     parser.add_argument("--context-tokens", type=int, default=800, help="length budget of each built-in context")
@@ -44,6 +49,9 @@ def main(argv=None) -> None:
     from kvzip_jax.kvzip.text import compress_text
     from kvzip_jax.lm import LanguageModel
 
+    if not os.path.exists(os.path.join(args.model, "config.json")):
+        raise SystemExit(f"no model at {args.model}: train one with `python scripts/train_demo_model.py --out "
+                         "demo_out/train` and pass --model demo_out/train/model (or --install it as the default)")
     t0 = time.perf_counter()
     lm = LanguageModel.from_pretrained(args.model)
     c = lm.config

@@ -1,11 +1,18 @@
 """How many steps does a demo-model recipe need to learn look-up-and-copy? A fast probe for training recipes.
 
-Each example is 160 uniformly random tokens, a separator, 8 tokens copied from a random place in them (the
-anchor, as in KVzip's later-chunk repeat prompt), then the 32 tokens that followed the anchor there: only an
+Each example is N (160 by default) uniformly random tokens, a separator, 8 tokens copied from a random place in
+them (the anchor, as in KVzip's later-chunk repeat prompt), then the 32 tokens that followed the anchor there: only an
 induction circuit (find the anchor, copy what came next) lowers the loss below ln(vocab). Prints the loss and
 the copied-token accuracy every 100 steps; the step where accuracy jumps is the recipe's plateau length.
 
     python scripts/probe_copy_learning.py --learning-rate 2e-3 --num-layers 4 --steps 2000
+    python scripts/probe_copy_learning.py --num-layers 4 --steps 500 --batch-size 32 --context 48,96,160 \
+        --stage-steps 200                                     # a length curriculum
+
+What it showed on the 2-core CPU (batch 32, lr 2e-3, d=128): at a fixed context of 80 or 160 tokens the loss stays
+at ln(vocab) for 500-600 steps (lr 1e-2 is no better); starting at 48 tokens the circuit forms at 300-400 steps
+(2 layers: 99% copy accuracy by step 400; 4 layers: 99% at step 400 after moving on to 96 tokens at step 200),
+and once formed it holds at 160 and 320 tokens. Hence the demo model's training starts short.
 """
 
 from __future__ import annotations

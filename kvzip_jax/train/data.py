@@ -21,7 +21,8 @@ import dataclasses
 import numpy as np
 
 from kvzip_jax.kvzip import prompts
-from kvzip_jax.train.tasks import TASKS, Sample, make_sample, random_words
+from kvzip_jax.train.tasks import TASKS, Sample, make_sample
+from kvzip_jax.train.tokenizer import SPECIAL_TOKENS
 
 CONTEXT_WEIGHT = 0.1
 REPEAT_FRACTION = 0.4
@@ -98,20 +99,22 @@ def make_example(tokenizer, prompt: prompts.KVzipPrompt, seed: int, index: int, 
 
 
 def make_copy_example(tokenizer, prompt: prompts.KVzipPrompt, seed: int, index: int, seq_len: int) -> Encoded:
-    """A reconstruction example over a context of random words (`tasks.random_words`): the warm-up. On the task
-    samples most of a copy can be guessed from the filler grammar, which leaves little pressure to learn the
-    look-up-and-copy circuit; on random words only that circuit lowers the loss, and it forms within a few hundred
-    steps on short sequences (then serves the retrieval tasks too)."""
+    """A reconstruction example over a context of uniformly random (non-special) token ids: the warm-up.
+
+    On the task samples most of a copy can be guessed from the filler grammar, and words built from a few
+    syllables repeat their tokens, so a copy step is ambiguous from its previous token alone; both leave little
+    pressure to learn the look-up-and-copy (induction) circuit. Over uniformly random ids only that circuit lowers
+    the loss, and on short sequences it forms within a few hundred steps (scripts/probe_copy_learning.py), then
+    serves the retrieval tasks and KVzip's scoring. The ids need not decode to text: reconstruction is of ids."""
     rng = np.random.default_rng([seed, index, 3])
     chunk = min(int(rng.choice(CHUNK_SIZES[:2])), seq_len // 4)  # short warm-up sequences get short chunks
     head = max(len(prompt.first_repeat_ids), len(prompt.later_repeat_ids) + prompts.DEFAULT_ANCHOR)
     budget = seq_len - len(prompt.prefix_ids) - head - len(prompt.postfix_ids) - chunk
-    n_words = int(rng.integers(budget // 4, budget // 2 + 1))
-    while True:
-        ctx = encode_text(tokenizer, random_words(seed, index, n_words))
-        if len(ctx) <= budget:
-            break
-        n_words = int(n_words * budget / len(ctx) * 0.95)
+    if budget < 2 * prompts.DEFAULT_ANCHOR:
+        raise ValueError(f"seq_len {seq_len} leaves {budget} context tokens for a copy example; need "
+                         f">= {2 * prompts.DEFAULT_ANCHOR}")
+    first_regular = len(SPECIAL_TOKENS)  # the BPE trainer gives the special tokens the first ids
+    ctx = rng.integers(first_regular, len(tokenizer), int(rng.integers(budget // 2, budget + 1))).tolist()
     pieces = prompts.repeat_inputs(prompt, ctx, chunk_size=chunk)
     piece = pieces[int(rng.integers(len(pieces)))]
     ids = list(prompt.prefix_ids) + ctx + list(piece.ids)
@@ -124,7 +127,7 @@ def batches(tokenizer, prompt: prompts.KVzipPrompt, seed: int, batch_size_at, se
 
     `seq_len_at(step)` and `batch_size_at(step)` give each step's shape (the length curriculum). Example indices
     are (step, row) pairs, so shapes may change between steps without reusing an example; random access by step
-    is what makes resuming exact. The first `copy_warmup_steps` steps are reconstruction of random words only."""
+    is what makes resuming exact. The first `copy_warmup_steps` steps are reconstruction of random token ids only."""
     import grain
 
     def build(step: int) -> dict[str, np.ndarray]:

@@ -176,14 +176,6 @@ def passage(rng: np.random.Generator, n_filler: int) -> Sample:
     return Sample("passage", _scatter(rng, [facts[i] for i in order], n_filler), tuple(pool[i] for i in asked))
 
 
-def random_words(seed: int, index: int, n_words: int) -> str:
-    """A context of `n_words` words drawn uniformly from every word list (no grammar, nothing to predict): copying
-    it back is possible only by looking it up, which is what the reconstruction warm-up needs."""
-    rng = np.random.default_rng([seed, index, 2])
-    pool = [*NAMES, *CITIES, *JOBS, *COLORS, *ANIMALS, *("".join(p) for p in itertools.pairwise(SYLLABLES))]
-    return " ".join(rng.choice(pool, n_words))
-
-
 GENERATORS = {"needle": needle, "kv": kv, "vartrack": vartrack, "passage": passage}
 
 

@@ -10,6 +10,7 @@ come back from Orbax, so a resumed run reproduces a straight run bit for bit on 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import time
@@ -29,18 +30,18 @@ class TrainConfig:
     """Everything that determines the trained weights (saved next to them as train_config.json)."""
 
     seed: int = 0
-    steps: int = 4000
+    steps: int = 2600
     tokens_per_step: int = 4096  # batch size = tokens_per_step // the step's sequence length
     # The length curriculum. Look-up-and-copy (the induction circuit every task and KVzip's scoring rely on)
     # forms within a few hundred steps on short contexts and not at all in 500+ steps on long ones (attention
     # spread over many keys gives it almost no gradient at first; scripts/probe_copy_learning.py measures this),
     # so training starts short: `seq_len_stages` is "step:length,..." (each from its step on), and from
     # `long_after` on every `long_every`-th step is at the full context the model ships with.
-    seq_len_stages: str = "0:192,300:320,1000:384"
+    seq_len_stages: str = "0:160,800:320,1300:384"
     long_seq_len: int = 1024
-    long_after: int = 1000
+    long_after: int = 1300
     long_every: int = 4
-    copy_warmup_steps: int = 300  # reconstruction of random words only, first (data.make_copy_example)
+    copy_warmup_steps: int = 800  # reconstruction of random token ids only, first (data.make_copy_example)
     learning_rate: float = 2e-3
     warmup_steps: int = 100
     weight_decay: float = 0.01
@@ -59,7 +60,7 @@ class TrainConfig:
 
     def __post_init__(self):
         stages = self.length_stages()
-        if not stages or stages[0][0] != 0 or any(a[0] >= b[0] for a, b in zip(stages, stages[1:])):
+        if not stages or stages[0][0] != 0 or any(a[0] >= b[0] for a, b in itertools.pairwise(stages)):
             raise ValueError(f"seq_len_stages {self.seq_len_stages!r}: need 'step:length,...' starting at step 0 "
                              "with increasing steps")
         if any(length > self.long_seq_len for _, length in stages):

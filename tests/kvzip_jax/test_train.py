@@ -327,12 +327,20 @@ def test_repeat_examples_supervise_exactly_a_context_chunk_copy(tok, prompt, exa
     assert checked >= 3
 
 
-def test_copy_warmup_examples_are_reconstructions_of_random_words(tok, prompt):
+def test_copy_warmup_examples_are_reconstructions_of_random_ids(tok, prompt):
+    special = {tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    assert special == set(range(len(SPECIAL_TOKENS)))
+    for seq_len in (160, 192):  # the warm-up's short lengths fit a copy example
+        assert (data.make_copy_example(tok, prompt, 0, 0, seq_len).weights == 1.0).any()
+    with pytest.raises(ValueError, match="seq_len 64"):
+        data.make_copy_example(tok, prompt, 0, 0, 64)
     for index in range(4):
         ex = data.make_copy_example(tok, prompt, 0, index, 512)
         again = data.make_copy_example(tok, prompt, 0, index, 512)
         np.testing.assert_array_equal(ex.ids, again.ids)
         _check_repeat_example(tok, prompt, index, ex)
+        ctx = ex.ids[np.isclose(ex.weights, data.CONTEXT_WEIGHT)]
+        assert ctx.min() >= len(SPECIAL_TOKENS) and ctx.max() < len(tok)
     ds = data.batches(tok, prompt, 0, lambda s: 2, lambda s: 512, copy_warmup_steps=1)
     warm, regular = ds[0], ds[1]
     np.testing.assert_array_equal(warm["ids"][0], data.make_copy_example(tok, prompt, 0, 0, 512).ids)
