@@ -1,5 +1,5 @@
-"""The KVzip demo (`make demo`) on the embedded demo model, or on any model trained by
-`scripts/train_demo_model.py`:
+"""The KVzip demo on the embedded demo model (none ships yet; `make demo` switches to this once one does), or on
+any model trained by `scripts/train_demo_model.py`:
 
     python -m kvzip_jax.kvzip_demo                               # the embedded model (kvzip_jax/assets/demo_model)
     python -m kvzip_jax.kvzip_demo --model demo_out/train/model
