@@ -1,7 +1,8 @@
 """Does a training run's latest Orbax checkpoint look things up in its context? Teacher-forced answer accuracy per
-task on held-out samples: the token accuracy, the first answer token (the looked-up value's first token) and whole
-answers, all with the correct previous tokens fed in. Cheaper than scripts/eval_demo_model.py (no generation, no
-compression) and it works mid-run, before any HF export.
+task on held-out samples: the token accuracy over whole answers, the first token of the looked-up value (answers
+restate the question first, then give the value), and whole answers, all with the correct previous tokens fed in.
+Cheaper than scripts/eval_demo_model.py (no generation, no compression) and it works mid-run, before any HF
+export.
 
     python scripts/probe_retrieval.py demo_out/train --per-task 16 --budget 250
 """
@@ -58,9 +59,9 @@ def main(argv=None) -> None:
         for i in range(args.per_task):
             sample, ctx = data.fit_sample(tok, data.HELDOUT_SEED, i, task, args.budget, rng)
             ids, answer_spans = list(prompt.prefix_ids) + ctx, []
-            for question, answer in data.qa_turns(tok, prompt, sample):
+            for qa, (question, answer) in zip(sample.qa, data.qa_turns(tok, prompt, sample), strict=True):
                 ids += question
-                answer_spans.append((len(ids), len(answer)))
+                answer_spans.append((len(ids), len(answer), value_offset(tok, qa)))
                 ids += answer
             rows.append(ids)
             spans.append(answer_spans)
@@ -70,13 +71,20 @@ def main(argv=None) -> None:
         pred = np.asarray(jnp.argmax(logits_of(jnp.asarray(batch)), -1))
         tokens, first, whole = [], [], []
         for r, answer_spans in enumerate(spans):
-            for start, n in answer_spans:
+            for start, n, value_at in answer_spans:
                 ok = [pred[r, t - 1] == batch[r, t] for t in range(start, start + n)]
                 tokens += ok
-                first.append(ok[0])
+                first.append(ok[value_at])
                 whole.append(all(ok))
-        print(f"{task:9s} answer tokens {np.mean(tokens):.2f}  first token {np.mean(first):.2f}  "
+        print(f"{task:9s} answer tokens {np.mean(tokens):.2f}  first value token {np.mean(first):.2f}  "
               f"whole answers {np.mean(whole):.2f}", flush=True)
+
+
+def value_offset(tok, qa) -> int:
+    """Index, among the answer's tokens, of the first token of the looked-up value (the answer ends with it)."""
+    start = qa.answer.rindex(qa.value)
+    offsets = tok(qa.answer, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return next(i for i, (a, b) in enumerate(offsets) if b > start and qa.answer[a:b].strip())
 
 
 if __name__ == "__main__":

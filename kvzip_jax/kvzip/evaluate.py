@@ -58,7 +58,7 @@ class Evaluator:
     """Holds the model, prompt and held-out contexts; `run(method)` returns one Outcome per (ratio, task)."""
 
     def __init__(self, lm, prompt: KVzipPrompt, contexts: Sequence[EvalContext], *, chunk_size: int,
-                 calibration: Sequence[Sequence[int]] = (), max_new_tokens: int = 16, headroom: int = 64,
+                 calibration: Sequence[Sequence[int]] = (), max_new_tokens: int = 32, headroom: int = 64,
                  ratios: Sequence[float] = RATIOS, progress: Callable | None = None):
         if not contexts:
             raise ValueError("no evaluation contexts")

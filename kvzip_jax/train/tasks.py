@@ -58,8 +58,15 @@ WEATHER = "rain fog wind snow sunshine".split()
 
 @dataclasses.dataclass(frozen=True)
 class QA:
+    """A question, the answer the model is trained to give (and scored on, exact match), and the looked-up value.
+
+    Answers restate what they look up before the value, as RULER's answer prefixes do ("The special magic number
+    for X is"): the value then follows the same words as in the context, so finding it is a look-up-and-copy
+    (induction) step, the circuit a small model learns first, instead of a free-form recall."""
+
     question: str
     answer: str
+    value: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +119,7 @@ def needle(rng: np.random.Generator, n_filler: int) -> Sample:
     numbers = [_digits(rng, 7) for _ in range(n)]
     facts = [f"The special magic number for {k} is {v}." for k, v in zip(names, numbers, strict=True)]
     asked = rng.choice(n, min(n, int(rng.integers(2, 4))), replace=False)
-    qa = tuple(QA(f"What is the special magic number for {names[i]}?", numbers[i]) for i in asked)
+    qa = tuple(QA(f"What is the special magic number for {names[i]}?", facts[i], numbers[i]) for i in asked)
     return Sample("needle", _scatter(rng, facts, n_filler), qa)
 
 
@@ -123,7 +130,8 @@ def kv(rng: np.random.Generator, n_filler: int) -> Sample:
     values = [_word(rng, 3) for _ in keys]
     lines = ["JSON data:"] + [f'"{k}": "{v}",' for k, v in zip(keys, values, strict=True)]
     asked = rng.choice(len(keys), 3, replace=False)
-    qa = tuple(QA(f'What is the value of the key "{keys[i]}"?', values[i]) for i in asked)
+    qa = tuple(QA(f'What is the value of the key "{keys[i]}"?', f'"{keys[i]}": "{values[i]}"', values[i])
+               for i in asked)
     return Sample("kv", tuple(lines), qa, separator="\n")
 
 
@@ -137,7 +145,9 @@ def vartrack(rng: np.random.Generator, n_filler: int) -> Sample:
         value = _digits(rng, 5)
         facts.append(f"VAR {chain[0]} = {value}.")
         facts += [f"VAR {b} = VAR {a}." for a, b in itertools.pairwise(chain)]
-        qa.append(QA(f"What is the value of VAR {chain[-1]}?", value))
+        # The answer walks the chain back to the value, one copy per hop: "VAR C = VAR B = VAR A = 12345."
+        walk = " = ".join(f"VAR {v}" for v in reversed(chain))
+        qa.append(QA(f"What is the value of VAR {chain[-1]}?", f"{walk} = {value}.", value))
     # Chains interleave, but each chain's assignments stay in order (a copy never precedes its source).
     order = rng.permutation(len(facts))
     facts_in_order = _interleave_keep_chain_order(facts, order)
@@ -165,11 +175,12 @@ def passage(rng: np.random.Generator, n_filler: int) -> Sample:
     for p in people:
         city, job = str(rng.choice(CITIES)), str(rng.choice(JOBS))
         pet = f"a {rng.choice(COLORS)} {rng.choice(ANIMALS)}"
-        facts += [f"{p} lives in {city}.", f"{p} works as a {job}.", f"{p} has {pet}."]
+        lives, works, has = f"{p} lives in {city}.", f"{p} works as a {job}.", f"{p} has {pet}."
+        facts += [lives, works, has]
         pool += [
-            QA(f"Where does {p} live?", city),
-            QA(f"What does {p} work as?", f"a {job}"),
-            QA(f"What pet does {p} have?", pet),
+            QA(f"Where does {p} live?", lives, city),
+            QA(f"What does {p} work as?", works, f"a {job}"),
+            QA(f"What pet does {p} have?", has, pet),
         ]
     order = rng.permutation(len(facts))
     asked = rng.choice(len(pool), 3, replace=False)
