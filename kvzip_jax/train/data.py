@@ -27,6 +27,7 @@ from kvzip_jax.train.tokenizer import SPECIAL_TOKENS
 CONTEXT_WEIGHT = 0.1
 REPEAT_FRACTION = 0.4
 CHUNK_SIZES = (64, 128, 192, 256)
+QA_TURN_TOKENS = 44  # a question turn plus its restated answer, at most, for these tasks
 TOKENS_PER_FILLER = 13  # a filler sentence is ~11-14 tokens; only used to pick a first guess
 
 
@@ -56,10 +57,15 @@ def fit_sample(tokenizer, seed: int, index: int, task: str, budget: int, rng: np
 
 
 def qa_turns(tokenizer, prompt: prompts.KVzipPrompt, sample: Sample) -> list[tuple[list[int], list[int]]]:
-    """(question turn ids, answer ids ending in <|eot_id|>) for each question of the sample."""
+    """(question turn ids, answer ids ending in <|eot_id|>) for each question of the sample.
+
+    An answer is encoded as it appears in the context, after the context's separator: byte-level BPE gives " Zoe"
+    and "Zoe" unrelated tokens ("Z", "oe"), so an answer starting a line would have to re-spell each name instead
+    of copying it."""
     eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
     return [
-        (prompts.encode_question(tokenizer, prompt, qa.question), [*encode_text(tokenizer, qa.answer), eot])
+        (prompts.encode_question(tokenizer, prompt, qa.question),
+         [*encode_text(tokenizer, sample.separator + qa.answer), eot])
         for qa in sample.qa
     ]
 
@@ -87,8 +93,9 @@ def make_example(tokenizer, prompt: prompts.KVzipPrompt, seed: int, index: int, 
         weights = [0.0] * len(prefix) + [CONTEXT_WEIGHT] * len(ctx)
         weights += [0.0] * piece.chunk_offset + [1.0] * piece.length
         return _pad(ids, weights, seq_len, tokenizer.pad_token_id)
-    # Leave room for the question turns: ~40 tokens each is generous for these tasks.
-    sample, ctx = fit_sample(tokenizer, seed, index, task, seq_len - len(prefix) - 3 * 40, rng)
+    # Leave room for at least two question turns (question + restated answer: <= 44 tokens for these tasks); the
+    # loop below adds as many as fit, so short curriculum sequences get short contexts and fewer questions.
+    sample, ctx = fit_sample(tokenizer, seed, index, task, seq_len - len(prefix) - 2 * QA_TURN_TOKENS, rng)
     ids, weights = prefix + ctx, [0.0] * len(prefix) + [CONTEXT_WEIGHT] * len(ctx)
     for question, answer in qa_turns(tokenizer, prompt, sample):
         if len(ids) + len(question) + len(answer) > seq_len:
@@ -98,42 +105,47 @@ def make_example(tokenizer, prompt: prompts.KVzipPrompt, seed: int, index: int, 
     return _pad(ids, weights, seq_len, tokenizer.pad_token_id)
 
 
-def make_copy_example(tokenizer, prompt: prompts.KVzipPrompt, seed: int, index: int, seq_len: int) -> Encoded:
-    """A reconstruction example over a context of uniformly random (non-special) token ids: the warm-up.
+INDUCTION_ANCHOR, INDUCTION_COPY = 8, 32  # the warm-up's anchor and copied span (as scripts/probe_copy_learning.py)
 
-    On the task samples most of a copy can be guessed from the filler grammar, and words built from a few
-    syllables repeat their tokens, so a copy step is ambiguous from its previous token alone; both leave little
-    pressure to learn the look-up-and-copy (induction) circuit. Over uniformly random ids only that circuit lowers
-    the loss, and on short sequences it forms within a few hundred steps (scripts/probe_copy_learning.py), then
-    serves the retrieval tasks and KVzip's scoring. The ids need not decode to text: reconstruction is of ids."""
+
+def make_induction_example(tokenizer, seed: int, index: int, seq_len: int) -> Encoded:
+    """The warm-up: ``<bos> ‖ random ids ‖ <|eot_id|> ‖ 8 ids from a random place in them ‖ the 32 that followed``.
+
+    Only a look-up-and-copy (induction) circuit predicts the last 32 ids, and the ids are uniformly random (not
+    words, whose syllable tokens repeat), so nothing else lowers the loss. This is exactly the probe's format
+    (scripts/probe_copy_learning.py), where the circuit forms within 300-400 steps on 48-96 random ids; in KVzip's
+    prompt format (system prefix, repeat prompts) it formed far more slowly. Every task (the answers' value follows
+    the same words as in the context) and KVzip's reconstruction then build on it. The ids need not decode to
+    text: the model learns ids."""
+    n_ctx = seq_len - 2 - INDUCTION_ANCHOR - INDUCTION_COPY
+    if n_ctx < INDUCTION_ANCHOR + INDUCTION_COPY:
+        need = INDUCTION_ANCHOR + INDUCTION_COPY
+        raise ValueError(f"seq_len {seq_len} leaves {n_ctx} random ids for an induction example; need >= {need} "
+                         f"(seq_len >= {2 * need + 2})")
     rng = np.random.default_rng([seed, index, 3])
-    chunk = min(int(rng.choice(CHUNK_SIZES[:2])), seq_len // 4)  # short warm-up sequences get short chunks
-    head = max(len(prompt.first_repeat_ids), len(prompt.later_repeat_ids) + prompts.DEFAULT_ANCHOR)
-    budget = seq_len - len(prompt.prefix_ids) - head - len(prompt.postfix_ids) - chunk
-    if budget < 2 * prompts.DEFAULT_ANCHOR:
-        raise ValueError(f"seq_len {seq_len} leaves {budget} context tokens for a copy example; need "
-                         f">= {2 * prompts.DEFAULT_ANCHOR}")
     first_regular = len(SPECIAL_TOKENS)  # the BPE trainer gives the special tokens the first ids
-    ctx = rng.integers(first_regular, len(tokenizer), int(rng.integers(budget // 2, budget + 1))).tolist()
-    pieces = prompts.repeat_inputs(prompt, ctx, chunk_size=chunk)
-    piece = pieces[int(rng.integers(len(pieces)))]
-    ids = list(prompt.prefix_ids) + ctx + list(piece.ids)
-    weights = [0.0] * prompt.n_sys + [CONTEXT_WEIGHT] * len(ctx) + [0.0] * piece.chunk_offset + [1.0] * piece.length
+    ctx = rng.integers(first_regular, len(tokenizer), n_ctx).tolist()
+    start = int(rng.integers(0, n_ctx - INDUCTION_ANCHOR - INDUCTION_COPY + 1))
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    ids = [tokenizer.bos_token_id, *ctx, eot, *ctx[start : start + INDUCTION_ANCHOR + INDUCTION_COPY]]
+    weights = [0.0] * (len(ids) - INDUCTION_COPY) + [1.0] * INDUCTION_COPY
     return _pad(ids, weights, seq_len, tokenizer.pad_token_id)
 
 
-def batches(tokenizer, prompt: prompts.KVzipPrompt, seed: int, batch_size_at, seq_len_at, copy_warmup_steps: int = 0):
+def batches(tokenizer, prompt: prompts.KVzipPrompt, seed: int, batch_size_at, seq_len_at, warmup_steps: int = 0):
     """A Grain MapDataset whose item `step` is the batch of that step: dict(ids [B, S], weights [B, S]).
 
     `seq_len_at(step)` and `batch_size_at(step)` give each step's shape (the length curriculum). Example indices
     are (step, row) pairs, so shapes may change between steps without reusing an example; random access by step
-    is what makes resuming exact. The first `copy_warmup_steps` steps are reconstruction of random token ids only."""
+    is what makes resuming exact. The first `warmup_steps` steps are induction examples over random ids only."""
     import grain
 
     def build(step: int) -> dict[str, np.ndarray]:
         seq_len, batch_size = seq_len_at(step), batch_size_at(step)
-        make = make_copy_example if step < copy_warmup_steps else make_example
-        rows = [make(tokenizer, prompt, seed, (step << 8) + r, seq_len) for r in range(batch_size)]
+        if step < warmup_steps:
+            rows = [make_induction_example(tokenizer, seed, (step << 8) + r, seq_len) for r in range(batch_size)]
+        else:
+            rows = [make_example(tokenizer, prompt, seed, (step << 8) + r, seq_len) for r in range(batch_size)]
         return {"ids": np.stack([r.ids for r in rows]), "weights": np.stack([r.weights for r in rows])}
 
     return grain.MapDataset.range(1 << 30).map(build)

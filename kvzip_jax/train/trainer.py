@@ -1,10 +1,12 @@
 """Train the small demo model: Grain batches, Optax AdamW, Orbax checkpoints that resume exactly, a progress bar,
 a JSONL loss log, and an HF-format Llama checkpoint (config.json + safetensors + tokenizer) at the end.
 
-The learning rate is a linear warmup then constant, on purpose: it does not depend on the total number of steps,
-so extending a finished run (`--steps` larger, same output directory) continues exactly where a longer straight run
-would be. Batches are a pure function of (seed, step) (see `kvzip_jax.train.data`), parameters and optimizer state
-come back from Orbax, so a resumed run reproduces a straight run bit for bit on the same machine.
+The learning rate is a linear warmup, then constant, then a linear cool-down to 0 over the last `cooldown_steps`
+steps (docs/benchmarks.md measures what it adds). Until the cool-down starts it does not
+depend on the total number of steps, so a run may be extended (`--steps` larger, same output directory) exactly as
+a longer straight run would go, as long as its cool-down had not started; `train` refuses otherwise. Batches are a
+pure function of (seed, step) (see `kvzip_jax.train.data`), parameters and optimizer state come back from Orbax,
+so a resumed run reproduces a straight run bit for bit on the same machine.
 """
 
 from __future__ import annotations
@@ -30,18 +32,21 @@ class TrainConfig:
     """Everything that determines the trained weights (saved next to them as train_config.json)."""
 
     seed: int = 0
-    steps: int = 2600
+    steps: int = 3000
+    cooldown_steps: int = 400  # the learning rate falls linearly to 0 over the last cooldown_steps steps
     tokens_per_step: int = 4096  # batch size = tokens_per_step // the step's sequence length
     # The length curriculum. Look-up-and-copy (the induction circuit every task and KVzip's scoring rely on)
     # forms within a few hundred steps on short contexts and not at all in 500+ steps on long ones (attention
     # spread over many keys gives it almost no gradient at first; scripts/probe_copy_learning.py measures this),
     # so training starts short: `seq_len_stages` is "step:length,..." (each from its step on), and from
     # `long_after` on every `long_every`-th step is at the full context the model ships with.
-    seq_len_stages: str = "0:160,800:320,1300:384"
+    seq_len_stages: str = "0:90,200:138,400:256,1000:320,1500:384"
     long_seq_len: int = 1024
-    long_after: int = 1300
+    long_after: int = 1500
     long_every: int = 4
-    copy_warmup_steps: int = 800  # reconstruction of random token ids only, first (data.make_copy_example)
+    # Induction over random ids only, first (data.make_induction_example: 48 then 96 random ids at the default
+    # lengths above, the probe's fastest setting).
+    induction_warmup_steps: int = 400
     learning_rate: float = 2e-3
     warmup_steps: int = 100
     weight_decay: float = 0.01
@@ -63,6 +68,9 @@ class TrainConfig:
         if not stages or stages[0][0] != 0 or any(a[0] >= b[0] for a, b in itertools.pairwise(stages)):
             raise ValueError(f"seq_len_stages {self.seq_len_stages!r}: need 'step:length,...' starting at step 0 "
                              "with increasing steps")
+        if not 0 <= self.cooldown_steps <= self.steps - self.warmup_steps:
+            raise ValueError(f"cooldown_steps {self.cooldown_steps} must be in [0, steps - warmup_steps = "
+                             f"{self.steps - self.warmup_steps}]")
         if any(length > self.long_seq_len for _, length in stages):
             raise ValueError(f"seq_len_stages {self.seq_len_stages!r}: a length exceeds long_seq_len "
                              f"{self.long_seq_len}")
@@ -95,11 +103,19 @@ class TrainConfig:
         )
 
 
+def learning_rate(cfg: TrainConfig) -> optax.Schedule:
+    """Linear warmup, constant, then (when cooldown_steps > 0) linear to 0 at step `steps`."""
+    schedules = [optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps),
+                 optax.constant_schedule(cfg.learning_rate)]
+    boundaries = [cfg.warmup_steps]
+    if cfg.cooldown_steps:
+        schedules.append(optax.linear_schedule(cfg.learning_rate, 0.0, cfg.cooldown_steps))
+        boundaries.append(cfg.steps - cfg.cooldown_steps)
+    return optax.join_schedules(schedules, boundaries)
+
+
 def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    schedule = optax.join_schedules(
-        [optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps), optax.constant_schedule(cfg.learning_rate)],
-        [cfg.warmup_steps],
-    )
+    schedule = learning_rate(cfg)
     # No weight decay on norm scales (leaves named "scale", stacked over layers or not): decaying them pulls the
     # RMSNorm gains toward 0.
     def decay_mask(params):
@@ -147,12 +163,20 @@ def train(out_dir: str, cfg: TrainConfig, *, log_every: int = 10) -> str:
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     saved_cfg = os.path.join(out_dir, "train_config.json")
+    saved_steps = None
     if os.path.exists(saved_cfg):
-        previous = {k: v for k, v in json.load(open(saved_cfg)).items() if k != "steps"}
+        previous = json.load(open(saved_cfg))
+        saved_steps = previous.pop("steps")
         now = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "steps"}
         if previous != now:
             diff = {k: (previous.get(k), now[k]) for k in now if previous.get(k) != now[k]}
             raise ValueError(f"{out_dir} holds a run with a different configuration (saved, requested): {diff}")
+    checkpoints = os.path.join(out_dir, "checkpoints")
+    done = ocp.CheckpointManager(checkpoints).latest_step() if os.path.isdir(checkpoints) else None
+    if saved_steps not in (None, cfg.steps) and done is not None and done > saved_steps - cfg.cooldown_steps:
+        raise ValueError(f"{out_dir} is at step {done}, inside the cool-down of its {saved_steps}-step schedule; "
+                         f"a {cfg.steps}-step run would not have cooled down there, so it cannot be resumed with "
+                         f"--steps {cfg.steps}")
     with open(saved_cfg, "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=2)
 
@@ -162,16 +186,15 @@ def train(out_dir: str, cfg: TrainConfig, *, log_every: int = 10) -> str:
     tx = optimizer(cfg)
     params = init_params(config, seed=cfg.seed)
     opt_state = tx.init(params)
-    manager = ocp.CheckpointManager(
-        os.path.join(out_dir, "checkpoints"), options=ocp.CheckpointManagerOptions(max_to_keep=2)
-    )
+    manager = ocp.CheckpointManager(checkpoints, options=ocp.CheckpointManagerOptions(max_to_keep=2))
     start = 0
     if manager.latest_step() is not None:
         start = manager.latest_step()
         state = manager.restore(start, args=ocp.args.StandardRestore({"params": params, "opt_state": opt_state}))
         params, opt_state = state["params"], state["opt_state"]
         print(f"resumed from step {start}")
-    dataset = data.batches(tokenizer, prompt, cfg.seed, cfg.batch_size_at, cfg.seq_len_at, cfg.copy_warmup_steps)
+    dataset = data.batches(tokenizer, prompt, cfg.seed, cfg.batch_size_at, cfg.seq_len_at,
+                            cfg.induction_warmup_steps)
     step_fn = make_train_step(config, tx)
     log = open(os.path.join(out_dir, "loss.jsonl"), "a")
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", unit="step")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +45,8 @@ def micro_cfg(**overrides):
     base = dict(
         hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
         vocab_size=512, tokenizer_samples=50, tokens_per_step=512, seq_len_stages="0:512", long_seq_len=512,
-        checkpoint_every=1, warmup_steps=2,
+        checkpoint_every=1, warmup_steps=2, cooldown_steps=0,
+        induction_warmup_steps=1,  # both kinds of batch in a few steps
     )
     return TrainConfig(**{**base, **overrides})
 
@@ -96,8 +98,9 @@ def _check_needle(s: tasks.Sample):
     assert 2 <= len(facts) <= 6
     for qa in s.qa:
         name = re.fullmatch(r"What is the special magic number for (\w+)\?", qa.question).group(1)
-        assert re.fullmatch(r"\d{7}", qa.answer)
-        assert f"The special magic number for {name} is {qa.answer}." in s.context_parts
+        assert re.fullmatch(r"\d{7}", qa.value)
+        assert qa.answer == f"The special magic number for {name} is {qa.value}."
+        assert qa.answer in s.context_parts
         assert sum(f"magic number for {name} is" in p for p in s.context_parts) == 1
     return len(facts)
 
@@ -110,7 +113,8 @@ def _check_kv(s: tasks.Sample):
     assert len(s.qa) == 3
     for qa in s.qa:
         key = re.fullmatch(r'What is the value of the key "(\w+)"\?', qa.question).group(1)
-        assert f'"{key}": "{qa.answer}",' in lines
+        assert qa.answer == f'"{key}": "{qa.value}"'
+        assert f"{qa.answer}," in lines
 
 
 def _check_vartrack(s: tasks.Sample):
@@ -122,13 +126,15 @@ def _check_vartrack(s: tasks.Sample):
             assign[m.group(1)] = (i, m.group(2))
     for qa in s.qa:
         var = re.fullmatch(r"What is the value of VAR ([A-Z]{3})\?", qa.question).group(1)
-        hops = 0
+        walk, hops = [f"VAR {var}"], 0
         while assign[var][1].startswith("VAR "):
             src = assign[var][1][4:]
             assert assign[src][0] < assign[var][0], f"VAR {var} copies VAR {src} before it is assigned"
             var, hops = src, hops + 1
+            walk.append(f"VAR {var}")
         assert 1 <= hops <= 2
-        assert assign[var][1] == qa.answer
+        assert assign[var][1] == qa.value
+        assert qa.answer == " = ".join([*walk, qa.value]) + "."
     return len(assign)
 
 
@@ -143,7 +149,8 @@ def _check_passage(s: tasks.Sample):
         matches = [(m.group(1), fmt) for pat, fmt in patterns.items() if (m := re.fullmatch(pat, qa.question))]
         assert len(matches) == 1, qa.question
         name, fmt = matches[0]
-        assert fmt.format(name, qa.answer) in s.context_parts
+        assert qa.answer == fmt.format(name, qa.value)
+        assert qa.answer in s.context_parts
     return sum(bool(re.fullmatch(r"\w+ (lives in|works as|has) .+\.", p)) for p in s.context_parts)
 
 
@@ -197,10 +204,10 @@ def test_digits_are_single_tokens(tok):
     assert tok.tokenize("4821") == ["4", "8", "2", "1"]
     for index in range(4):
         for qa in tasks.make_sample(2, index, "needle", 5).qa:
-            ids = tok.encode(qa.answer, add_special_tokens=False)
-            assert len(ids) == len(qa.answer) == 7
+            ids = tok.encode(qa.value, add_special_tokens=False)
+            assert len(ids) == len(qa.value) == 7
             # the same number tokenizes the same way in its context (no merges across digit boundaries)
-            in_ctx = tok.encode(f"is {qa.answer}.", add_special_tokens=False)
+            in_ctx = tok.encode(f"is {qa.value}.", add_special_tokens=False)
             assert any(in_ctx[i:i + 7] == ids for i in range(len(in_ctx) - 6))
 
 
@@ -305,7 +312,7 @@ def test_qa_examples_supervise_exactly_the_answers(tok, prompt, examples):
         runs = _runs(ex.weights == 1.0)
         assert 1 <= len(runs) <= len(sample.qa)
         answers = [tok.decode(ex.ids[a:b].tolist()) for a, b in runs]
-        assert answers == [qa.answer + EOT for qa in sample.qa[:len(runs)]]
+        assert answers == [sample.separator + qa.answer + EOT for qa in sample.qa[:len(runs)]]
         # everything between the context and the answers is the question turns, at weight 0
         pos = n + ctx_len
         for qa, (a, b) in zip(sample.qa, runs, strict=False):
@@ -327,23 +334,30 @@ def test_repeat_examples_supervise_exactly_a_context_chunk_copy(tok, prompt, exa
     assert checked >= 3
 
 
-def test_copy_warmup_examples_are_reconstructions_of_random_ids(tok, prompt):
+def test_induction_warmup_examples_copy_what_followed_the_anchor(tok, prompt):
     special = {tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     assert special == set(range(len(SPECIAL_TOKENS)))
-    for seq_len in (160, 192):  # the warm-up's short lengths fit a copy example
-        assert (data.make_copy_example(tok, prompt, 0, 0, seq_len).weights == 1.0).any()
+    anchor, copy = data.INDUCTION_ANCHOR, data.INDUCTION_COPY
+    for seq_len in (90, 138, 200):
+        for index in range(4):
+            ex = data.make_induction_example(tok, 0, index, seq_len)
+            np.testing.assert_array_equal(ex.ids, data.make_induction_example(tok, 0, index, seq_len).ids)
+            assert ex.ids.shape == ex.weights.shape == (seq_len,)
+            ids = ex.ids.tolist()
+            n_ctx = seq_len - 2 - anchor - copy
+            assert ids[0] == tok.bos_token_id and ids[n_ctx + 1] == tok.eos_token_id
+            ctx, tail = ids[1 : n_ctx + 1], ids[n_ctx + 2 :]
+            assert min(ctx) >= len(SPECIAL_TOKENS) and max(ctx) < len(tok)
+            # the tail is a contiguous slice of the random ids: an anchor, then what followed it
+            assert any(ctx[i : i + anchor + copy] == tail for i in range(n_ctx - anchor - copy + 1))
+            assert ex.weights.tolist() == [0.0] * (seq_len - copy) + [1.0] * copy
+        assert data.make_induction_example(tok, 0, 0, seq_len).ids.tolist() != \
+            data.make_induction_example(tok, 0, 1, seq_len).ids.tolist()
     with pytest.raises(ValueError, match="seq_len 64"):
-        data.make_copy_example(tok, prompt, 0, 0, 64)
-    for index in range(4):
-        ex = data.make_copy_example(tok, prompt, 0, index, 512)
-        again = data.make_copy_example(tok, prompt, 0, index, 512)
-        np.testing.assert_array_equal(ex.ids, again.ids)
-        _check_repeat_example(tok, prompt, index, ex)
-        ctx = ex.ids[np.isclose(ex.weights, data.CONTEXT_WEIGHT)]
-        assert ctx.min() >= len(SPECIAL_TOKENS) and ctx.max() < len(tok)
-    ds = data.batches(tok, prompt, 0, lambda s: 2, lambda s: 512, copy_warmup_steps=1)
+        data.make_induction_example(tok, 0, 0, 64)
+    ds = data.batches(tok, prompt, 0, lambda s: 2, lambda s: 512, warmup_steps=1)
     warm, regular = ds[0], ds[1]
-    np.testing.assert_array_equal(warm["ids"][0], data.make_copy_example(tok, prompt, 0, 0, 512).ids)
+    np.testing.assert_array_equal(warm["ids"][0], data.make_induction_example(tok, 0, 0, 512).ids)
     np.testing.assert_array_equal(regular["ids"][0], data.make_example(tok, prompt, 0, 1 << 8, 512).ids)
 
 
@@ -442,6 +456,34 @@ def test_run_dir_with_a_different_config_is_refused(micro_runs, tmp_path):
         train(str(tmp_path), micro_cfg(steps=3, learning_rate=1e-3))
     assert (tmp_path / "train_config.json").read_text() == saved, "a refused run must not overwrite the config"
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_learning_rate_warms_up_holds_then_cools_down_to_zero():
+    from kvzip_jax.train.trainer import learning_rate
+
+    lr = learning_rate(micro_cfg(steps=100, warmup_steps=10, cooldown_steps=40, learning_rate=1e-3))
+    assert [float(lr(t)) for t in (0, 5, 10, 35, 60)] == pytest.approx([0.0, 5e-4, 1e-3, 1e-3, 1e-3])
+    assert [float(lr(t)) for t in (70, 80, 100)] == pytest.approx([7.5e-4, 5e-4, 0.0])
+    constant = learning_rate(micro_cfg(steps=100, warmup_steps=10, cooldown_steps=0, learning_rate=1e-3))
+    assert float(constant(100)) == pytest.approx(1e-3)
+    # Before the cool-down the schedule does not depend on the total: a run may be extended exactly.
+    longer = learning_rate(micro_cfg(steps=200, warmup_steps=10, cooldown_steps=40, learning_rate=1e-3))
+    assert [float(longer(t)) for t in range(61)] == [float(lr(t)) for t in range(61)]
+    with pytest.raises(ValueError, match="cooldown_steps 95"):
+        micro_cfg(steps=100, warmup_steps=10, cooldown_steps=95)
+
+
+def test_extending_a_run_inside_its_cooldown_is_refused(micro_runs, tmp_path):
+    """dir_a finished 3 steps; had its schedule cooled down over the last 2, a 5-step run would differ from it."""
+    import dataclasses
+
+    from kvzip_jax.train.trainer import train
+
+    shutil.copytree(os.path.join(micro_runs["dir_a"], "checkpoints"), tmp_path / "checkpoints")
+    cooled = micro_cfg(steps=3, warmup_steps=1, cooldown_steps=2)
+    (tmp_path / "train_config.json").write_text(json.dumps(dataclasses.asdict(cooled)))
+    with pytest.raises(ValueError, match="inside the cool-down of its 3-step schedule"):
+        train(str(tmp_path), dataclasses.replace(cooled, steps=5))
 
 
 def test_exported_model_matches_transformers_and_loads_in_language_model(micro_runs):
