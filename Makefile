@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo parity-demo bench clean
 
 setup: $(VENV)/.installed
 
@@ -19,7 +19,12 @@ $(VENV)/.installed: pyproject.toml
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider
 
+# The main job: the embedded demo model compresses built-in contexts with KVzip at ratio 0.3 and answers them.
 demo: setup
+	$(PY) -m kvzip_jax.kvzip_demo
+
+# Loading, generation and transformers parity on a freshly built tiny checkpoint.
+parity-demo: setup
 	$(PY) -m kvzip_jax.demo
 
 bench: setup

@@ -1,5 +1,5 @@
-"""The KVzip demo on the embedded demo model (none ships yet; `make demo` switches to this once one does), or on
-any model trained by `scripts/train_demo_model.py`:
+"""The KVzip demo (`make demo`) on the embedded demo model, or on any model trained by
+`scripts/train_demo_model.py`:
 
     python -m kvzip_jax.kvzip_demo                               # the embedded model (kvzip_jax/assets/demo_model)
     python -m kvzip_jax.kvzip_demo --model demo_out/train/model
@@ -7,7 +7,7 @@ any model trained by `scripts/train_demo_model.py`:
 Compresses three built-in held-out contexts (a passage, a multi-key needle haystack and variable tracking) once
 each at ratio 0.3, without seeing the questions, then answers every question from the compressed caches, next to
 the full cache and a query-agnostic SnapKV baseline at the same ratio. Prints the answers, the accuracy, the KV
-memory before and after, and the times. It becomes `make demo` once a trained model ships with the library.
+memory before and after, and the times.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         for q in range(rounds):  # one question per context per call; the caches are rolled back after each
             asked = [qa[min(q, len(qa) - 1)].question for _, _, qa in contexts]
-            for row, answer in enumerate(ctx.ask(asked, max_new_tokens=16)):
+            for row, answer in enumerate(ctx.ask(asked, max_new_tokens=32)):
                 if q < len(contexts[row][2]):
                     answers[row][q] = answer.strip()
         results[name] = (ctx.report, answers, compress_s, time.perf_counter() - t0)

@@ -56,11 +56,11 @@ def test_transformers_gives_the_same_greedy_answers(lm, contexts):
     compressed = compress_text(lm, texts, ratio=1.0)
     for q in range(2):
         questions = [qa[q].question for _, _, qa in contexts]
-        ours = compressed.ask_result(questions, max_new_tokens=12)
+        ours = compressed.ask_result(questions, max_new_tokens=32)
         for row, (text, question) in enumerate(zip(texts, questions, strict=True)):
             ids = [*prompt.prefix_ids, *encode_context(lm, text), *encode_questions(lm, prompt, question)[0]]
             with torch.no_grad():
-                out = hf.generate(torch.as_tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=eot,
+                out = hf.generate(torch.as_tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=eot,
                                   pad_token_id=lm.tokenizer.pad_token_id)
             theirs = out[0, len(ids):].tolist()
             assert list(ours.tokens[row]) == theirs, (question, ours.tokens[row], theirs)
@@ -76,6 +76,6 @@ def test_the_model_answers_from_its_context(lm, contexts):
     for q in range(max(len(qa) for _, _, qa in contexts)):
         rows = [i for i, (_, _, qa) in enumerate(contexts) if q < len(qa)]
         answers = compressed.ask([contexts[i][2][q].question if i in rows else contexts[i][2][0].question
-                                  for i in range(len(contexts))], max_new_tokens=16)
+                                  for i in range(len(contexts))], max_new_tokens=32)
         hits += [normalize(answers[i]) == normalize(contexts[i][2][q].answer) for i in rows]
     assert np.mean(hits) >= 0.75, f"{sum(hits)}/{len(hits)} right"
