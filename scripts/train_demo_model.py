@@ -1,9 +1,10 @@
 """Train the embedded demo model (a small Llama-format checkpoint) on the synthetic long-context tasks.
 
-    python scripts/train_demo_model.py --out demo_out/train            # the shipped configuration and seed
-    python scripts/train_demo_model.py --out demo_out/train --steps 2000  # extend a finished run exactly
+    python scripts/train_demo_model.py --out demo_out/train --install  # the shipped configuration and seed
+    python scripts/train_demo_model.py --out demo_out/train --steps 2000 --cooldown-steps 0  # a constant-rate run
 
-Re-running with the same --out resumes from the last Orbax checkpoint. The HF checkpoint lands in <out>/model;
+Re-running with the same --out resumes from the last Orbax checkpoint, exactly; a run can be extended with a
+larger --steps as long as its learning-rate cool-down had not started. The HF checkpoint lands in <out>/model;
 `--install` then copies it over the embedded default (kvzip_jax/assets/demo_model).
 """
 

@@ -2,9 +2,9 @@
 a JSONL loss log, and an HF-format Llama checkpoint (config.json + safetensors + tokenizer) at the end.
 
 The learning rate is a linear warmup, then constant, then a linear cool-down to 0 over the last `cooldown_steps`
-steps (docs/benchmarks.md measures what it adds). Until the cool-down starts it does not
-depend on the total number of steps, so a run may be extended (`--steps` larger, same output directory) exactly as
-a longer straight run would go, as long as its cool-down had not started; `train` refuses otherwise. Batches are a
+steps (docs/benchmarks.md measures what it adds). Until the cool-down starts it does not depend on the total
+number of steps, so a run may be extended (`--steps` larger, same output directory) exactly as a longer straight
+run would go, as long as its cool-down had not started; `train` refuses otherwise. Batches are a
 pure function of (seed, step) (see `kvzip_jax.train.data`), parameters and optimizer state come back from Orbax,
 so a resumed run reproduces a straight run bit for bit on the same machine.
 """
