@@ -1,9 +1,9 @@
-"""`make demo`: build a small Llama-format checkpoint with a real tokenizer and chat template, load it without
+"""`make parity-demo`: build a small Llama-format checkpoint with a real tokenizer and chat template, load it without
 torch, generate for a batch of chat prompts, and show parity with transformers (logits and greedy tokens).
 
 The weights are random (no pretrained model can be downloaded here), so the text is gibberish; what the demo shows
-is that our loader, decoder, cache and generation loop reproduce transformers exactly, and how fast. The KVzip demo
-on a trained model replaces this once that model ships.
+is that our loader, decoder, cache and generation loop reproduce transformers exactly, and how fast. `make demo` is
+the KVzip demo on the shipped trained model (`kvzip_jax.kvzip_demo`).
 """
 
 from __future__ import annotations

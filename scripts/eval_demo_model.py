@@ -1,7 +1,8 @@
 """Accuracy against KV ratio for KVzip and the baselines on held-out synthetic samples (every question of a
 context answered from one compression), for a model trained by scripts/train_demo_model.py.
 
-    python scripts/eval_demo_model.py --model demo_out/train/model    # writes docs/kvzip_demo_eval.csv and .png
+    python scripts/eval_demo_model.py                                 # the shipped model; docs/kvzip_demo_eval.*
+    python scripts/eval_demo_model.py --model demo_out/train/model    # a model you trained
 
 Prints a markdown table (accuracy % per method and ratio) for the README.
 """
@@ -15,7 +16,7 @@ import time
 
 from kvzip_jax.kvzip.evaluate import METHODS, RATIOS, EvalContext, Evaluator, accuracy
 
-DEFAULT_MODEL = "demo_out/train/model"  # where scripts/train_demo_model.py writes its HF checkpoint
+DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "..", "kvzip_jax", "assets", "demo_model")  # the shipped one
 PLOT_STYLE = {"kvzip-pair": ("C0", "-"), "kvzip-pair-uniform": ("C0", "--"), "kvzip-head": ("C0", ":"),
               "snapkv": ("C1", "-"), "pyramidkv": ("C2", "-"), "h2o": ("C3", "-"), "streaming_llm": ("C4", "-"),
               "random": ("C7", "-"), "snapkv-query": ("C1", ":"), "snapkv-reuse": ("C1", "--")}

@@ -61,7 +61,7 @@ def main(argv=None) -> None:
             ids, answer_spans = list(prompt.prefix_ids) + ctx, []
             for qa, (question, answer) in zip(sample.qa, data.qa_turns(tok, prompt, sample), strict=True):
                 ids += question
-                answer_spans.append((len(ids), len(answer), value_offset(tok, qa)))
+                answer_spans.append((len(ids), len(answer), value_offset(tok, sample.separator + qa.answer, qa.value)))
                 ids += answer
             rows.append(ids)
             spans.append(answer_spans)
@@ -80,11 +80,12 @@ def main(argv=None) -> None:
               f"whole answers {np.mean(whole):.2f}", flush=True)
 
 
-def value_offset(tok, qa) -> int:
-    """Index, among the answer's tokens, of the first token of the looked-up value (the answer ends with it)."""
-    start = qa.answer.rindex(qa.value)
-    offsets = tok(qa.answer, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    return next(i for i, (a, b) in enumerate(offsets) if b > start and qa.answer[a:b].strip())
+def value_offset(tok, answer_text: str, value: str) -> int:
+    """Index, among the tokens of `answer_text` (the answer as encoded for the model, with the context's separator
+    in front), of the first token of the looked-up value (the answer ends with it)."""
+    start = answer_text.rindex(value)
+    offsets = tok(answer_text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return next(i for i, (a, b) in enumerate(offsets) if b > start and answer_text[a:b].strip())
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
 """Synthetic long-context tasks for the demo model, deterministic by (seed, index).
 
-Every sample is one context plus several questions with short answers, in the style of RULER and SCBench:
+Every sample is one context plus several questions, in the style of RULER and SCBench. Answers restate the fact
+they look up, then give its value (see `QA`):
 
 - ``needle``: multi-key needle in a haystack (RULER niah_multikey): several "special magic number" facts hidden in
   filler; the questions ask for some of them.
 - ``kv``: key -> value lookup over a dictionary of random strings (SCBench Retr.KV): every line is a fact, nothing
   is filler, which makes it the hardest task for compression.
 - ``vartrack``: variable tracking (RULER vt): values assigned to variables, then copied through 1-2 hops of
-  ``VAR B = VAR A``; the question asks for the value at the end of a chain.
+  ``VAR B = VAR A``; the question asks for the value at the end of a chain, and the answer walks the chain back.
 - ``passage``: several questions over one passage (SQuAD multi-QA): facts about people (city, job, pet) scattered
   in filler text.
 

@@ -71,6 +71,12 @@ class TrainConfig:
         if not 0 <= self.cooldown_steps <= self.steps - self.warmup_steps:
             raise ValueError(f"cooldown_steps {self.cooldown_steps} must be in [0, steps - warmup_steps = "
                              f"{self.steps - self.warmup_steps}]")
+        from kvzip_jax.train.data import INDUCTION_ANCHOR, INDUCTION_COPY
+
+        min_warmup_len = 2 * (INDUCTION_ANCHOR + INDUCTION_COPY) + 2
+        if any(length < min_warmup_len for start, length in stages if start < self.induction_warmup_steps):
+            raise ValueError(f"seq_len_stages {self.seq_len_stages!r}: the induction warm-up (its first "
+                             f"{self.induction_warmup_steps} steps) needs sequences of >= {min_warmup_len} tokens")
         if any(length > self.long_seq_len for _, length in stages):
             raise ValueError(f"seq_len_stages {self.seq_len_stages!r}: a length exceeds long_seq_len "
                              f"{self.long_seq_len}")
@@ -173,10 +179,13 @@ def train(out_dir: str, cfg: TrainConfig, *, log_every: int = 10) -> str:
             raise ValueError(f"{out_dir} holds a run with a different configuration (saved, requested): {diff}")
     checkpoints = os.path.join(out_dir, "checkpoints")
     done = ocp.CheckpointManager(checkpoints).latest_step() if os.path.isdir(checkpoints) else None
-    if saved_steps not in (None, cfg.steps) and done is not None and done > saved_steps - cfg.cooldown_steps:
-        raise ValueError(f"{out_dir} is at step {done}, inside the cool-down of its {saved_steps}-step schedule; "
-                         f"a {cfg.steps}-step run would not have cooled down there, so it cannot be resumed with "
-                         f"--steps {cfg.steps}")
+    # Steps already taken must have had the learning rate the requested schedule gives them: true only before both
+    # schedules' cool-downs (and never for a run already past the requested end).
+    if saved_steps not in (None, cfg.steps) and done is not None \
+            and done > min(saved_steps, cfg.steps) - cfg.cooldown_steps:
+        raise ValueError(f"{out_dir} is at step {done} of a {saved_steps}-step schedule; a {cfg.steps}-step run "
+                         f"would have had a different learning rate before that step (cool-down over the last "
+                         f"{cfg.cooldown_steps} steps), so it cannot be resumed with --steps {cfg.steps}")
     with open(saved_cfg, "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=2)
 

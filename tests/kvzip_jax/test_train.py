@@ -474,16 +474,43 @@ def test_learning_rate_warms_up_holds_then_cools_down_to_zero():
 
 
 def test_extending_a_run_inside_its_cooldown_is_refused(micro_runs, tmp_path):
-    """dir_a finished 3 steps; had its schedule cooled down over the last 2, a 5-step run would differ from it."""
+    """dir_a finished 3 steps; had its schedule cooled down over its last step, neither a 5-step nor a 2-step run
+    would have taken the same steps."""
     import dataclasses
 
     from kvzip_jax.train.trainer import train
 
     shutil.copytree(os.path.join(micro_runs["dir_a"], "checkpoints"), tmp_path / "checkpoints")
-    cooled = micro_cfg(steps=3, warmup_steps=1, cooldown_steps=2)
+    cooled = micro_cfg(steps=3, warmup_steps=1, cooldown_steps=1)
     (tmp_path / "train_config.json").write_text(json.dumps(dataclasses.asdict(cooled)))
-    with pytest.raises(ValueError, match="inside the cool-down of its 3-step schedule"):
+    with pytest.raises(ValueError, match="step 3 of a 3-step schedule; a 5-step run"):
         train(str(tmp_path), dataclasses.replace(cooled, steps=5))
+    # Shortening is refused too: a 2-step run would have cooled down at step 1 and ended before step 3.
+    with pytest.raises(ValueError, match="step 3 of a 3-step schedule; a 2-step run"):
+        train(str(tmp_path), dataclasses.replace(cooled, steps=2))
+    assert json.loads((tmp_path / "train_config.json").read_text()) == dataclasses.asdict(cooled)
+
+
+def test_warmup_sequences_too_short_for_an_induction_example_are_refused():
+    with pytest.raises(ValueError, match=r"induction warm-up .* >= 82 tokens"):
+        micro_cfg(seq_len_stages="0:64,10:512", induction_warmup_steps=5)
+    micro_cfg(seq_len_stages="0:82,10:512", induction_warmup_steps=10)  # just long enough
+    micro_cfg(seq_len_stages="0:82,10:64", induction_warmup_steps=10)  # short only after the warm-up
+
+
+def test_qa_turns_fit_their_reserve_and_the_generation_budget():
+    """With the shipped tokenizer, make_example's QA_TURN_TOKENS per question turn and the 32 tokens evaluation
+    generates are enough."""
+    from kvzip_jax.kvzip_demo import DEMO_MODEL_DIR
+
+    tok = transformers.AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)
+    prompt = prompts.build_prompt(tok, "llama")
+    for task in tasks.TASKS:
+        for index in range(40):
+            sample = tasks.make_sample(7, index, task, 3)
+            for question, answer in data.qa_turns(tok, prompt, sample):
+                assert len(question) + len(answer) <= data.QA_TURN_TOKENS, (task, index)
+                assert len(answer) <= 32, (task, index)
 
 
 def test_exported_model_matches_transformers_and_loads_in_language_model(micro_runs):
