@@ -113,9 +113,10 @@ def make_induction_example(tokenizer, seed: int, index: int, seq_len: int) -> En
     """The warm-up: ``<bos> ‖ random ids ‖ <|eot_id|> ‖ 8 ids from a random place in them ‖ the 32 that followed``.
 
     Only a look-up-and-copy (induction) circuit predicts the last 32 ids, and the ids are uniformly random (not
-    words, whose syllable tokens repeat), so nothing else lowers the loss. This is exactly the probe's format
-    (scripts/probe_copy_learning.py), where the circuit forms within 300-400 steps on 48-96 random ids; in KVzip's
-    prompt format (system prefix, repeat prompts) it formed far more slowly. Every task (the answers' value follows
+    words, whose syllable tokens repeat), so nothing else lowers the loss. scripts/probe_copy_learning.py trains on
+    these alone; on 48-96 random ids the circuit formed within 300-400 steps in most of its runs, and near step 350
+    in the demo model's run, while in KVzip's prompt format (system prefix, repeat prompts) it formed far more
+    slowly. Every task (the answers' value follows
     the same words as in the context) and KVzip's reconstruction then build on it. The ids need not decode to
     text: the model learns ids."""
     n_ctx = seq_len - 2 - INDUCTION_ANCHOR - INDUCTION_COPY

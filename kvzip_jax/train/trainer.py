@@ -45,7 +45,7 @@ class TrainConfig:
     long_after: int = 1500
     long_every: int = 4
     # Induction over random ids only, first (data.make_induction_example: 48 then 96 random ids at the default
-    # lengths above, the probe's fastest setting).
+    # lengths above, where scripts/probe_copy_learning.py saw the circuit form soonest).
     induction_warmup_steps: int = 400
     learning_rate: float = 2e-3
     warmup_steps: int = 100
