@@ -4,8 +4,9 @@ Two kinds of task example, both starting with the "llama3" KVzip prefix (system 
 context (the warm-up before them is `make_induction_example`, over random ids and without the prefix):
 
 - ``qa``: ``prefix ‖ context ‖ (question ‖ postfix ‖ separator + answer ‖ <|eot_id|>)+``: the questions of the
-  sample, each in the official ``apply_template`` form; answers restate the fact (see `tasks.QA`). Later questions follow earlier answers (more supervised answers per
-  context); the first one is exactly what inference sees after a rollback.
+  sample, each in the official ``apply_template`` form; answers restate the fact (see `tasks.QA`). Later
+  questions follow earlier answers (more supervised answers per context); the first one is exactly what inference
+  sees after a rollback.
 - ``repeat``: ``prefix ‖ context ‖ repeat input of one chunk`` built by `kvzip.prompts.repeat_inputs`: the first
   chunk's "Repeat the previous context exactly." form or a later chunk's "starting with" + 8 anchor ids form, then
   the teacher-forced copy. This teaches the reconstruction that KVzip's scores come from.
