@@ -60,13 +60,17 @@ def scoring_step_temp_bytes(params, config, cache: DenseKVCache, width: int, chu
     return int(compiled.memory_analysis().temp_size_in_bytes)
 
 
+def repeat_width(chunk: int) -> int:
+    """Tokens of the longest repeat input for this chunk size (what one scoring step runs)."""
+    return max(len(PROMPT.first_repeat_ids), len(PROMPT.later_repeat_ids) + 8) + len(PROMPT.postfix_ids) + chunk
+
+
 def abstract_temp_bytes(config, dtype, n_ctx: int, chunk: int) -> dict:
     """Compile (never run) one scoring step for a context of n_ctx tokens and read XLA's temporaries: the
     memory claim for shapes too large for this machine, from the compiler's own buffer assignment."""
     params = jax.eval_shape(lambda: init_params(config, dtype=dtype))
-    width = max(len(PROMPT.first_repeat_ids), len(PROMPT.later_repeat_ids) + 8) + len(PROMPT.postfix_ids) + chunk
-    cache = jax.eval_shape(lambda: DenseKVCache.zeros(config, 1, PROMPT.n_sys + n_ctx + width, dtype))
-    temp = scoring_step_temp_bytes(params, config, cache, width, chunk)
+    cache = jax.eval_shape(lambda: DenseKVCache.zeros(config, 1, PROMPT.n_sys + n_ctx, dtype))
+    temp = scoring_step_temp_bytes(params, config, cache, repeat_width(chunk), chunk)
     kv = 2 * config.num_layers * config.num_kv_heads * (PROMPT.n_sys + n_ctx) * config.head_dim * dtype.itemsize
     return dict(context=n_ctx, scoring_temp_bytes=temp, kv_bytes=kv, extra_memory_over_kv=temp / kv)
 
@@ -90,9 +94,8 @@ def bench_one(params, config, n_ctx, args):
     context = rng.integers(100, config.vocab_size, n_ctx).tolist()
     scored = score(params, config, PROMPT, [context], chunk_size=args.chunk, progress=True)  # compile + run
     scored = score(params, config, PROMPT, [context], chunk_size=args.chunk, progress=False)
-    width = scored.cache.capacity - (PROMPT.n_sys + n_ctx)
     kv_bytes = scored.cache.k[:, :, :, : PROMPT.n_sys + n_ctx].nbytes * 2
-    temp = scoring_step_temp_bytes(params, config, scored.cache, width, args.chunk)
+    temp = scoring_step_temp_bytes(params, config, scored.cache, repeat_width(args.chunk), args.chunk)
     row = dict(context=n_ctx, prefill_s=scored.times["prefill_s"], score_s=scored.times["score_s"],
                score_over_prefill=scored.times["score_s"] / scored.times["prefill_s"],
                scoring_temp_bytes=temp, kv_bytes=kv_bytes, extra_memory_over_kv=temp / kv_bytes)
@@ -103,9 +106,9 @@ def bench_one(params, config, n_ctx, args):
                compact_s=ctx.report.times["compact_s"],
                memory_saving=ctx.report.dense_kv_bytes / ctx.report.compressed_kv_bytes)
     if not args.no_decode:
-        # A right-sized dense cache (context + the decoded tokens), not the scoring cache with its repeat slots.
-        cap = PROMPT.n_sys + n_ctx + args.decode_steps
-        dense = DenseKVCache(k=scored.cache.k[:, :, :, :cap], v=scored.cache.v[:, :, :, :cap],
+        # A right-sized dense cache: the scored context plus slots for the decoded tokens.
+        pad = ((0, 0), (0, 0), (0, 0), (0, args.decode_steps), (0, 0))
+        dense = DenseKVCache(k=jnp.pad(scored.cache.k, pad), v=jnp.pad(scored.cache.v, pad),
                              length=scored.cache.length)
         row["decode_ms_dense"] = decode_ms(params, config, dense, args.decode_steps, args.repeats)
         row["decode_ms_paged_full"] = decode_ms(params, config, full.cache, args.decode_steps, args.repeats)

@@ -138,16 +138,19 @@ def prefill_contexts(
     contexts: Sequence[Sequence[int]],
     *,
     extra_slots: int,
+    extra_positions: int = 0,
     prefill_chunk: int = DEFAULT_CHUNK,
 ) -> tuple[DenseKVCache, float]:
     """Dense cache holding [system prefix | context] per row, with `extra_slots` free slots after the longest
-    row (for repeat inputs or observation windows). Returns (cache, prefill seconds)."""
+    row (for observation windows). `extra_positions`: positions that must exist after the longest row without
+    slots (KVzip's repeat inputs), checked before the prefill. Returns (cache, prefill seconds)."""
     if not contexts:
         raise ValueError("no contexts given")
     rows = [context_ids(prompt, c) for c in contexts]  # raises on an empty context
     check_token_ids(np.concatenate([np.asarray(r) for r in rows]), config)
     longest = max(len(r) for r in rows)
-    check_positions(longest + extra_slots - 1, config)  # P16: what follows the context needs positions too
+    # P16: what follows the context needs positions too.
+    check_positions(longest + max(extra_slots, extra_positions) - 1, config)
     cache = DenseKVCache.zeros(config, len(rows), longest + extra_slots, params["embed"][...].dtype)
     t0 = time.perf_counter()
     _, cache = prefill(params, config, rows, cache, chunk_size=prefill_chunk)
@@ -171,8 +174,9 @@ def score(
     if not contexts:
         raise ValueError("no contexts given")
     chunks = [repeat_inputs(prompt, c, chunk_size) for c in contexts]  # raises on an empty context
+    # Scoring never writes the repeat inputs into the cache: they need positions but no slots.
     width = max(len(c.ids) for row in chunks for c in row)
-    cache, prefill_s = prefill_contexts(params, config, prompt, contexts, extra_slots=width,
+    cache, prefill_s = prefill_contexts(params, config, prompt, contexts, extra_slots=0, extra_positions=width,
                                         prefill_chunk=prefill_chunk)
     t0 = time.perf_counter()
     scores, cache = score_context(params, config, cache, chunks, n_sys=prompt.n_sys, chunk_size=chunk_size,

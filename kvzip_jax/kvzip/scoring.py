@@ -1,9 +1,11 @@
 """KVzip scoring: for each context chunk, one reconstruction forward over the whole prefilled cache; every layer
-scores that chunk's pairs (see `models.kv_attention.chunk_scores`); the cache is rolled back after each chunk.
+scores that chunk's pairs (see `models.kv_attention.chunk_scores`).
 
 Every row's chunks start at the same position (n_s + n_c, right after its context), as in the official code.
-Peak extra memory is bounded by the chunk: one repeat input of at most `max_repeat_len` tokens in the cache and
-the [sys | chunk | repeat] probabilities of one layer at a time.
+The official code appends each repeat input to the cache and rolls it back; here the repeat input attends as if
+appended but is never written (`models.kv_attention.dense_score_attend`), which is the same computation with
+nothing to roll back. The cache needs no slots beyond the context and is never copied, so the peak extra memory
+is bounded by the chunk: the repeat input's activations and key-block temporaries of one layer at a time.
 """
 
 from __future__ import annotations
@@ -24,12 +26,11 @@ from kvzip_jax.models.decoder import forward_scores
 from kvzip_jax.models.kv_attention import ScoreChunk
 
 
-@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("config",))
 def _score_chunk(params, tokens, cache: DenseKVCache, n_valid, score: ScoreChunk, *, config: ModelConfig):
-    length = cache.length
-    positions = length[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
-    scores, cache = forward_scores(params, tokens, positions, cache, score, config=config, n_valid=n_valid)
-    return scores, cache.rollback(length)
+    """Scores [L, B, Hkv, chunk_size] of one chunk; the cache is only read (not donated: it is kept)."""
+    positions = cache.length[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
+    return forward_scores(params, tokens, positions, cache, score, config=config, n_valid=n_valid)
 
 
 def score_context(
@@ -43,7 +44,7 @@ def score_context(
     progress: bool = True,
 ) -> tuple[np.ndarray, DenseKVCache]:
     """Scores [L, B, Hkv, n_c_max] (float32, zero past each row's context) for a cache holding, per row,
-    [system prefix (n_sys) | context]; `chunks[b]` are row b's repeat inputs. Returns the (rolled back) cache."""
+    [system prefix (n_sys) | context]; `chunks[b]` are row b's repeat inputs. Returns the cache, unchanged."""
     if len(chunks) != cache.batch_size:
         raise ValueError(f"{len(chunks)} rows of repeat chunks for a cache of batch size {cache.batch_size}")
     n_ctx = [sum(c.length for c in row) for row in chunks]
@@ -52,9 +53,6 @@ def score_context(
     if not np.array_equal(lengths, n_sys + np.array(n_ctx)):
         raise ValueError(f"cache lengths {lengths.tolist()} != n_sys {n_sys} + context lengths {n_ctx}")
     needed = int(lengths.max()) + width
-    if needed > cache.capacity:
-        raise ValueError(f"scoring needs {needed} cache slots (context + a repeat input of {width} tokens) "
-                         f"but the cache capacity is {cache.capacity}")
     if needed > config.max_position_embeddings:
         raise ValueError(f"context + repeat input reach position {needed - 1}, beyond max_position_embeddings "
                          f"({config.max_position_embeddings}); use a shorter context or chunk size")
@@ -72,7 +70,7 @@ def score_context(
                 n_valid[b], start[b], length[b] = len(c.ids), c.start, c.length
         spec = ScoreChunk(chunk_start=jnp.asarray(start), chunk_len=jnp.asarray(length), n_sys=n_sys,
                           chunk_size=chunk_size)
-        chunk, cache = _score_chunk(params, jnp.asarray(tokens), cache, jnp.asarray(n_valid), spec, config=config)
+        chunk = _score_chunk(params, jnp.asarray(tokens), cache, jnp.asarray(n_valid), spec, config=config)
         chunk = np.asarray(chunk)
         for b in range(batch):
             if length[b]:

@@ -18,7 +18,7 @@ from flax import nnx
 
 from kvzip_jax.cache import DenseKVCache, PagedKVCache
 from kvzip_jax.config import FULL, SLIDING, ModelConfig
-from kvzip_jax.models.kv_attention import ScoreChunk, dense_write_attend, paged_write_attend
+from kvzip_jax.models.kv_attention import ScoreChunk, dense_score_attend, dense_write_attend, paged_write_attend
 from kvzip_jax.models.layers import MLP, Attention, RMSNorm, _normal, causal_self_attend, rope_tables
 
 
@@ -100,7 +100,8 @@ class Transformer(nnx.Module):
         Dense cache: the T new tokens take slots cache.length[b] + t. Paged cache: they are appended to every head
         sequence of row b. `n_valid[b]` (default T) of them count; the rest are right padding that is never kept.
         logits are [B, T, V] for "all", [B, V] at each row's last valid token for "last", None for "none".
-        `score` (dense cache only) also returns KVzip scores [L, B, Hkv, chunk_size] of that context chunk;
+        `score` (dense cache only) also returns KVzip scores [L, B, Hkv, chunk_size] of that context chunk and
+        leaves the cache as it was (the tokens attend as if appended, nothing is written);
         `observe` ("mean" | "max", dense only) the attention each cache slot received: [L, B, Hkv, S_cap].
         """
         c = self.config
@@ -136,6 +137,27 @@ class Transformer(nnx.Module):
 
             x, _ = jax.lax.scan(body, x, (layer_state, layer_kind))
             new_cache, scores = None, None
+        elif isinstance(cache, DenseKVCache) and score is not None:
+            if observe is not None:
+                raise ValueError("a forward either scores (KVzip) or observes (SnapKV / H2O), not both")
+
+            # Read-only: the repeat input attends over the cache in place and is never written, so the cache is a
+            # closed-over constant of the scan (not a carry XLA may copy) and comes back unchanged.
+            def body(h, xs):
+                state, layer, kind = xs
+                box = {}
+
+                def kv_attend(q, k, v):
+                    out, box["scores"] = dense_score_attend(
+                        q, k, v, cache.k, cache.v, layer, cache.length, pick(windows, kind), c, n_valid, score
+                    )
+                    return out
+
+                h = nnx.merge(layer_graph, state)(h, pick(cos, kind), pick(sin, kind), kv_attend)
+                return h, box["scores"]
+
+            x, scores = jax.lax.scan(body, x, (layer_state, layer_ids, layer_kind))
+            new_cache = cache
         elif isinstance(cache, DenseKVCache):
             slots = cache.length[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
 
@@ -146,7 +168,7 @@ class Transformer(nnx.Module):
 
                 def kv_attend(q, k, v):
                     out, box["k"], box["v"], box["scores"] = dense_write_attend(
-                        q, k, v, ck, cv, layer, slots, pick(windows, kind), c, n_valid, score, observe
+                        q, k, v, ck, cv, layer, slots, pick(windows, kind), c, n_valid, observe
                     )
                     return out
 
@@ -252,11 +274,11 @@ def forward_hidden(params, inputs, positions, cache, *, config: ModelConfig, n_v
 
 def forward_scores(params, inputs, positions, cache: DenseKVCache, score: ScoreChunk, *, config: ModelConfig,
                    n_valid=None):
-    """A KVzip scoring forward: the repeat input runs over the whole dense cache and every layer scores the
-    chunk's pairs. Returns (scores [L, B, Hkv, chunk_size], cache with the repeat tokens appended)."""
+    """A KVzip scoring forward: the repeat input runs over the whole dense cache (as if appended after each row's
+    `length` slots) and every layer scores the chunk's pairs. The cache is only read. Returns scores
+    [L, B, Hkv, chunk_size]."""
     model = nnx.merge(graphdef_for(config, _params_dtype(params)), params)
-    out = model(inputs, positions, cache, n_valid=n_valid, logits_at="none", score=score)
-    return out.scores, out.cache
+    return model(inputs, positions, cache, n_valid=n_valid, logits_at="none", score=score).scores
 
 
 def forward_observe(params, inputs, positions, cache: DenseKVCache, *, config: ModelConfig, reduce: str,

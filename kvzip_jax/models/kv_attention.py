@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from kernels import kvzip_scores, paged_attention
 from kvzip_jax.config import ModelConfig
-from kvzip_jax.models.layers import KEY_BLOCK, attend, attend_blockwise
+from kvzip_jax.models.layers import KEY_BLOCK, attend, attend_blockwise, attend_cache_then_new
 
 
 @jax.tree_util.register_dataclass
@@ -32,9 +32,10 @@ class ScoreChunk:
 
 def chunk_scores(
     q: jax.Array,
-    keys: jax.Array,
+    cache_k: jax.Array,
+    layer: jax.Array,
+    repeat_keys: jax.Array,
     spec: ScoreChunk,
-    repeat_slots: jax.Array,
     n_valid: jax.Array,
     config: ModelConfig,
     block: int | None = None,
@@ -42,28 +43,45 @@ def chunk_scores(
 ) -> jax.Array:
     """KVzip importance of the chunk's pairs in one layer (official `_get_score`, in float32).
 
-    q [B, T, Hkv, G, D] are the repeat-input queries (post-RoPE); keys [B, Hkv, S, D] the layer's cache with the
-    repeat keys already written at `repeat_slots` [B, T]. The softmax runs over [system | chunk | repeat] keys only,
-    causal inside the repeat block; the score of a chunk pair is its max probability over the G query heads of its
-    group and all valid repeat rows. The scale and soft cap are the model's own (query_pre_attn_scalar for Gemma3),
-    not a hard-coded 1/sqrt(d). Returns [B, Hkv, chunk_size], zero past each row's chunk length.
+    q [B, T, Hkv, G, D] are the repeat-input queries (post-RoPE); cache_k [L, B, Hkv, S, D] the stacked, read-only
+    cache holding [system | context] (only the system and chunk rows of `layer` are gathered: O(chunk), never a
+    layer's whole cache); repeat_keys [B, Hkv, T, D] the repeat input's own keys. The softmax runs over
+    [system | chunk | repeat] keys only, causal inside the repeat block; the score of a chunk pair is its max
+    probability over the G query heads of its group and all valid repeat rows. The scale and soft cap are the
+    model's own (query_pre_attn_scalar for Gemma3), not a hard-coded 1/sqrt(d). Returns [B, Hkv, chunk_size],
+    zero past each row's chunk length.
 
     The math is `kernels.kvzip_scores` (two passes, no [T, n_sys + m + T] matrix; a fused Pallas kernel on GPU /
     TPU). `block` overrides its key block size (None: the backend's default); `backend` its choice (None: the
     `kernels.use_backend` context, "auto" by default).
     """
-    m, n_sys, s = spec.chunk_size, spec.n_sys, keys.shape[2]
-    chunk_idx = n_sys + spec.chunk_start[:, None] + jnp.arange(m, dtype=jnp.int32)[None, :]  # [B, m]
-
-    def gather(idx):  # idx [B, n] -> [B, Hkv, n, D]
-        return jnp.take_along_axis(keys, jnp.clip(idx, 0, s - 1)[:, None, :, None], axis=2)
-
-    # The subsampled keys are O(m) rows: a copy of them is cheap; their logits are what must stay blockwise.
-    subsampled = jnp.concatenate([keys[:, :, :n_sys], gather(chunk_idx), gather(repeat_slots)], axis=2)
+    m, n_sys, s = spec.chunk_size, spec.n_sys, cache_k.shape[3]
+    batch = q.shape[0]
+    rows = jnp.concatenate([
+        jnp.broadcast_to(jnp.arange(n_sys, dtype=jnp.int32), (batch, n_sys)),
+        n_sys + spec.chunk_start[:, None] + jnp.arange(m, dtype=jnp.int32)[None, :],
+    ], axis=1)  # [B, n_sys + m]; a short last chunk's tail is clipped here and masked by chunk_len
+    batch_idx = jnp.arange(batch, dtype=jnp.int32)[:, None]
+    context = cache_k[layer, batch_idx, :, jnp.clip(rows, 0, s - 1)].transpose(0, 2, 1, 3)  # [B, Hkv, n_sys+m, D]
+    keys = jnp.concatenate([context.astype(q.dtype), repeat_keys.astype(q.dtype)], axis=2)
     return kvzip_scores(
-        q, subsampled, n_sys=n_sys, chunk_len=spec.chunk_len, n_valid=n_valid, scale=config.attn_scale,
+        q, keys, n_sys=n_sys, chunk_len=spec.chunk_len, n_valid=n_valid, scale=config.attn_scale,
         softcap=config.attn_logit_softcap, backend=backend, block_keys=block,
     )
+
+
+def dense_score_attend(q, k, v, ck, cv, layer, cache_len, window, config: ModelConfig, n_valid, score: ScoreChunk):
+    """KVzip's scoring forward in one layer: the repeat input attends over [cached system | context | itself] and
+    scores the chunk's pairs, reading the cache in place and writing nothing to it (so no rollback, no copy of a
+    layer's cache, and temporaries bounded by the chunk). Returns (attention output, scores [B, Hkv, m]).
+
+    The repeat K/V go through the cache dtype first, exactly as if they had been written to it and read back."""
+    k = k.astype(ck.dtype).astype(q.dtype)
+    v = v.astype(cv.dtype).astype(q.dtype)
+    out = attend_cache_then_new(q, k, v, ck, cv, layer, cache_len, window, scale=config.attn_scale,
+                                softcap=config.attn_logit_softcap)
+    scores = chunk_scores(q, ck, layer, k.transpose(0, 2, 1, 3), score, n_valid, config)
+    return out, scores
 
 
 def observed_attention(probs: jax.Array, n_valid: jax.Array, reduce: str) -> jax.Array:
@@ -76,33 +94,26 @@ def observed_attention(probs: jax.Array, n_valid: jax.Array, reduce: str) -> jax
     return total / (probs.shape[2] * jnp.maximum(n_valid, 1))[:, None, None]
 
 
-def dense_write_attend(
-    q, k, v, ck, cv, layer, slots, window, config: ModelConfig, n_valid, score: ScoreChunk | None,
-    observe: str | None = None,
-):
+def dense_write_attend(q, k, v, ck, cv, layer, slots, window, config: ModelConfig, n_valid, observe: str | None = None):
     """Dense cache: scatter the T new K/V of every row into its slots, attend over the layer's slots (causal by
     slot, and `window` for sliding layers). Multi-token steps over a cache longer than one key block use the
     blockwise attention, whose memory does not grow with the cache.
 
-    Optionally also returns per-pair scores: KVzip chunk scores (`score`) or the attention the cached pairs
-    received from the new queries (`observe` = "mean" | "max", for the SnapKV / H2O baselines)."""
+    Optionally also returns the attention the cached pairs received from the new queries (`observe` = "mean" |
+    "max", for the SnapKV / H2O baselines); else None in its place."""
     batch_idx = jnp.arange(q.shape[0], dtype=jnp.int32)[:, None]
     ck = ck.at[layer, batch_idx, :, slots].set(k.astype(ck.dtype), mode="drop")
     cv = cv.at[layer, batch_idx, :, slots].set(v.astype(cv.dtype), mode="drop")
     keys, values = ck[layer].astype(q.dtype), cv[layer].astype(q.dtype)
     scale, softcap = config.attn_scale, config.attn_logit_softcap
     if observe is None and q.shape[1] > 1 and keys.shape[2] > KEY_BLOCK:
-        out = attend_blockwise(q, keys, values, slots, window, scale=scale, softcap=softcap)
-        scores = None if score is None else chunk_scores(q, keys, score, slots, n_valid, config)
-        return out, ck, cv, scores
+        return attend_blockwise(q, keys, values, slots, window, scale=scale, softcap=softcap), ck, cv, None
     key_slots = jnp.arange(keys.shape[2], dtype=jnp.int32)[None, None, :]
     mask = (key_slots <= slots[:, :, None]) & (slots[:, :, None] - key_slots < window)  # [B, T, S]
     if observe is not None:
         out, probs = attend(q, keys, values, mask[:, None], scale=scale, softcap=softcap, return_probs=True)
         return out, ck, cv, observed_attention(probs, n_valid, observe)
-    out = attend(q, keys, values, mask[:, None], scale=scale, softcap=softcap)
-    scores = None if score is None else chunk_scores(q, keys, score, slots, n_valid, config)
-    return out, ck, cv, scores
+    return attend(q, keys, values, mask[:, None], scale=scale, softcap=softcap), ck, cv, None
 
 
 def paged_write_attend(q, k, v, pages, table, num_pages, lengths, q_positions, n_valid, window, config: ModelConfig):

@@ -145,6 +145,36 @@ class MLP(nnx.Module):
 KEY_BLOCK = 512  # keys per block of the blockwise (online-softmax) attention
 
 
+def _online_softmax_step(q, kb, vb, ok, carry, *, scale: float, softcap: float | None):
+    """One key block of an online softmax. q [B, T, Hkv, G, D]; kb, vb [B, Hkv, block, D]; ok broadcastable to
+    [B, Hkv, G, T, block]; carry (running max, denominator [B, Hkv, G, T], numerator [B, Hkv, G, T, D])."""
+    m, denom, acc = carry
+    neg = jnp.finfo(jnp.float32).min
+    logits = jnp.einsum("bthgd,bhsd->bhgts", q, kb, preferred_element_type=jnp.float32) * np.float32(scale)
+    if softcap is not None:
+        logits = jnp.tanh(logits / np.float32(softcap)) * np.float32(softcap)
+    logits = jnp.where(ok, logits, neg)
+    m_new = jnp.maximum(m, logits.max(axis=-1))
+    p = jnp.where(ok, jnp.exp(logits - m_new[..., None]), 0.0)
+    correction = jnp.exp(m - m_new)
+    denom = denom * correction + p.sum(axis=-1)
+    acc = acc * correction[..., None] + jnp.einsum("bhgts,bhsd->bhgtd", p.astype(vb.dtype), vb,
+                                                   preferred_element_type=jnp.float32)
+    return m_new, denom, acc
+
+
+def _online_softmax_init(q: jax.Array):
+    b, t, hkv, g, d = q.shape
+    return (jnp.full((b, hkv, g, t), jnp.finfo(jnp.float32).min, jnp.float32),
+            jnp.zeros((b, hkv, g, t), jnp.float32), jnp.zeros((b, hkv, g, t, d), jnp.float32))
+
+
+def _online_softmax_output(carry, q: jax.Array) -> jax.Array:
+    _, denom, acc = carry
+    out = acc / jnp.where(denom > 0, denom, 1.0)[..., None]
+    return out.transpose(0, 3, 1, 2, 4).astype(q.dtype)
+
+
 def attend_blockwise(
     q: jax.Array,
     k: jax.Array,
@@ -157,44 +187,81 @@ def attend_blockwise(
     block: int = KEY_BLOCK,
 ) -> jax.Array:
     """Causal (by slot) attention over the dense cache, one block of keys at a time with an online softmax, so
-    the temporaries are [B, Hkv, G, T, block] instead of [B, Hkv, G, T, S]: prefill and KVzip scoring memory
-    stays bounded by the chunk, not the context. Key slot s is visible to a query at slot p when s <= p and
-    p - s < window. Same result as `attend` up to float32 rounding.
+    the temporaries are [B, Hkv, G, T, block] instead of [B, Hkv, G, T, S]: prefill memory stays bounded by the
+    chunk, not the context. Key slot s is visible to a query at slot p when s <= p and p - s < window. Same
+    result as `attend` up to float32 rounding.
 
     q [B, T, Hkv, G, D]; k, v [B, Hkv, S, D]; q_slots [B, T]. Returns [B, T, Hkv, G, D].
     """
-    b, t, hkv, g, d = q.shape
     s = k.shape[2]
     block = min(block, s)
     n_blocks = -(-s // block)
-    neg = jnp.finfo(jnp.float32).min
     qp = q_slots[:, None, None, :, None]  # [B, 1, 1, T, 1]
 
     def step(j, carry):
-        m, l, acc = carry
         # The last block is shifted left to stay in bounds; columns it shares with the previous block are masked.
         start = jnp.minimum(j * block, s - block)
-        idx = start + jnp.arange(block, dtype=jnp.int32)
+        kp = (start + jnp.arange(block, dtype=jnp.int32))[None, None, None, None, :]
         kb = jax.lax.dynamic_slice_in_dim(k, start, block, axis=2)
         vb = jax.lax.dynamic_slice_in_dim(v, start, block, axis=2)
-        logits = jnp.einsum("bthgd,bhsd->bhgts", q, kb, preferred_element_type=jnp.float32) * np.float32(scale)
-        if softcap is not None:
-            logits = jnp.tanh(logits / np.float32(softcap)) * np.float32(softcap)
-        kp = idx[None, None, None, None, :]
         ok = (kp <= qp) & (qp - kp < window) & (kp >= j * block)
-        logits = jnp.where(ok, logits, neg)
-        m_new = jnp.maximum(m, logits.max(axis=-1))
-        p = jnp.where(ok, jnp.exp(logits - m_new[..., None]), 0.0)
-        correction = jnp.exp(m - m_new)
-        l = l * correction + p.sum(axis=-1)
-        acc = acc * correction[..., None] + jnp.einsum("bhgts,bhsd->bhgtd", p.astype(vb.dtype), vb,
-                                                       preferred_element_type=jnp.float32)
-        return m_new, l, acc
+        return _online_softmax_step(q, kb, vb, ok, carry, scale=scale, softcap=softcap)
 
-    init = (jnp.full((b, hkv, g, t), neg, jnp.float32), jnp.zeros((b, hkv, g, t), jnp.float32),
-            jnp.zeros((b, hkv, g, t, d), jnp.float32))
     # Blocks wholly after every query are causally invisible: stop before them (halves a prefill's work).
     last_block = jnp.minimum(jnp.max(q_slots) // block + 1, n_blocks)
-    _, l, acc = jax.lax.fori_loop(0, last_block, step, init)
-    out = acc / jnp.where(l > 0, l, 1.0)[..., None]
-    return out.transpose(0, 3, 1, 2, 4).astype(q.dtype)
+    return _online_softmax_output(jax.lax.fori_loop(0, last_block, step, _online_softmax_init(q)), q)
+
+
+def attend_cache_then_new(
+    q: jax.Array,
+    k_new: jax.Array,
+    v_new: jax.Array,
+    cache_k: jax.Array,
+    cache_v: jax.Array,
+    layer: jax.Array,
+    cache_len: jax.Array,
+    window: jax.Array | int,
+    *,
+    scale: float,
+    softcap: float | None,
+    block: int = KEY_BLOCK,
+) -> jax.Array:
+    """Attention of T new tokens over [the first cache_len[b] slots of a read-only stacked cache | themselves,
+    causally], as if they had been written at slots cache_len[b] + t, without writing them.
+
+    Nothing of the cache is copied: each key block is sliced straight out of the stacked [L, B, Hkv, S, D]
+    arrays at `layer`, so the temporaries are [B, Hkv, G, T, block] whatever the context length (KVzip's
+    scoring forward: the repeat input reads the context and is then forgotten).
+
+    q [B, T, Hkv, G, D]; k_new, v_new [B, T, Hkv, D]; cache_len [B]. Returns [B, T, Hkv, G, D].
+    """
+    _, b, hkv, s, d = cache_k.shape
+    t = q.shape[1]
+    cache_block, new_block = min(block, s), min(block, t)
+    rows = jnp.arange(t, dtype=jnp.int32)[None, None, None, :, None]  # [1, 1, 1, T, 1]
+    kv_len = cache_len[:, None, None, None, None]
+
+    def cache_step(j, carry):
+        start = jnp.minimum(j * cache_block, s - cache_block)
+        kp = (start + jnp.arange(cache_block, dtype=jnp.int32))[None, None, None, None, :]
+        where = (layer, 0, 0, start, 0)
+        kb = jax.lax.dynamic_slice(cache_k, where, (1, b, hkv, cache_block, d))[0].astype(q.dtype)
+        vb = jax.lax.dynamic_slice(cache_v, where, (1, b, hkv, cache_block, d))[0].astype(q.dtype)
+        # Query t sits at slot cache_len + t: every valid slot is causally before it; the window still applies.
+        ok = (kp < kv_len) & (kv_len + rows - kp < window) & (kp >= j * cache_block)
+        return _online_softmax_step(q, kb, vb, ok, carry, scale=scale, softcap=softcap)
+
+    keys, values = k_new.transpose(0, 2, 1, 3), v_new.transpose(0, 2, 1, 3)  # [B, Hkv, T, D]: O(T) copies
+
+    def new_step(j, carry):
+        start = jnp.minimum(j * new_block, t - new_block)
+        kp = (start + jnp.arange(new_block, dtype=jnp.int32))[None, None, None, None, :]
+        kb = jax.lax.dynamic_slice_in_dim(keys, start, new_block, axis=2)
+        vb = jax.lax.dynamic_slice_in_dim(values, start, new_block, axis=2)
+        ok = (kp <= rows) & (rows - kp < window) & (kp >= j * new_block)
+        return _online_softmax_step(q, kb, vb, ok, carry, scale=scale, softcap=softcap)
+
+    n_cache_blocks = jnp.minimum(-(-jnp.max(cache_len) // cache_block), -(-s // cache_block))
+    carry = jax.lax.fori_loop(0, n_cache_blocks, cache_step, _online_softmax_init(q))
+    carry = jax.lax.fori_loop(0, -(-t // new_block), new_step, carry)
+    return _online_softmax_output(carry, q)

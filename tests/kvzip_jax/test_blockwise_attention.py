@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kvzip_jax.models.layers import attend, attend_blockwise
+from kvzip_jax.models.layers import attend, attend_blockwise, attend_cache_then_new
 
 
 @pytest.mark.parametrize("window", [None, 37])
@@ -41,6 +41,43 @@ def test_blockwise_ignores_keys_past_the_queries():
     dirty = attend_blockwise(q, jnp.asarray(k), jnp.asarray(v), slots, jnp.int32(2**31 - 1), scale=0.3,
                              softcap=None)
     np.testing.assert_array_equal(np.asarray(clean), np.asarray(dirty))
+
+
+@pytest.mark.parametrize("window", [None, 300])
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_cache_then_new_equals_writing_then_attending(window, softcap):
+    """The read-only scoring attention (cache in place, new keys kept aside) equals writing the new K/V at slots
+    cache_len + t and attending causally, for a layer inside a stacked cache with several key blocks, rows of
+    different lengths, and stale slots past cache_len that hold NaN (they must not leak in)."""
+    rng = np.random.default_rng(4)
+    n_layers, b, t, hkv, g, d, s = 3, 2, 70, 2, 2, 16, 1100
+    cache_len = np.array([1030, 400])
+    ck = rng.standard_normal((n_layers, b, hkv, s, d)).astype(np.float32)
+    cv = rng.standard_normal((n_layers, b, hkv, s, d)).astype(np.float32)
+    for row, n in enumerate(cache_len):
+        ck[:, row, :, n:], cv[:, row, :, n:] = np.nan, 1e30
+    q = jnp.asarray(rng.standard_normal((b, t, hkv, g, d)), jnp.float32)
+    k_new = rng.standard_normal((b, t, hkv, d)).astype(np.float32)
+    v_new = rng.standard_normal((b, t, hkv, d)).astype(np.float32)
+    layer = 1
+    win = np.iinfo(np.int32).max if window is None else window
+    out = jax.jit(lambda *a: attend_cache_then_new(*a, scale=0.25, softcap=softcap, block=256))(
+        q, jnp.asarray(k_new), jnp.asarray(v_new), jnp.asarray(ck), jnp.asarray(cv), jnp.int32(layer),
+        jnp.asarray(cache_len, jnp.int32), jnp.int32(win),
+    )
+    # Reference: write the new K/V into a copy of the layer's cache, then attend over it with the plain mask.
+    width = s + t
+    keys, values = np.zeros((b, hkv, width, d), np.float32), np.zeros((b, hkv, width, d), np.float32)
+    slots = cache_len[:, None] + np.arange(t)[None, :]
+    for row, n in enumerate(cache_len):
+        keys[row, :, :n], values[row, :, :n] = ck[layer, row, :, :n], cv[layer, row, :, :n]
+        keys[row, :, n : n + t] = k_new[row].transpose(1, 0, 2)
+        values[row, :, n : n + t] = v_new[row].transpose(1, 0, 2)
+    key = np.arange(width)[None, None, :]
+    mask = (key <= slots[:, :, None]) & (slots[:, :, None] - key < win)
+    ref = attend(q, jnp.asarray(keys), jnp.asarray(values), jnp.asarray(mask)[:, None], scale=0.25, softcap=softcap)
+    assert np.isfinite(np.asarray(out)).all()
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize(
@@ -79,7 +116,9 @@ def test_chunk_scores_blockwise_equals_single_block():
                       n_sys=n_sys, chunk_size=m)
     slots = jnp.asarray(np.stack([np.arange(t) + 120, np.arange(t) + 140]), jnp.int32)
     n_valid = jnp.asarray([50, 31], jnp.int32)
-    one = chunk_scores(q, keys, spec, slots, n_valid, config, block=1024)
-    many = jax.jit(lambda *a: chunk_scores(*a, config, block=16))(q, keys, spec, slots, n_valid)
+    repeat = jnp.take_along_axis(keys, slots[:, None, :, None], axis=2)
+    args = (q, keys[None], jnp.int32(0), repeat, spec, n_valid)
+    one = chunk_scores(*args, config, block=1024)
+    many = jax.jit(lambda *a: chunk_scores(*a, config, block=16))(*args)
     np.testing.assert_allclose(np.asarray(many), np.asarray(one), rtol=1e-5, atol=1e-7)
     assert np.asarray(one)[1, :, 23:].max() == 0.0 and np.asarray(one).min() >= 0.0

@@ -238,7 +238,8 @@ _chunk_scores = jax.jit(chunk_scores, static_argnames=("config",))
 def _run_isolated(q, keys, slots, start, length, n_valid, n_sys, m, config):
     spec = ScoreChunk(chunk_start=jnp.asarray(start, jnp.int32), chunk_len=jnp.asarray(length, jnp.int32),
                       n_sys=n_sys, chunk_size=m)
-    return np.asarray(_chunk_scores(jnp.asarray(q), jnp.asarray(keys), spec, jnp.asarray(slots),
+    repeat = np.take_along_axis(keys, slots[:, None, :, None], axis=2)  # the repeat input's own keys
+    return np.asarray(_chunk_scores(jnp.asarray(q), jnp.asarray(keys)[None], jnp.int32(0), jnp.asarray(repeat), spec,
                                    jnp.asarray(n_valid, jnp.int32), config=config))
 
 
