@@ -27,7 +27,7 @@ from bench_generate import median_time  # same folder: one timing rule for every
 
 from kvzip_jax.cache import DenseKVCache
 from kvzip_jax.config import FULL, ModelConfig, RopeConfig
-from kvzip_jax.generate import SamplingConfig, continue_generation
+from kvzip_jax.generate import SamplingConfig, _prefill_chunk, continue_generation
 from kvzip_jax.kvzip.compressor import score
 from kvzip_jax.kvzip.prompts import KVzipPrompt
 from kvzip_jax.kvzip.scoring import _score_chunk
@@ -60,6 +60,16 @@ def scoring_step_temp_bytes(params, config, cache: DenseKVCache, width: int, chu
     return int(compiled.memory_analysis().temp_size_in_bytes)
 
 
+def prefill_step_temp_bytes(params, config, n_cached: int, width: int, dtype) -> int:
+    """The baseline: XLA's temporaries of one ordinary prefill step of the same `width` tokens after n_cached
+    cached ones (what any long-context prefill already needs at this chunk size)."""
+    cache = jax.eval_shape(lambda: DenseKVCache.zeros(config, 1, n_cached + width, dtype))
+    tokens = jax.ShapeDtypeStruct((1, width), jnp.int32)
+    n_valid = jax.ShapeDtypeStruct((1,), jnp.int32)
+    return int(_prefill_chunk.lower(params, tokens, cache, n_valid, config=config).compile().memory_analysis()
+               .temp_size_in_bytes)
+
+
 def repeat_width(chunk: int) -> int:
     """Tokens of the longest repeat input for this chunk size (what one scoring step runs)."""
     return max(len(PROMPT.first_repeat_ids), len(PROMPT.later_repeat_ids) + 8) + len(PROMPT.postfix_ids) + chunk
@@ -71,8 +81,10 @@ def abstract_temp_bytes(config, dtype, n_ctx: int, chunk: int) -> dict:
     params = jax.eval_shape(lambda: init_params(config, dtype=dtype))
     cache = jax.eval_shape(lambda: DenseKVCache.zeros(config, 1, PROMPT.n_sys + n_ctx, dtype))
     temp = scoring_step_temp_bytes(params, config, cache, repeat_width(chunk), chunk)
+    prefill_temp = prefill_step_temp_bytes(params, config, PROMPT.n_sys + n_ctx, repeat_width(chunk), dtype)
     kv = 2 * config.num_layers * config.num_kv_heads * (PROMPT.n_sys + n_ctx) * config.head_dim * dtype.itemsize
-    return dict(context=n_ctx, scoring_temp_bytes=temp, kv_bytes=kv, extra_memory_over_kv=temp / kv)
+    return dict(context=n_ctx, scoring_temp_bytes=temp, prefill_step_temp_bytes=prefill_temp, kv_bytes=kv,
+                extra_memory_over_kv=temp / kv, scoring_over_prefill_temp=temp / prefill_temp)
 
 
 def decode_ms(params, config, cache, steps: int, repeats: int) -> float:
@@ -96,9 +108,12 @@ def bench_one(params, config, n_ctx, args):
     scored = score(params, config, PROMPT, [context], chunk_size=args.chunk, progress=False)
     kv_bytes = scored.cache.k[:, :, :, : PROMPT.n_sys + n_ctx].nbytes * 2
     temp = scoring_step_temp_bytes(params, config, scored.cache, repeat_width(args.chunk), args.chunk)
+    prefill_temp = prefill_step_temp_bytes(params, config, PROMPT.n_sys + n_ctx, repeat_width(args.chunk),
+                                           scored.cache.k.dtype)
     row = dict(context=n_ctx, prefill_s=scored.times["prefill_s"], score_s=scored.times["score_s"],
                score_over_prefill=scored.times["score_s"] / scored.times["prefill_s"],
-               scoring_temp_bytes=temp, kv_bytes=kv_bytes, extra_memory_over_kv=temp / kv_bytes)
+               scoring_temp_bytes=temp, prefill_step_temp_bytes=prefill_temp, kv_bytes=kv_bytes,
+               extra_memory_over_kv=temp / kv_bytes, scoring_over_prefill_temp=temp / prefill_temp)
     full = scored.compress(1.0, headroom=args.decode_steps + 1)
     ctx = scored.compress(args.ratio, headroom=args.decode_steps + 1)
     row.update(ratio=args.ratio, kept_ratio=ctx.report.kept_ratio[0], dense_kv_bytes=ctx.report.dense_kv_bytes,

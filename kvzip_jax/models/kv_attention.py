@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from kernels import kvzip_scores, paged_attention
 from kvzip_jax.config import ModelConfig
-from kvzip_jax.models.layers import KEY_BLOCK, attend, attend_blockwise, attend_cache_then_new
+from kvzip_jax.models.layers import KEY_BLOCK, attend, attend_blockwise
 
 
 @jax.tree_util.register_dataclass
@@ -78,8 +78,9 @@ def dense_score_attend(q, k, v, ck, cv, layer, cache_len, window, config: ModelC
     The repeat K/V go through the cache dtype first, exactly as if they had been written to it and read back."""
     k = k.astype(ck.dtype).astype(q.dtype)
     v = v.astype(cv.dtype).astype(q.dtype)
-    out = attend_cache_then_new(q, k, v, ck, cv, layer, cache_len, window, scale=config.attn_scale,
-                                softcap=config.attn_logit_softcap)
+    slots = cache_len[:, None] + jnp.arange(q.shape[1], dtype=jnp.int32)[None, :]
+    out = attend_blockwise(q, ck, cv, layer, slots, cache_len, window, new_kv=(k, v), scale=config.attn_scale,
+                           softcap=config.attn_logit_softcap)
     scores = chunk_scores(q, ck, layer, k.transpose(0, 2, 1, 3), score, n_valid, config)
     return out, scores
 
@@ -97,17 +98,20 @@ def observed_attention(probs: jax.Array, n_valid: jax.Array, reduce: str) -> jax
 def dense_write_attend(q, k, v, ck, cv, layer, slots, window, config: ModelConfig, n_valid, observe: str | None = None):
     """Dense cache: scatter the T new K/V of every row into its slots, attend over the layer's slots (causal by
     slot, and `window` for sliding layers). Multi-token steps over a cache longer than one key block use the
-    blockwise attention, whose memory does not grow with the cache.
+    blockwise attention over the cache in place, whose memory does not grow with the cache.
 
     Optionally also returns the attention the cached pairs received from the new queries (`observe` = "mean" |
     "max", for the SnapKV / H2O baselines); else None in its place."""
     batch_idx = jnp.arange(q.shape[0], dtype=jnp.int32)[:, None]
+    scale, softcap = config.attn_scale, config.attn_logit_softcap
     ck = ck.at[layer, batch_idx, :, slots].set(k.astype(ck.dtype), mode="drop")
     cv = cv.at[layer, batch_idx, :, slots].set(v.astype(cv.dtype), mode="drop")
+    if observe is None and q.shape[1] > 1 and ck.shape[3] > KEY_BLOCK:
+        # Written first, then read in place: no copy of the layer's cache, so a prefill chunk's temporaries do
+        # not grow with the context.
+        out = attend_blockwise(q, ck, cv, layer, slots, slots[:, -1] + 1, window, scale=scale, softcap=softcap)
+        return out, ck, cv, None
     keys, values = ck[layer].astype(q.dtype), cv[layer].astype(q.dtype)
-    scale, softcap = config.attn_scale, config.attn_logit_softcap
-    if observe is None and q.shape[1] > 1 and keys.shape[2] > KEY_BLOCK:
-        return attend_blockwise(q, keys, values, slots, window, scale=scale, softcap=softcap), ck, cv, None
     key_slots = jnp.arange(keys.shape[2], dtype=jnp.int32)[None, None, :]
     mask = (key_slots <= slots[:, :, None]) & (slots[:, :, None] - key_slots < window)  # [B, T, S]
     if observe is not None:

@@ -177,91 +177,61 @@ def _online_softmax_output(carry, q: jax.Array) -> jax.Array:
 
 def attend_blockwise(
     q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    q_slots: jax.Array,
-    window: jax.Array | int,
-    *,
-    scale: float,
-    softcap: float | None,
-    block: int = KEY_BLOCK,
-) -> jax.Array:
-    """Causal (by slot) attention over the dense cache, one block of keys at a time with an online softmax, so
-    the temporaries are [B, Hkv, G, T, block] instead of [B, Hkv, G, T, S]: prefill memory stays bounded by the
-    chunk, not the context. Key slot s is visible to a query at slot p when s <= p and p - s < window. Same
-    result as `attend` up to float32 rounding.
-
-    q [B, T, Hkv, G, D]; k, v [B, Hkv, S, D]; q_slots [B, T]. Returns [B, T, Hkv, G, D].
-    """
-    s = k.shape[2]
-    block = min(block, s)
-    n_blocks = -(-s // block)
-    qp = q_slots[:, None, None, :, None]  # [B, 1, 1, T, 1]
-
-    def step(j, carry):
-        # The last block is shifted left to stay in bounds; columns it shares with the previous block are masked.
-        start = jnp.minimum(j * block, s - block)
-        kp = (start + jnp.arange(block, dtype=jnp.int32))[None, None, None, None, :]
-        kb = jax.lax.dynamic_slice_in_dim(k, start, block, axis=2)
-        vb = jax.lax.dynamic_slice_in_dim(v, start, block, axis=2)
-        ok = (kp <= qp) & (qp - kp < window) & (kp >= j * block)
-        return _online_softmax_step(q, kb, vb, ok, carry, scale=scale, softcap=softcap)
-
-    # Blocks wholly after every query are causally invisible: stop before them (halves a prefill's work).
-    last_block = jnp.minimum(jnp.max(q_slots) // block + 1, n_blocks)
-    return _online_softmax_output(jax.lax.fori_loop(0, last_block, step, _online_softmax_init(q)), q)
-
-
-def attend_cache_then_new(
-    q: jax.Array,
-    k_new: jax.Array,
-    v_new: jax.Array,
     cache_k: jax.Array,
     cache_v: jax.Array,
     layer: jax.Array,
-    cache_len: jax.Array,
+    q_slots: jax.Array,
+    kv_len: jax.Array,
     window: jax.Array | int,
     *,
+    new_kv: tuple[jax.Array, jax.Array] | None = None,
     scale: float,
     softcap: float | None,
     block: int = KEY_BLOCK,
 ) -> jax.Array:
-    """Attention of T new tokens over [the first cache_len[b] slots of a read-only stacked cache | themselves,
-    causally], as if they had been written at slots cache_len[b] + t, without writing them.
+    """Blockwise (online-softmax) attention over a layer of the stacked dense cache, read in place.
 
-    Nothing of the cache is copied: each key block is sliced straight out of the stacked [L, B, Hkv, S, D]
-    arrays at `layer`, so the temporaries are [B, Hkv, G, T, block] whatever the context length (KVzip's
-    scoring forward: the repeat input reads the context and is then forgotten).
+    Query t of row b sits at slot q_slots[b, t]; cache slot s is visible to it when s < kv_len[b], s <= its slot
+    and slot - s < window. With `new_kv` = (k, v) [B, T, Hkv, D], the T queries also attend to these keys of their
+    own, not written anywhere, as if stored at their query slots (causal, windowed): KVzip's scoring forward reads
+    the context this way and is then forgotten. Prefill writes its K/V first and passes None.
 
-    q [B, T, Hkv, G, D]; k_new, v_new [B, T, Hkv, D]; cache_len [B]. Returns [B, T, Hkv, G, D].
+    Each key block is sliced straight out of the stacked [L, B, Hkv, S, D] arrays at `layer`, and the cache only
+    passes through the loops unmodified, so XLA copies no part of it: the temporaries are [B, Hkv, G, T, block]
+    whatever the context length. q [B, T, Hkv, G, D]; q_slots [B, T]; kv_len [B]. Returns [B, T, Hkv, G, D].
     """
     _, b, hkv, s, d = cache_k.shape
     t = q.shape[1]
-    cache_block, new_block = min(block, s), min(block, t)
-    rows = jnp.arange(t, dtype=jnp.int32)[None, None, None, :, None]  # [1, 1, 1, T, 1]
-    kv_len = cache_len[:, None, None, None, None]
+    cache_block = min(block, s)
+    qp = q_slots[:, None, None, :, None]  # [B, 1, 1, T, 1]
+    visible_len = kv_len[:, None, None, None, None]
 
     def cache_step(j, carry):
+        # The last block is shifted left to stay in bounds; columns it shares with the previous block are masked.
         start = jnp.minimum(j * cache_block, s - cache_block)
         kp = (start + jnp.arange(cache_block, dtype=jnp.int32))[None, None, None, None, :]
         where = (layer, 0, 0, start, 0)
         kb = jax.lax.dynamic_slice(cache_k, where, (1, b, hkv, cache_block, d))[0].astype(q.dtype)
         vb = jax.lax.dynamic_slice(cache_v, where, (1, b, hkv, cache_block, d))[0].astype(q.dtype)
-        # Query t sits at slot cache_len + t: every valid slot is causally before it; the window still applies.
-        ok = (kp < kv_len) & (kv_len + rows - kp < window) & (kp >= j * cache_block)
+        ok = (kp < visible_len) & (kp <= qp) & (qp - kp < window) & (kp >= j * cache_block)
         return _online_softmax_step(q, kb, vb, ok, carry, scale=scale, softcap=softcap)
 
-    keys, values = k_new.transpose(0, 2, 1, 3), v_new.transpose(0, 2, 1, 3)  # [B, Hkv, T, D]: O(T) copies
-
-    def new_step(j, carry):
-        start = jnp.minimum(j * new_block, t - new_block)
-        kp = (start + jnp.arange(new_block, dtype=jnp.int32))[None, None, None, None, :]
-        kb = jax.lax.dynamic_slice_in_dim(keys, start, new_block, axis=2)
-        vb = jax.lax.dynamic_slice_in_dim(values, start, new_block, axis=2)
-        ok = (kp <= rows) & (rows - kp < window) & (kp >= j * new_block)
-        return _online_softmax_step(q, kb, vb, ok, carry, scale=scale, softcap=softcap)
-
-    n_cache_blocks = jnp.minimum(-(-jnp.max(cache_len) // cache_block), -(-s // cache_block))
+    # Blocks past every row's visible slots (and every query) are never read.
+    last = jnp.minimum(jnp.max(kv_len), jnp.max(q_slots) + 1)
+    n_cache_blocks = jnp.minimum(-(-last // cache_block), -(-s // cache_block))
     carry = jax.lax.fori_loop(0, n_cache_blocks, cache_step, _online_softmax_init(q))
-    carry = jax.lax.fori_loop(0, -(-t // new_block), new_step, carry)
+    if new_kv is not None:
+        new_block = min(block, t)
+        keys, values = (x.transpose(0, 2, 1, 3) for x in new_kv)  # [B, Hkv, T, D]: O(T) copies
+        rows = jnp.arange(t, dtype=jnp.int32)[None, None, None, :, None]
+
+        def new_step(j, carry):
+            start = jnp.minimum(j * new_block, t - new_block)
+            kp = (start + jnp.arange(new_block, dtype=jnp.int32))[None, None, None, None, :]
+            kb = jax.lax.dynamic_slice_in_dim(keys, start, new_block, axis=2)
+            vb = jax.lax.dynamic_slice_in_dim(values, start, new_block, axis=2)
+            ok = (kp <= rows) & (rows - kp < window) & (kp >= j * new_block)
+            return _online_softmax_step(q, kb, vb, ok, carry, scale=scale, softcap=softcap)
+
+        carry = jax.lax.fori_loop(0, -(-t // new_block), new_step, carry)
     return _online_softmax_output(carry, q)

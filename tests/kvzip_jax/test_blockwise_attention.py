@@ -1,81 +1,56 @@
-"""The blockwise (online-softmax) attention used for multi-token steps over long caches equals the direct one,
-and long prefills through it keep parity with transformers."""
+"""The blockwise (online-softmax) attention used for multi-token steps over long caches (prefill chunks and KVzip
+scoring, the cache read in place) equals the direct one, and long prefills through it keep parity with
+transformers."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kvzip_jax.models.layers import attend, attend_blockwise, attend_cache_then_new
+from kvzip_jax.models.layers import attend, attend_blockwise
 
 
-@pytest.mark.parametrize("window", [None, 37])
-@pytest.mark.parametrize("softcap", [None, 5.0])
-def test_blockwise_equals_direct(window, softcap):
-    rng = np.random.default_rng(0)
-    b, t, hkv, g, d, s = 2, 9, 2, 3, 16, 1100  # 1100 = 2 full blocks of 512 + a shifted, overlapping last one
-    q = jnp.asarray(rng.standard_normal((b, t, hkv, g, d)), jnp.float32)
-    k = jnp.asarray(rng.standard_normal((b, hkv, s, d)), jnp.float32)
-    v = jnp.asarray(rng.standard_normal((b, hkv, s, d)), jnp.float32)
-    slots = jnp.asarray(np.stack([np.arange(t) + 1000, np.arange(t) + 520]), jnp.int32)  # rows end mid-block
-    win = np.iinfo(np.int32).max if window is None else window
-    key = jnp.arange(s)[None, None, :]
-    mask = (key <= slots[:, :, None]) & (slots[:, :, None] - key < win)
-    ref = attend(q, k, v, mask[:, None], scale=0.25, softcap=softcap)
-    out = jax.jit(lambda *a: attend_blockwise(*a, scale=0.25, softcap=softcap, block=512))(
-        q, k, v, slots, jnp.int32(win)
-    )
-    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5)
-
-
-def test_blockwise_ignores_keys_past_the_queries():
-    """Keys after a query's slot (stale or unwritten) cannot leak in, even when they hold NaN."""
-    rng = np.random.default_rng(1)
-    q = jnp.asarray(rng.standard_normal((1, 2, 1, 2, 8)), jnp.float32)
-    k = np.asarray(rng.standard_normal((1, 1, 1030, 8)), np.float32)
-    v = np.asarray(rng.standard_normal((1, 1, 1030, 8)), np.float32)
-    slots = jnp.asarray([[600, 601]], jnp.int32)
-    clean = attend_blockwise(q, jnp.asarray(k), jnp.asarray(v), slots, jnp.int32(2**31 - 1), scale=0.3, softcap=None)
-    k[..., 700:, :] = np.nan
-    v[..., 700:, :] = 1e30
-    dirty = attend_blockwise(q, jnp.asarray(k), jnp.asarray(v), slots, jnp.int32(2**31 - 1), scale=0.3,
-                             softcap=None)
-    np.testing.assert_array_equal(np.asarray(clean), np.asarray(dirty))
-
-
-@pytest.mark.parametrize("window", [None, 300])
-@pytest.mark.parametrize("softcap", [None, 5.0])
-def test_cache_then_new_equals_writing_then_attending(window, softcap):
-    """The read-only scoring attention (cache in place, new keys kept aside) equals writing the new K/V at slots
-    cache_len + t and attending causally, for a layer inside a stacked cache with several key blocks, rows of
-    different lengths, and stale slots past cache_len that hold NaN (they must not leak in)."""
+@pytest.mark.parametrize("mode", ["written", "aside"])
+# window 50 is shorter than the new tokens themselves; block 32 gives several new-key blocks, the last one shifted.
+@pytest.mark.parametrize("window,softcap,block", [(None, None, 256), (300, 5.0, 32), (50, None, 32)])
+def test_blockwise_equals_writing_then_attending(mode, window, softcap, block):
+    """Blockwise attention over a layer of a stacked cache, read in place, equals the direct masked attention
+    after writing the new K/V at slots cache_len + t. "written": the new K/V are in the cache (prefill);
+    "aside": they are passed as `new_kv` and never written (KVzip scoring). Several key blocks, rows of
+    different lengths, and stale slots past what is visible hold NaN (they must not leak in)."""
     rng = np.random.default_rng(4)
     n_layers, b, t, hkv, g, d, s = 3, 2, 70, 2, 2, 16, 1100
     cache_len = np.array([1030, 400])
+    layer = 1
     ck = rng.standard_normal((n_layers, b, hkv, s, d)).astype(np.float32)
     cv = rng.standard_normal((n_layers, b, hkv, s, d)).astype(np.float32)
-    for row, n in enumerate(cache_len):
-        ck[:, row, :, n:], cv[:, row, :, n:] = np.nan, 1e30
-    q = jnp.asarray(rng.standard_normal((b, t, hkv, g, d)), jnp.float32)
     k_new = rng.standard_normal((b, t, hkv, d)).astype(np.float32)
     v_new = rng.standard_normal((b, t, hkv, d)).astype(np.float32)
-    layer = 1
-    win = np.iinfo(np.int32).max if window is None else window
-    out = jax.jit(lambda *a: attend_cache_then_new(*a, scale=0.25, softcap=softcap, block=256))(
-        q, jnp.asarray(k_new), jnp.asarray(v_new), jnp.asarray(ck), jnp.asarray(cv), jnp.int32(layer),
-        jnp.asarray(cache_len, jnp.int32), jnp.int32(win),
-    )
-    # Reference: write the new K/V into a copy of the layer's cache, then attend over it with the plain mask.
+    slots = cache_len[:, None] + np.arange(t)[None, :]
+    # Reference: the layer's visible cache with the new K/V written after it, then the plain masked attention.
     width = s + t
     keys, values = np.zeros((b, hkv, width, d), np.float32), np.zeros((b, hkv, width, d), np.float32)
-    slots = cache_len[:, None] + np.arange(t)[None, :]
     for row, n in enumerate(cache_len):
         keys[row, :, :n], values[row, :, :n] = ck[layer, row, :, :n], cv[layer, row, :, :n]
         keys[row, :, n : n + t] = k_new[row].transpose(1, 0, 2)
         values[row, :, n : n + t] = v_new[row].transpose(1, 0, 2)
+        stale = n + t if mode == "written" else n
+        if mode == "written":
+            ck[:, row, :, n : n + t] = k_new[row].transpose(1, 0, 2)
+            cv[:, row, :, n : n + t] = v_new[row].transpose(1, 0, 2)
+        ck[:, row, :, stale:], cv[:, row, :, stale:] = np.nan, 1e30
+    win = np.iinfo(np.int32).max if window is None else window
     key = np.arange(width)[None, None, :]
     mask = (key <= slots[:, :, None]) & (slots[:, :, None] - key < win)
-    ref = attend(q, jnp.asarray(keys), jnp.asarray(values), jnp.asarray(mask)[:, None], scale=0.25, softcap=softcap)
+    q = rng.standard_normal((b, t, hkv, g, d)).astype(np.float32)
+    ref = attend(jnp.asarray(q), jnp.asarray(keys), jnp.asarray(values), jnp.asarray(mask)[:, None], scale=0.25,
+                 softcap=softcap)
+    kv_len = slots[:, -1] + 1 if mode == "written" else cache_len
+    new_kv = None if mode == "written" else (jnp.asarray(k_new), jnp.asarray(v_new))
+    out = jax.jit(lambda *a: attend_blockwise(*a, new_kv=new_kv, scale=0.25, softcap=softcap, block=block))(
+        jnp.asarray(q), jnp.asarray(ck), jnp.asarray(cv), jnp.int32(layer), jnp.asarray(slots, jnp.int32),
+        jnp.asarray(kv_len, jnp.int32), jnp.int32(win),
+    )
     assert np.isfinite(np.asarray(out)).all()
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5)
 
