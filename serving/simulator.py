@@ -221,9 +221,11 @@ class Simulator:
             self._on_arrival(a)
         elif kind == DEC_STEP:
             if a.epoch == b:
+                self._check_completion(a)
                 self._on_decode_step(a)
         elif kind == PRE_DONE:
             if a.epoch == b:
+                self._check_completion(a)
                 self._on_prefill_done(a)
         elif kind == ENQ_D:
             self._on_enqueue_decode(a, b)
@@ -243,11 +245,18 @@ class Simulator:
             self._enqueue(a.group, Stage.ENCODE, a)
         elif kind == ENC_DONE:
             if a.epoch == b:
+                self._check_completion(a)
                 self._on_encode_done(a)
         elif kind == MIG_DONE:
             self._on_migration_done(a, b)
         elif kind == SWITCH_DONE:
             self._on_switch_done(a)
+
+    def _check_completion(self, inst: Instance):
+        """A live completion event must end the instance's one running step (no parallel step chains)."""
+        if self.cfg.check_invariants and (not inst.busy or abs(inst.busy_until - self.now) > 1e-9):
+            raise InvariantError(f"instance {inst.iid}: completion at {self.now} but busy={inst.busy}, "
+                                 f"busy_until={inst.busy_until}")
 
     # ---- arrivals and routing ---------------------------------------------------------------------------
     def _on_arrival(self, r: Request):
@@ -549,6 +558,8 @@ class Simulator:
         r.produced += done
 
     def _start_decode(self, inst: Instance):
+        if inst.busy:  # one iteration at a time: a second start would run a parallel step chain
+            return
         while inst.pending and len(inst.running) < self.cost.decode_max_batch:
             self._join_decode(inst, inst.pending.popleft())
         if not inst.running:
@@ -624,6 +635,7 @@ class Simulator:
             dt = self.cost.decode_step_time(len(inst.running), inst.sum_ctx)
             inst.busy = True
             inst.step_start = self.now
+            inst.busy_until = self.now + dt
             self._push(self.now + dt, DEC_STEP, inst, inst.epoch)
 
     # ---- batches, draining, switching, migration ---------------------------------------------------------

@@ -148,3 +148,28 @@ def test_migration_waits_when_every_peer_is_at_its_batch_cap():
     res = simulate(pol, reqs, cost, config=SimConfig(check_invariants=True))
     assert all(r.t_done is not None and r.produced == r.output_len for r in reqs)
     assert res.switches == 2
+
+
+def test_decode_runs_one_iteration_at_a_time():
+    """Regression: a decode step ending with a queued request used to start two steps (parallel step chains),
+    so decode ran several iterations per step time (TPOT 2.9 ms < the 9.8 ms weight read). Under a load that
+    queues decode, every finished request's TPOT must be at least the single-sequence step time."""
+    spec = tiny_spec(dataset="visualwebinstruct", rate=80.0, duration=15.0)
+    res, _ = checked_run(make_policy("static_epd", split=(3, 1, 1, 2, 1)), spec)  # checks the completion events
+    done = [r for r in res.requests if r.t_done is not None and r.output_len > 1]
+    assert len(done) > 100
+    for r in done:
+        tpot = (r.t_done - r.t_first) / (r.output_len - 1)
+        assert tpot >= COST.decode_step_time(1, r.input_len) - 1e-12, (r.rid, tpot)
+
+
+def test_cross_group_move_fires_before_the_stage_is_80_percent_busy():
+    """TEXT starts at 1P (official MM-heavy layout); on a text-heavy load its prefill queue misses the TTFT SLO
+    at ~40-60% utilisation, so the reactive gain-cost comparison must move an MM instance over within seconds,
+    not wait for the old 80%-busy gate (which took ~11 s at this load)."""
+    spec = tiny_spec(dataset="visualwebinstruct", rate=32.5, duration=6.0)
+    res, _ = checked_run(make_policy("elasticmm"), spec)
+    to_text = [t for t, _, old, new in res.switch_log if old[0] == Group.MM and new == (Group.TEXT, Stage.PREFILL)]
+    assert to_text and to_text[0] < 5.0, res.switch_log
+    gated, _ = checked_run(make_policy("elasticmm", cross_group_util=0.8), spec, check_invariants=False)
+    assert not any(old[0] == Group.MM and new[0] == Group.TEXT for _, _, old, new in gated.switch_log)
