@@ -37,7 +37,7 @@ from .policies import EPD_STAGES, Policy
 @dataclass(frozen=True)
 class ElasticConfig:
     w: float = 0.004  # preemption penalty (the official calibration's value)
-    cooldown: float = 5.0  # s: minimum dwell time of an instance in a role
+    cooldown: float = 2.0  # s: minimum dwell time of an instance in a role (5 s blocked burst response)
     tick: float = 0.1  # s: scheduling period
     proactive_interval: float = 30.0  # s
     gain_window: int = 32  # requests of a queue looked at by T(R, E)
@@ -52,6 +52,9 @@ class ElasticConfig:
     nonblocking: bool = True
     proactive: bool = True
     reactive: bool = True
+    # reactive cross-group candidates enter the gain-cost comparison when the target stage's mean busy fraction
+    # is at least this (0: whenever the stage has a queue and no free instance; the donor guard still applies)
+    cross_group_util: float = 0.0
 
 
 class ElasticMM(Policy):
@@ -232,11 +235,21 @@ class ElasticMM(Policy):
                 ctx += r.input_len + r.produced
                 s1 += 1.0 / r.output_len
                 srem += (r.output_len - r.produced) / r.output_len
-        for r in sim.q[(g, Stage.DECODE)]:
-            b += 1
-            ctx += r.input_len
-            s1 += 1.0 / r.output_len
-            srem += 1.0
+        q = sim.q[(g, Stage.DECODE)]
+        if q:
+            # requests waiting for a decode slot: summed over the first gain_window and scaled to the queue
+            # length, so a tick stays O(instances) however long an overloaded decode queue grows
+            k = min(len(q), max(1, self.cfg.gain_window))
+            qc = qi = 0.0
+            for j in range(k):
+                r = q[j]
+                qc += r.input_len
+                qi += 1.0 / r.output_len
+            f = len(q) / k
+            b += len(q)
+            ctx += qc * f
+            s1 += qi * f
+            srem += len(q)
         return n, b, ctx, s1, srem
 
     def _step(self, n, b, ctx) -> float:
@@ -279,10 +292,12 @@ class ElasticMM(Policy):
         return self.cfg.repartition_margin * sum((f - b) / L for f, b, L in zip(fins, base, lens))
 
     def _overloaded(self, sim, g, s) -> bool:
-        """A role is overloaded when its instances' mean busy fraction reaches donor_max_util (the same level
-        below which a donor may give an instance away, so receiving and giving cannot alternate)."""
+        """Gate of the reactive cross-group candidates: the role's mean busy fraction reaches cross_group_util.
+        The default 0 admits them whenever _grow_stage runs (a queue and no free instance): a scale-1 TTFT SLO
+        (2x the unloaded time) is already missed at 40-60% utilisation, so an 80% gate reacted ~10 s late; the
+        gain-cost comparison and the donor guard (donor_max_util) decide whether a move pays."""
         insts = self._roles(sim).get((g, s), ())
-        return bool(insts) and sum(self.util.get(i.iid, 0.0) for i in insts) / len(insts) >= self.cfg.donor_max_util
+        return bool(insts) and sum(self.util.get(i.iid, 0.0) for i in insts) / len(insts) >= self.cfg.cross_group_util
 
     def _candidates(self, sim, g, target_stage, now, cross: bool = True):
         """One representative per (group, stage) role other than the target: idle first, else e_max."""

@@ -47,7 +47,7 @@ class MatrixConfig:
     speed_duration: float  # traffic seconds for the simulation-speed measurement
 
 
-FULL = MatrixConfig(steady_duration=120, bursty_duration=600, grid_points=9, refine=2, rate_lo=3, rate_hi=96,
+FULL = MatrixConfig(steady_duration=120, bursty_duration=600, grid_points=9, refine=4, rate_lo=3, rate_hi=96,
                     static_probe_top=2, diurnal_duration=1200, speed_duration=3600)
 QUICK = MatrixConfig(steady_duration=40, bursty_duration=300, grid_points=5, refine=0, rate_lo=4, rate_hi=64,
                      static_probe_top=1, diurnal_duration=300, speed_duration=300)
@@ -175,12 +175,12 @@ def run_matrix(out: Path, quick: bool, jobs: int, seed: int = 0, log=print) -> d
         g_b = gp_main[(ds, "bursty")]["elasticmm"][3] or cfg.rate_lo
         wl = bursty(ds, cfg.bursty_duration, seed).with_rate(round(g_b, 2))
         sens_specs = [RunSpec("elasticmm", policy_kw(w=w), wl) for w in (0.0, 0.004, 0.04, 0.4, 1e9)]
-        sens_specs += [RunSpec("elasticmm", policy_kw(cooldown=c), wl) for c in (1.0, 5.0, 20.0)]
+        sens_specs += [RunSpec("elasticmm", policy_kw(cooldown=c), wl) for c in (1.0, 2.0, 5.0, 20.0)]
         # the decode target trades TPOT for TTFT: sweep it where decode is loaded (text-heavy, steady)
         g_v = gp_main[("visualwebinstruct", "steady")]["elasticmm"][3] or cfg.rate_lo
         wl_v = steady("visualwebinstruct", cfg.steady_duration, seed).with_rate(round(g_v, 2))
         sens_specs += [RunSpec("elasticmm", policy_kw(decode_step_factor=f), wl_v) for f in (1.5, 2.0, 3.0, 6.0)]
-        sens = [dict(r, w=r["policy_kw"].get("w", 0.004), cooldown=r["policy_kw"].get("cooldown", 5.0),
+        sens = [dict(r, w=r["policy_kw"].get("w", 0.004), cooldown=r["policy_kw"].get("cooldown", 2.0),
                      decode_step_factor=r["policy_kw"].get("decode_step_factor", 2.0))
                 for r in runner.many(sens_specs, desc="sensitivity")]
         write_csv(out / "elasticmm_sensitivity.csv", sens)
