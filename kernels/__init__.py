@@ -6,13 +6,15 @@ kernel, else the reference). Both Pallas backends also run on CPU with `interpre
 
 - `paged_attention`: decode attention over the head-wise paged cache (dispatcher, with input checks).
 - `kvzip_scores`: KVzip's fused chunk scoring (max over queries and group of the softmax over
-  [system | chunk | repeat] keys, computed blockwise), with its dispatcher and input checks.
+  [system | chunk | repeat] keys, computed blockwise), with its dispatcher and input checks;
+  `kvzip_scores_from_lse` its second pass alone, for a caller that accumulated the log-sum-exp itself.
 - `use_backend(backend, interpret=...)`: a context that sets the backend of dispatcher calls that pass none
   (how the decoder is switched to a kernel); read at trace time.
 """
 
 from kernels.backend import use_backend
 from kernels.dispatch import paged_attention
-from kernels.kvzip_scores import kvzip_scores, kvzip_scores_reference
+from kernels.kvzip_scores import kvzip_scores, kvzip_scores_backend, kvzip_scores_from_lse, kvzip_scores_reference
 
-__all__ = ["kvzip_scores", "kvzip_scores_reference", "paged_attention", "use_backend"]
+__all__ = ["kvzip_scores", "kvzip_scores_backend", "kvzip_scores_from_lse", "kvzip_scores_reference",
+           "paged_attention", "use_backend"]

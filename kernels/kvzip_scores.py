@@ -78,13 +78,36 @@ def kvzip_scores_reference(
         0, -(-width // block), lse_step, (jnp.full(shape, neg, jnp.float32), jnp.zeros(shape, jnp.float32))
     )
     lse = mx + jnp.log(jnp.where(total > 0, total, 1.0))  # [B, Hkv, G, T]
+    return kvzip_scores_from_lse(q, keys[:, :, n_sys : n_sys + m], lse, chunk_len=chunk_len, n_valid=n_valid,
+                                 scale=scale, softcap=softcap, block=block)
 
+
+def kvzip_scores_from_lse(
+    q: jax.Array,
+    chunk_keys: jax.Array,
+    lse: jax.Array,
+    *,
+    chunk_len: jax.Array,
+    n_valid: jax.Array,
+    scale: float,
+    softcap: float | None = None,
+    block: int = REFERENCE_BLOCK,
+) -> jax.Array:
+    """Pass 2 alone, blockwise jnp: score[b, h, c] = max over the G heads and valid rows of exp(logit - lse) at
+    chunk column c, given each row's log-sum-exp over [system | chunk | repeat] (pass 1, or a forward that
+    accumulated it alongside its attention). chunk_keys [B, Hkv, m, D]; lse [B, Hkv, G, T]. Returns [B, Hkv, m]."""
+    b, t, hkv, _, _ = q.shape
+    m = chunk_keys.shape[2]
+    row_ok = jnp.arange(t, dtype=jnp.int32)[None, :] < n_valid[:, None]  # [B, T]
     chunk_block = min(block, m)
 
     def max_step(j, scores):
         start = jnp.minimum(j * chunk_block, m - chunk_block)
         cols = start + jnp.arange(chunk_block, dtype=jnp.int32)  # chunk-relative
-        logits = logits_of(jax.lax.dynamic_slice_in_dim(keys, n_sys + start, chunk_block, axis=2))
+        logits = jnp.einsum("bthgd,bhsd->bhgts", q, jax.lax.dynamic_slice_in_dim(chunk_keys, start, chunk_block, 2),
+                            preferred_element_type=jnp.float32) * np.float32(scale)
+        if softcap is not None:
+            logits = jnp.tanh(logits / np.float32(softcap)) * np.float32(softcap)
         ok = (cols[None, None, :] < chunk_len[:, None, None]) & row_ok[:, :, None]
         probs = jnp.where(ok[:, None, None], jnp.exp(logits - lse[..., None]), 0.0)
         # Overlapping columns of a shifted last block get the same value twice: overwriting is exact.
@@ -152,6 +175,11 @@ def _check_inputs(q, keys, n_sys, chunk_len, n_valid) -> None:
         if bad.any():
             i = int(np.argmax(bad))
             raise ValueError(f"kvzip_scores: {name}[{i}] = {int(values[i])} is outside [0, {hi}]")
+
+
+def kvzip_scores_backend(backend: str | None = None) -> str:
+    """The concrete backend `kvzip_scores` would run for `backend` (None: the `use_backend` context)."""
+    return resolve_backend(requested_backend(backend, None)[0], BACKENDS, "kvzip_scores")
 
 
 def kvzip_scores(

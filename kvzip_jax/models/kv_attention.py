@@ -10,8 +10,10 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from kernels import kvzip_scores, paged_attention
+from kernels import kvzip_scores, kvzip_scores_backend, kvzip_scores_from_lse, paged_attention
+from kernels.backend import REFERENCE
 from kvzip_jax.config import ModelConfig
 from kvzip_jax.models.layers import KEY_BLOCK, attend, attend_blockwise
 
@@ -70,18 +72,55 @@ def chunk_scores(
     )
 
 
+# Fused scores are recomputed exactly when a row's [system | chunk | repeat] denominator, relative to its attention
+# max, falls below exp(-60): then every score-set logit lies more than ~60 below that max and the shared scaling
+# may have lost terms to float32 underflow (exp(-87) is the smallest normal). Above it the largest term is at
+# most ~69 below the max (a few thousand keys), still a normal float32, and what underflows is negligible.
+FUSED_SCORE_MIN_DENOMINATOR = float(np.exp(-60.0))
+
+
 def dense_score_attend(q, k, v, ck, cv, layer, cache_len, window, config: ModelConfig, n_valid, score: ScoreChunk):
     """KVzip's scoring forward in one layer: the repeat input attends over [cached system | context | itself] and
     scores the chunk's pairs, reading the cache in place and writing nothing to it (so no rollback, no copy of a
     layer's cache, and temporaries bounded by the chunk). Returns (attention output, scores [B, Hkv, m]).
 
-    The repeat K/V go through the cache dtype first, exactly as if they had been written to it and read back."""
+    The repeat K/V go through the cache dtype first, exactly as if they had been written to it and read back.
+    On the jnp reference backend (CPU) the attention loop also accumulates the score softmax's log-sum-exp (its
+    keys are a subset of what a full-attention layer sees), so only the second pass over the chunk's m keys is
+    left; a Pallas backend runs its own fused two-pass kernel. Sliding-window layers are never scored (KVzip
+    evicts only full-attention layers): their scores are zeros on every backend.
+    """
     k = k.astype(ck.dtype).astype(q.dtype)
     v = v.astype(cv.dtype).astype(q.dtype)
-    slots = cache_len[:, None] + jnp.arange(q.shape[1], dtype=jnp.int32)[None, :]
-    out = attend_blockwise(q, ck, cv, layer, slots, cache_len, window, new_kv=(k, v), scale=config.attn_scale,
-                           softcap=config.attn_logit_softcap)
-    scores = chunk_scores(q, ck, layer, k.transpose(0, 2, 1, 3), score, n_valid, config)
+    t = q.shape[1]
+    slots = cache_len[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    kw = dict(new_kv=(k, v), scale=config.attn_scale, softcap=config.attn_logit_softcap)
+    full_layer = window >= jnp.iinfo(jnp.int32).max
+    if kvzip_scores_backend() != REFERENCE:
+        out = attend_blockwise(q, ck, cv, layer, slots, cache_len, window, **kw)
+        scores = chunk_scores(q, ck, layer, k.transpose(0, 2, 1, 3), score, n_valid, config)
+        return out, jnp.where(full_layer, scores, 0.0)
+    score_set = (score.n_sys, score.chunk_start, score.chunk_len)
+    out, stats = attend_blockwise(q, ck, cv, layer, slots, cache_len, window, score_set=score_set, **kw)
+    row_ok = (jnp.arange(t, dtype=jnp.int32)[None, :] < n_valid[:, None])[:, None, None, :]  # [B, 1, 1, T]
+    exact_enough = jnp.all(jnp.where(row_ok, stats.relative_denominator >= FUSED_SCORE_MIN_DENOMINATOR, True))
+
+    def from_lse():
+        m, batch = score.chunk_size, q.shape[0]
+        rows = score.n_sys + score.chunk_start[:, None] + jnp.arange(m, dtype=jnp.int32)[None, :]
+        batch_idx = jnp.arange(batch, dtype=jnp.int32)[:, None]
+        chunk_keys = ck[layer, batch_idx, :, jnp.clip(rows, 0, ck.shape[3] - 1)].transpose(0, 2, 1, 3)
+        return kvzip_scores_from_lse(q, chunk_keys.astype(q.dtype), stats.lse, chunk_len=score.chunk_len,
+                                     n_valid=n_valid, scale=config.attn_scale, softcap=config.attn_logit_softcap)
+
+    def two_pass():
+        return chunk_scores(q, ck, layer, k.transpose(0, 2, 1, 3), score, n_valid, config)
+
+    def not_fused():  # sliding layers skip scoring (their window may hide part of the score set)
+        no_scores = jnp.zeros((q.shape[0], q.shape[2], score.chunk_size), jnp.float32)
+        return jax.lax.cond(full_layer, two_pass, lambda: no_scores)
+
+    scores = jax.lax.cond(full_layer & exact_enough, from_lse, not_fused)
     return out, scores
 
 

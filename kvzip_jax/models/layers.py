@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -145,10 +147,15 @@ class MLP(nnx.Module):
 KEY_BLOCK = 512  # keys per block of the blockwise (online-softmax) attention
 
 
-def _online_softmax_step(q, kb, vb, ok, carry, *, scale: float, softcap: float | None):
+def _online_softmax_step(q, kb, vb, ok, carry, *, scale: float, softcap: float | None, ok_score=None,
+                         touches_score=True):
     """One key block of an online softmax. q [B, T, Hkv, G, D]; kb, vb [B, Hkv, block, D]; ok broadcastable to
-    [B, Hkv, G, T, block]; carry (running max, denominator [B, Hkv, G, T], numerator [B, Hkv, G, T, D])."""
-    m, denom, acc = carry
+    [B, Hkv, G, T, block]; carry (running max, denominator [B, Hkv, G, T], numerator [B, Hkv, G, T, D]).
+
+    With `ok_score` (a subset of `ok`) the carry also holds those keys' share of the denominator, scaled by the
+    same running max: a second softmax over a subset of the keys, for one masked sum. `touches_score` (a traced
+    bool) skips that sum for blocks with no such key."""
+    m, denom, acc = carry[:3]
     neg = jnp.finfo(jnp.float32).min
     logits = jnp.einsum("bthgd,bhsd->bhgts", q, kb, preferred_element_type=jnp.float32) * np.float32(scale)
     if softcap is not None:
@@ -160,19 +167,35 @@ def _online_softmax_step(q, kb, vb, ok, carry, *, scale: float, softcap: float |
     denom = denom * correction + p.sum(axis=-1)
     acc = acc * correction[..., None] + jnp.einsum("bhgts,bhsd->bhgtd", p.astype(vb.dtype), vb,
                                                    preferred_element_type=jnp.float32)
-    return m_new, denom, acc
+    if ok_score is None:
+        return m_new, denom, acc
+    denom_score = carry[3] * correction
+    denom_score = jax.lax.cond(touches_score, lambda: denom_score + jnp.where(ok_score, p, 0.0).sum(axis=-1),
+                               lambda: denom_score)
+    return m_new, denom, acc, denom_score
 
 
-def _online_softmax_init(q: jax.Array):
+def _online_softmax_init(q: jax.Array, with_score: bool = False):
     b, t, hkv, g, d = q.shape
-    return (jnp.full((b, hkv, g, t), jnp.finfo(jnp.float32).min, jnp.float32),
-            jnp.zeros((b, hkv, g, t), jnp.float32), jnp.zeros((b, hkv, g, t, d), jnp.float32))
+    zero = jnp.zeros((b, hkv, g, t), jnp.float32)
+    base = (jnp.full((b, hkv, g, t), jnp.finfo(jnp.float32).min, jnp.float32), zero,
+            jnp.zeros((b, hkv, g, t, d), jnp.float32))
+    return (*base, zero) if with_score else base
 
 
 def _online_softmax_output(carry, q: jax.Array) -> jax.Array:
-    _, denom, acc = carry
+    _, denom, acc = carry[:3]
     out = acc / jnp.where(denom > 0, denom, 1.0)[..., None]
     return out.transpose(0, 3, 1, 2, 4).astype(q.dtype)
+
+
+class ScoreSetStats(NamedTuple):
+    """KVzip's [system | chunk | repeat] softmax, accumulated by the attention loop, per query row [B, Hkv, G, T]:
+    its log-sum-exp, and its denominator relative to the attention's running max (tiny when every score-set
+    logit lies far below that max: the shared scaling may then have underflowed and the caller recomputes)."""
+
+    lse: jax.Array
+    relative_denominator: jax.Array
 
 
 def attend_blockwise(
@@ -185,16 +208,21 @@ def attend_blockwise(
     window: jax.Array | int,
     *,
     new_kv: tuple[jax.Array, jax.Array] | None = None,
+    score_set: tuple[int, jax.Array, jax.Array] | None = None,
     scale: float,
     softcap: float | None,
     block: int = KEY_BLOCK,
-) -> jax.Array:
+):
     """Blockwise (online-softmax) attention over a layer of the stacked dense cache, read in place.
 
     Query t of row b sits at slot q_slots[b, t]; cache slot s is visible to it when s < kv_len[b], s <= its slot
     and slot - s < window. With `new_kv` = (k, v) [B, T, Hkv, D], the T queries also attend to these keys of their
     own, not written anywhere, as if stored at their query slots (causal, windowed): KVzip's scoring forward reads
     the context this way and is then forgotten. Prefill writes its K/V first and passes None.
+
+    `score_set` = (n_sys, chunk_start [B], chunk_len [B]) also accumulates KVzip's chunk-local softmax over
+    [cache slots < n_sys | the chunk's slots | all new keys] in the same loop (it must be a subset of what the
+    queries see: full-attention layers) and returns (out, ScoreSetStats).
 
     Each key block is sliced straight out of the stacked [L, B, Hkv, S, D] arrays at `layer`, and the cache only
     passes through the loops unmodified, so XLA copies no part of it: the temporaries are [B, Hkv, G, T, block]
@@ -214,12 +242,21 @@ def attend_blockwise(
         kb = jax.lax.dynamic_slice(cache_k, where, (1, b, hkv, cache_block, d))[0].astype(q.dtype)
         vb = jax.lax.dynamic_slice(cache_v, where, (1, b, hkv, cache_block, d))[0].astype(q.dtype)
         ok = (kp < visible_len) & (kp <= qp) & (qp - kp < window) & (kp >= j * cache_block)
-        return _online_softmax_step(q, kb, vb, ok, carry, scale=scale, softcap=softcap)
+        ok_score, touches = None, True
+        if score_set is not None:
+            n_sys, chunk_start, chunk_len = score_set
+            first = n_sys + chunk_start[:, None, None, None, None]
+            ok_score = ok & ((kp < n_sys) | ((kp >= first) & (kp < first + chunk_len[:, None, None, None, None])))
+            # Most cache blocks hold no system or chunk slot: they skip the score sum.
+            chunk_lo, chunk_hi = n_sys + chunk_start, n_sys + chunk_start + chunk_len
+            touches = (start < n_sys) | jnp.any((start < chunk_hi) & (start + cache_block > chunk_lo))
+        return _online_softmax_step(q, kb, vb, ok, carry, scale=scale, softcap=softcap, ok_score=ok_score,
+                                    touches_score=touches)
 
     # Blocks past every row's visible slots (and every query) are never read.
     last = jnp.minimum(jnp.max(kv_len), jnp.max(q_slots) + 1)
     n_cache_blocks = jnp.minimum(-(-last // cache_block), -(-s // cache_block))
-    carry = jax.lax.fori_loop(0, n_cache_blocks, cache_step, _online_softmax_init(q))
+    carry = jax.lax.fori_loop(0, n_cache_blocks, cache_step, _online_softmax_init(q, score_set is not None))
     if new_kv is not None:
         new_block = min(block, t)
         keys, values = (x.transpose(0, 2, 1, 3) for x in new_kv)  # [B, Hkv, T, D]: O(T) copies
@@ -231,7 +268,13 @@ def attend_blockwise(
             kb = jax.lax.dynamic_slice_in_dim(keys, start, new_block, axis=2)
             vb = jax.lax.dynamic_slice_in_dim(values, start, new_block, axis=2)
             ok = (kp <= rows) & (rows - kp < window) & (kp >= j * new_block)
-            return _online_softmax_step(q, kb, vb, ok, carry, scale=scale, softcap=softcap)
+            ok_score = None if score_set is None else ok
+            return _online_softmax_step(q, kb, vb, ok, carry, scale=scale, softcap=softcap, ok_score=ok_score)
 
         carry = jax.lax.fori_loop(0, -(-t // new_block), new_step, carry)
-    return _online_softmax_output(carry, q)
+    out = _online_softmax_output(carry, q)
+    if score_set is None:
+        return out
+    m, _, _, denom_score = carry
+    lse = m + jnp.log(jnp.where(denom_score > 0, denom_score, 1.0))
+    return out, ScoreSetStats(lse=lse, relative_denominator=denom_score)

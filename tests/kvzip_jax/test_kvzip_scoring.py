@@ -325,3 +325,52 @@ def test_bad_scoring_input(scored):
         compressor.score(params, LLAMA, PROMPT, [], chunk_size=CHUNK, progress=False)
     with pytest.raises(ValueError, match=r"token id 128 is out of range.*128"):
         compressor.score(params, LLAMA, PROMPT, [ctxs[0][:-1] + [128]], chunk_size=CHUNK, progress=False)
+
+
+# ----------------------------------------------------------- the fused log-sum-exp path of the CPU reference
+def _fused_case(outlier: float = 0.0):
+    """One layer of a stacked cache [L=2, B=2, H=2, S, D] and a repeat input; `outlier` puts one huge logit on a
+    context slot outside the chunk (row 0), far above every logit of the score set."""
+    rng = np.random.default_rng(7)
+    b, t, h, g, d, n_sys, m, s = 2, 9, 2, 2, 16, 3, 8, 40
+    cache_len = np.array([n_sys + 30, n_sys + 22], np.int32)
+    q = rng.standard_normal((b, t, h, g, d)).astype(np.float32)
+    ck = rng.standard_normal((2, b, h, s, d)).astype(np.float32)
+    cv = rng.standard_normal((2, b, h, s, d)).astype(np.float32)
+    if outlier:
+        ck[1, 0, :, n_sys + 2] = outlier * q[0].mean(axis=(0, 2)) / np.linalg.norm(q[0].mean(axis=(0, 2)))
+    k = rng.standard_normal((b, t, h, d)).astype(np.float32)
+    v = rng.standard_normal((b, t, h, d)).astype(np.float32)
+    spec = ScoreChunk(chunk_start=jnp.asarray([16, 16], jnp.int32), chunk_len=jnp.asarray([8, 3], jnp.int32),
+                      n_sys=n_sys, chunk_size=m)
+    n_valid = jnp.asarray([9, 6], jnp.int32)
+    arrays = tuple(jnp.asarray(x) for x in (q, k, v, ck, cv))
+    return arrays, jnp.asarray(cache_len), spec, n_valid
+
+
+@pytest.mark.parametrize("outlier", [0.0, 400.0], ids=["shared-max", "large-gap-fallback"])
+def test_fused_scores_equal_the_two_pass_scores(outlier):
+    """On CPU the attention loop accumulates the score softmax's log-sum-exp; the scores must equal the separate
+    two-pass computation, also when one context logit dwarfs the score set (the exact fallback is taken)."""
+    from kvzip_jax.models.kv_attention import dense_score_attend
+    from kvzip_jax.models.layers import attend_blockwise
+
+    (q, k, v, ck, cv), cache_len, spec, n_valid = _fused_case(outlier)
+    layer, window = jnp.int32(1), jnp.int32(np.iinfo(np.int32).max)
+    run = jax.jit(lambda *a: dense_score_attend(*a, LLAMA_G4, n_valid, spec))
+    out, scores = run(q, k, v, ck, cv, layer, cache_len, window)
+    repeat_keys = k.transpose(0, 2, 1, 3)
+    two_pass = chunk_scores(q, ck, layer, repeat_keys, spec, n_valid, LLAMA_G4)
+    np.testing.assert_allclose(np.asarray(scores), np.asarray(two_pass), rtol=1e-5, atol=1e-7)
+    slots = cache_len[:, None] + jnp.arange(q.shape[1])[None, :]
+    plain = attend_blockwise(q, ck, cv, layer, slots, cache_len, window, new_kv=(k, v),
+                             scale=LLAMA_G4.attn_scale, softcap=None)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(plain), rtol=1e-5, atol=1e-6)
+    if outlier:  # the case really is one the shared scaling cannot carry
+        _, stats = attend_blockwise(q, ck, cv, layer, slots, cache_len, window, new_kv=(k, v),
+                                    score_set=(spec.n_sys, spec.chunk_start, spec.chunk_len),
+                                    scale=LLAMA_G4.attn_scale, softcap=None)
+        assert float(stats.relative_denominator.min()) < np.exp(-60.0)
+    # A sliding-window layer is not scored.
+    _, sliding = run(q, k, v, ck, cv, layer, cache_len, jnp.int32(1000))
+    assert not np.asarray(sliding).any()
