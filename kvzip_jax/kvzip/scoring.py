@@ -25,6 +25,8 @@ from kvzip_jax.kvzip.prompts import RepeatChunk
 from kvzip_jax.models.decoder import forward_scores
 from kvzip_jax.models.kv_attention import ScoreChunk
 
+STEP_WIDTH_MULTIPLE = 512
+
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _score_chunk(params, tokens, cache: DenseKVCache, n_valid, score: ScoreChunk, *, config: ModelConfig):
@@ -61,7 +63,10 @@ def score_context(
     covered = np.zeros((batch, max(n_ctx)), np.int32)
     steps = max(len(row) for row in chunks)
     for step in tqdm(range(steps), desc="KVzip scoring", unit="chunk", disable=not progress):
-        tokens = np.zeros((batch, width), np.int32)
+        # A short step (the context's last, partial chunk) runs at a narrower padded width instead of the full
+        # one: widths are rounded up to STEP_WIDTH_MULTIPLE, so at most a few shapes are ever compiled.
+        longest = max(len(row[step].ids) for row in chunks if step < len(row))
+        tokens = np.zeros((batch, min(width, -(-longest // STEP_WIDTH_MULTIPLE) * STEP_WIDTH_MULTIPLE)), np.int32)
         n_valid, start, length = (np.zeros(batch, np.int32) for _ in range(3))
         for b, row in enumerate(chunks):
             if step < len(row):
