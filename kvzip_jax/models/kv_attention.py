@@ -32,6 +32,13 @@ class ScoreChunk:
     chunk_size: int = dataclasses.field(metadata=dict(static=True))
 
 
+def gather_cache_rows(cache_k: jax.Array, layer: jax.Array, rows: jax.Array) -> jax.Array:
+    """Keys of one layer at per-row slots, read from the stacked [L, B, Hkv, S, D] cache in place (one gather, no
+    copy of the layer): rows [B, n] -> [B, Hkv, n, D]. Slots past the cache are clipped; callers mask them."""
+    batch_idx = jnp.arange(rows.shape[0], dtype=jnp.int32)[:, None]
+    return cache_k[layer, batch_idx, :, jnp.clip(rows, 0, cache_k.shape[3] - 1)].transpose(0, 2, 1, 3)
+
+
 def chunk_scores(
     q: jax.Array,
     cache_k: jax.Array,
@@ -57,14 +64,12 @@ def chunk_scores(
     TPU). `block` overrides its key block size (None: the backend's default); `backend` its choice (None: the
     `kernels.use_backend` context, "auto" by default).
     """
-    m, n_sys, s = spec.chunk_size, spec.n_sys, cache_k.shape[3]
-    batch = q.shape[0]
+    m, n_sys = spec.chunk_size, spec.n_sys
     rows = jnp.concatenate([
-        jnp.broadcast_to(jnp.arange(n_sys, dtype=jnp.int32), (batch, n_sys)),
+        jnp.broadcast_to(jnp.arange(n_sys, dtype=jnp.int32), (q.shape[0], n_sys)),
         n_sys + spec.chunk_start[:, None] + jnp.arange(m, dtype=jnp.int32)[None, :],
-    ], axis=1)  # [B, n_sys + m]; a short last chunk's tail is clipped here and masked by chunk_len
-    batch_idx = jnp.arange(batch, dtype=jnp.int32)[:, None]
-    context = cache_k[layer, batch_idx, :, jnp.clip(rows, 0, s - 1)].transpose(0, 2, 1, 3)  # [B, Hkv, n_sys+m, D]
+    ], axis=1)  # [B, n_sys + m]; a short last chunk's tail is clipped in the gather and masked by chunk_len
+    context = gather_cache_rows(cache_k, layer, rows)  # [B, Hkv, n_sys + m, D]
     keys = jnp.concatenate([context.astype(q.dtype), repeat_keys.astype(q.dtype)], axis=2)
     return kvzip_scores(
         q, keys, n_sys=n_sys, chunk_len=spec.chunk_len, n_valid=n_valid, scale=config.attn_scale,
@@ -106,10 +111,8 @@ def dense_score_attend(q, k, v, ck, cv, layer, cache_len, window, config: ModelC
     exact_enough = jnp.all(jnp.where(row_ok, stats.relative_denominator >= FUSED_SCORE_MIN_DENOMINATOR, True))
 
     def from_lse():
-        m, batch = score.chunk_size, q.shape[0]
-        rows = score.n_sys + score.chunk_start[:, None] + jnp.arange(m, dtype=jnp.int32)[None, :]
-        batch_idx = jnp.arange(batch, dtype=jnp.int32)[:, None]
-        chunk_keys = ck[layer, batch_idx, :, jnp.clip(rows, 0, ck.shape[3] - 1)].transpose(0, 2, 1, 3)
+        rows = score.n_sys + score.chunk_start[:, None] + jnp.arange(score.chunk_size, dtype=jnp.int32)[None, :]
+        chunk_keys = gather_cache_rows(ck, layer, rows)
         return kvzip_scores_from_lse(q, chunk_keys.astype(q.dtype), stats.lse, chunk_len=score.chunk_len,
                                      n_valid=n_valid, scale=config.attn_scale, softcap=config.attn_logit_softcap)
 
