@@ -181,7 +181,9 @@ class ModelConfig:
         if not self.layer_types:
             object.__setattr__(self, "layer_types", (FULL,) * self.num_layers)
         if len(self.layer_types) != self.num_layers:
-            raise ValueError(f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is {self.num_layers}")
+            raise ValueError(
+                f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is {self.num_layers}"
+            )
         for kind in self.layer_types:
             if kind not in (FULL, SLIDING):
                 raise UnsupportedModelError(f"layer type {kind!r} is not supported; supported: {FULL}, {SLIDING}")
@@ -191,7 +193,8 @@ class ModelConfig:
             raise ValueError("sliding_attention layers need a positive sliding_window")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
-                f"num_attention_heads ({self.num_heads}) must be a multiple of num_key_value_heads ({self.num_kv_heads})"
+                f"num_attention_heads ({self.num_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads})"
             )
         if self.hidden_act not in ("silu", "gelu_pytorch_tanh"):
             raise UnsupportedModelError(

@@ -39,6 +39,9 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
+DEFAULT_SAMPLING = SamplingConfig()  # greedy; frozen, so one shared instance is a safe argument default
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerationResult:
     tokens: list[list[int]]  # generated ids per prompt, stop token included, nothing after it
@@ -194,7 +197,7 @@ def generate(
     prompts: Sequence[Sequence[int]],
     *,
     max_new_tokens: int,
-    sampling: SamplingConfig = SamplingConfig(),
+    sampling: SamplingConfig = DEFAULT_SAMPLING,
     stop_token_ids: Sequence[int] | None = None,
     capacity: int | None = None,
     chunk_size: int = DEFAULT_CHUNK,

@@ -16,7 +16,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from kvzip_jax.config import ModelConfig
-from kvzip_jax.generate import DEFAULT_CHUNK, SamplingConfig, generate
+from kvzip_jax.generate import DEFAULT_CHUNK, DEFAULT_SAMPLING, SamplingConfig, generate
 from kvzip_jax.models.hf_io import load_params, save_params
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -65,7 +65,7 @@ class LanguageModel:
         *,
         max_new_tokens: int = 64,
         chat: bool = False,
-        sampling: SamplingConfig = SamplingConfig(),
+        sampling: SamplingConfig = DEFAULT_SAMPLING,
         stop_token_ids: Sequence[int] | None = None,
         chunk_size: int = DEFAULT_CHUNK,
         seed: int = 0,

@@ -22,7 +22,6 @@ import platform
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from bench_generate import median_time  # same folder: one timing rule for every benchmark
 
 from kvzip_jax.cache import DenseKVCache

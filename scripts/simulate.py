@@ -19,12 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from serving.costmodel import CostModel, load_profile  # noqa: E402
-from serving.matrix import FULL, QUICK, environment, measure_overheads, run_matrix, targets, write_csv  # noqa: E402
-from serving.metrics import summarize  # noqa: E402
-from serving.policies import POLICIES, make_policy  # noqa: E402
-from serving.simulator import SimConfig, simulate  # noqa: E402
-from serving.workloads import ARRIVALS, DATASETS, WorkloadSpec, generate  # noqa: E402
+from serving.costmodel import CostModel, load_profile
+from serving.matrix import FULL, QUICK, environment, measure_overheads, run_matrix, targets, write_csv
+from serving.metrics import summarize
+from serving.policies import POLICIES, make_policy
+from serving.simulator import SimConfig, simulate
+from serving.workloads import ARRIVALS, DATASETS, WorkloadSpec, generate
 
 
 def parse(argv=None):
@@ -97,7 +97,7 @@ def matrix(args):
                       []).append(f"{r['goodput']:.3g}" + ("c" if r["censored"] else ""))
     for (ds, wl, sysname), vals in by.items():
         lines.append(f"| {ds} | {wl} | {sysname} | " + " | ".join(vals) + " |")
-    lines += [""] + overhead_lines(over)
+    lines += ["", *overhead_lines(over)]
     text = "\n".join(lines) + "\n"
     print(text)
     with open(args.bench_md, "a") as f:

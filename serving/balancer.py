@@ -55,9 +55,9 @@ def brute_force_allocation(n_total: int, n_avg: dict, floors: dict) -> tuple[flo
     for combo in itertools.product(*ranges):
         if sum(combo) != n_total:
             continue
-        v = min(burst_tolerance(c, n_avg[k]) for c, k in zip(combo, keys))
+        v = min(burst_tolerance(c, n_avg[k]) for c, k in zip(combo, keys, strict=True))
         if v > best + 1e-12:
-            best, arg = v, [dict(zip(keys, combo))]
+            best, arg = v, [dict(zip(keys, combo, strict=True))]
         elif abs(v - best) <= 1e-12:
-            arg.append(dict(zip(keys, combo)))
+            arg.append(dict(zip(keys, combo, strict=True)))
     return best, arg

@@ -201,7 +201,7 @@ class CostModel:
                     continue
                 A = np.c_[np.ones(mask.sum()), X[mask, 1], X[mask, 0]]
                 coef = _nnls_fit(A, y[mask], stage)
-                prof["decode"].update(dict(zip(keys, coef)))
+                prof["decode"].update(dict(zip(keys, coef, strict=True)))
         else:
             raise ValueError(f"refit: unknown stage {stage!r}; expected one of 'encode', 'prefill', 'decode'")
         return CostModel(prof)

@@ -99,7 +99,7 @@ class ElasticMM(Policy):
         else:
             d = max(1, rest // 2)
             mm = [(Group.MM, Stage.PREFILL)] * (rest - d) + [(Group.MM, Stage.DECODE)] * d
-        return [(Group.TEXT, Stage.PREFILL), (Group.TEXT, Stage.DECODE)] + mm
+        return [(Group.TEXT, Stage.PREFILL), (Group.TEXT, Stage.DECODE), *mm]
 
     def route(self, r):
         g = Group.MM if r.modality == Modality.MM else Group.TEXT
@@ -287,9 +287,9 @@ class ElasticMM(Policy):
             return m * s1 + w * step_red * srem
         fins, lens = self._finish_times(sim, inst.group, inst.stage, now, remove=inst)
         if for_decode:
-            return sum((m + w * (f - now)) / L for f, L in zip(fins, lens))
+            return sum((m + w * (f - now)) / L for f, L in zip(fins, lens, strict=True))
         base, _ = self._finish_times(sim, inst.group, inst.stage, now)
-        return self.cfg.repartition_margin * sum((f - b) / L for f, b, L in zip(fins, base, lens))
+        return self.cfg.repartition_margin * sum((f - b) / L for f, b, L in zip(fins, base, lens, strict=True))
 
     def _overloaded(self, sim, g, s) -> bool:
         """Gate of the reactive cross-group candidates: the role's mean busy fraction reaches cross_group_util.
@@ -357,7 +357,7 @@ class ElasticMM(Policy):
                 continue
             avail = now + self._migration_time(inst)
             fins, _ = self._finish_times(sim, g, s, now, add_at=avail)
-            gain = sum((b - f) / L for b, f, L in zip(base, fins, lens))
+            gain = sum((b - f) / L for b, f, L in zip(base, fins, lens, strict=True))
             cost = 0.0 if idle and inst.stage != Stage.DECODE else self._removal_cost(sim, inst, now)
             if gain > cost and gain - cost > best_net:
                 best, best_net = inst, gain - cost

@@ -76,7 +76,8 @@ class Runner:
         todo = [s for s in dict.fromkeys(specs) if s not in self.cache]
         if todo:
             it = self.pool.map(run, todo) if self.pool else map(run, todo)
-            for s, row in tqdm(zip(todo, it), total=len(todo), desc=desc, disable=not self.progress, leave=False):
+            for s, row in tqdm(zip(todo, it, strict=True), total=len(todo), desc=desc, disable=not self.progress,
+                               leave=False):
                 self.cache[s] = row
         return [self.cache[s] for s in specs]
 
@@ -132,7 +133,7 @@ def _best(runner, name, cands, wl, probe_rates, scale, desc):
     rows = runner.many(specs, desc=desc)
     m = len(probe_rates)
     scored = []
-    for i, kw in enumerate(cands):
+    for i, _kw in enumerate(cands):
         rs = rows[i * m:(i + 1) * m]
         att = sum(r[f"attain_s{scale}"] for r in rs)
         lat = sum(r["norm_ttft_mean"] for r in rs)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from .metrics import SLO_SCALES  # noqa: E402
+from .metrics import SLO_SCALES
 
 STYLE = {"coupled": ("tab:red", "o"), "static_pd": ("tab:orange", "s"), "static_epd": ("tab:purple", "^"),
          "elasticmm": ("tab:green", "D"), "elasticmm_no_cache": ("tab:olive", "v")}

@@ -24,8 +24,17 @@ import numpy as np
 
 from . import figures
 from .costmodel import default_cost_model
-from .experiments import (RunSpec, Runner, best_static_epd, best_static_pd, goodput, measure_decision_time,
-                          measure_sim_speed, policy_kw, rate_grid)
+from .experiments import (
+    Runner,
+    RunSpec,
+    best_static_epd,
+    best_static_pd,
+    goodput,
+    measure_decision_time,
+    measure_sim_speed,
+    policy_kw,
+    rate_grid,
+)
 from .metrics import SLO_SCALES
 from .policies import make_policy
 from .simulator import simulate
@@ -297,6 +306,6 @@ def targets(res: dict, over: dict) -> list[dict]:
 
 def environment() -> dict:
     import matplotlib
-    return dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    return dict(date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
                 python=platform.python_version(), numpy=np.__version__, matplotlib=matplotlib.__version__,
                 machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 from .model import Group, Modality, Stage
 
 ANY_STAGES = (Stage.PREFILL, Stage.DECODE, Stage.COUPLED)
+ANY_GROUP_STAGES = {Group.ANY: ANY_STAGES}  # shared, never mutated (like EPD_STAGES)
 EPD_STAGES = {Group.TEXT: (Stage.PREFILL, Stage.DECODE), Group.MM: (Stage.ENCODE, Stage.PREFILL, Stage.DECODE)}
 
 
@@ -26,7 +27,7 @@ class Policy:
     prefix_cache = False
     tick_interval = None
     cooldown = 0.0
-    group_stages = {Group.ANY: ANY_STAGES}
+    group_stages = ANY_GROUP_STAGES
 
     def layout(self, n, cost):
         raise NotImplementedError

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections import OrderedDict
-from typing import Sequence
+from collections.abc import Sequence
 
 IMAGE_PLACEHOLDER = 151655  # Qwen2.5-VL <|image_pad|>
 

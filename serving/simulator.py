@@ -20,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .costmodel import CostModel
-from .model import (STAMP_ORDER, Group, InstState, Instance, Modality, ReqState, Request, Stage, blocks_for)
+from .model import STAMP_ORDER, Group, Instance, InstState, Modality, ReqState, Request, Stage, blocks_for
 from .prefix_cache import EmbeddingCache, PrefixKVCache, PromptKeyer
 
 # event kinds
@@ -777,7 +777,7 @@ class Simulator:
             for r in list(i.running.values()) + list(i.pending) + list(i.batch) + list(i.local_queue):
                 if r.kv_owner >= 0 and r.state != ReqState.MIGRATING:
                     owned[r.kv_owner] += r.kv_blocks
-        for (g, s), q in self.q.items():
+        for q in self.q.values():
             for r in q:
                 if r.kv_owner >= 0:
                     owned[r.kv_owner] += r.kv_blocks

@@ -94,7 +94,7 @@ def test_version_attributed_to_kernels_stays_outside_hub_range(probe):
 
 def test_in_process_transformers_with_kernels_imported():
     """The pytest process itself (jax, our kernels, then transformers) can build and run a model."""
-    import kernels  # noqa: F401
+    import kernels  # noqa: F401, I001  (I001: ours first, before torch/transformers, is the order under test)
     import torch
     import transformers
 

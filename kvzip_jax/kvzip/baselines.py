@@ -107,7 +107,7 @@ def _max_pool(x: np.ndarray, kernel: int) -> np.ndarray:
 
 def _context_scores(observed: np.ndarray, n_sys: int, n_ctx: Sequence[int]) -> np.ndarray:
     """observed [L, B, Hkv, S] -> context columns [L, B, Hkv, n_c_max], zero past each row's context."""
-    out = np.zeros(observed.shape[:3] + (max(n_ctx),), np.float32)
+    out = np.zeros((*observed.shape[:3], max(n_ctx)), np.float32)
     for b, n in enumerate(n_ctx):
         out[:, b, :, :n] = observed[:, b, :, n_sys : n_sys + n]
     return out

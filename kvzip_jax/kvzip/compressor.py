@@ -24,6 +24,7 @@ from kvzip_jax.cache import DenseKVCache, PagedKVCache
 from kvzip_jax.config import ModelConfig
 from kvzip_jax.generate import (
     DEFAULT_CHUNK,
+    DEFAULT_SAMPLING,
     GenerationResult,
     SamplingConfig,
     check_positions,
@@ -213,7 +214,7 @@ class CompressedContext:
         questions: Sequence[Sequence[int]],
         *,
         max_new_tokens: int = 64,
-        sampling: SamplingConfig = SamplingConfig(),
+        sampling: SamplingConfig = DEFAULT_SAMPLING,
         stop_token_ids: Sequence[int] | None = None,
         seed: int = 0,
         raw: bool = False,

@@ -222,7 +222,7 @@ class DecoderOutput(NamedTuple):
     scores: jax.Array | None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def graphdef_for(config: ModelConfig, dtype_name: str = "float32") -> nnx.GraphDef:
     """The (static) structure of the model for `config`; no memory is allocated."""
     abstract = nnx.eval_shape(lambda: Transformer(config, dtype=jnp.dtype(dtype_name), rngs=nnx.Rngs(0)))

@@ -13,7 +13,7 @@ from kvzip_jax.kvzip.prompts import KVzipPrompt
 from kvzip_jax.models import abstract_params
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def perturbed_params(config: ModelConfig, seed: int = 0, scale: float = 0.1):
     """Random params as `init_params` draws them (std-0.02 weights, neutral norm scales: 1, or 0 for Gemma's
     (1 + w) norms), with every leaf, norm scales included, perturbed by `scale` noise so nothing is degenerate.

@@ -60,7 +60,7 @@ def test_missing_shard(llama, tmp_path):
 def test_no_weights_at_all(llama, tmp_path):
     path = _copy_checkpoint(llama[0], tmp_path / "ckpt")
     os.remove(os.path.join(path, "model.safetensors"))
-    with pytest.raises(CheckpointError, match="no model.safetensors or model.safetensors.index.json"):
+    with pytest.raises(CheckpointError, match=re.escape("no model.safetensors or model.safetensors.index.json")):
         load_params(path)
 
 
@@ -80,7 +80,7 @@ def test_corrupt_safetensors(corrupt, llama, tmp_path):
         data = f.read()
     with open(file, "wb") as f:
         f.write(corrupt(data))
-    with pytest.raises(CheckpointError, match="cannot read safetensors file .*model.safetensors"):
+    with pytest.raises(CheckpointError, match=r"cannot read safetensors file .*model\.safetensors"):
         load_params(path)
 
 
@@ -98,7 +98,8 @@ def test_corrupt_shard_of_an_index(llama, tmp_path):
 @pytest.mark.parametrize(
     "changes,pattern",
     [
-        (dict(intermediate_size=96), r"has shape \(2, (64, 128|128, 64)\) but the config expects \(2, (64, 96|96, 64)\)"),
+        (dict(intermediate_size=96),
+         r"has shape \(2, (64, 128|128, 64)\) but the config expects \(2, (64, 96|96, 64)\)"),
         (dict(hidden_size=48), r"has shape \([^)]*64[^)]*\) but the config expects \([^)]*48[^)]*\)"),
         (dict(vocab_size=100), r"embed has shape \(128, 64\) but the config expects \(100, 64\)"),
     ],

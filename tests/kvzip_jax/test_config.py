@@ -208,5 +208,5 @@ def test_from_pretrained_reads_directory(tmp_path):
     hf = _new_form("LlamaForCausalLM", ROPES["llama3"])
     (tmp_path / "config.json").write_text(json.dumps(hf))
     assert ModelConfig.from_pretrained(tmp_path) == ModelConfig.from_hf_dict(hf)
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
         ModelConfig.from_pretrained(tmp_path / "nowhere")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -188,7 +189,7 @@ def test_budget_accounting_per_layer(llama, name):
 def test_nested_across_ratios(llama, name):
     _, _, scored = llama
     masks = [context_keep(scored[name], r) for r in (0.1, 0.3, 0.5, 0.8, 1.0)]
-    for small, large in zip(masks, masks[1:], strict=False):
+    for small, large in itertools.pairwise(masks):
         assert (small <= large).all(), name
     assert masks[0].sum() < masks[2].sum() < masks[-1].sum()
 
@@ -338,5 +339,5 @@ def test_gemma3_pyramidkv_budget_averages_to_r_over_evictable_layers(gemma):
     sliding layers are not part of the budget, so the full layers' ratios should be the pyramid over them."""
     _, _, scored = gemma
     selection, _ = scored["pyramidkv"].keep_mask(0.3)
-    for b, n in enumerate(CTX_LENS):
+    for b in range(len(CTX_LENS)):
         assert selection.kept_ratio[b] == pytest.approx(0.3, abs=0.05), selection.kept_ratio

@@ -99,8 +99,8 @@ def masked_reference_logits(params, config, sc, keep, tokens_b, b):
     total = N_SYS + CTX_LENS[b]
     k, v = np.asarray(sc.cache.k[:, b]), np.asarray(sc.cache.v[:, b])  # [L, H, S, D]
     cap = k.shape[2]
-    past = [(k[l], v[l], np.arange(cap, dtype=np.int32), keep[l, b] & (np.arange(cap) < total))
-            for l in range(config.num_layers)]
+    past = [(k[layer], v[layer], np.arange(cap, dtype=np.int32), keep[layer, b] & (np.arange(cap) < total))
+            for layer in range(config.num_layers)]
     positions = total + np.arange(len(tokens_b), dtype=np.int32)
     out = _masked_forward(params, jnp.asarray(np.asarray(tokens_b, np.int32)), jnp.asarray(positions),
                           jax.tree.map(jnp.asarray, past), config=config)
@@ -150,13 +150,14 @@ def test_ratio_one_equals_full_cache(name, scored):
     cc = sc.compress(1.0, headroom=HEADROOM)
     assert cc.report.kept_ratio == (1.0, 1.0)
     got = cc.logits(params, QUESTIONS)
-    rows = [list(PROMPT.prefix_ids) + c + list(q) for c, q in zip(ctxs, QUESTIONS)]
+    rows = [list(PROMPT.prefix_ids) + c + list(q) for c, q in zip(ctxs, QUESTIONS, strict=True)]
     for b, ref in enumerate(dense_logits(params, config, rows)):
         np.testing.assert_allclose(got[b], ref[-len(QUESTIONS[b]) :], atol=1e-5, rtol=0)
     assert np.std(got, axis=-1).mean() > 0.1
     # Greedy answers equal generate() on the uncompressed [prefix | context | question | postfix].
     ans = cc.ask(params, OTHER_QUESTIONS, max_new_tokens=8)
-    prompts = [list(PROMPT.prefix_ids) + c + question_ids(PROMPT, q) for c, q in zip(ctxs, OTHER_QUESTIONS)]
+    prompts = [list(PROMPT.prefix_ids) + c + question_ids(PROMPT, q)
+               for c, q in zip(ctxs, OTHER_QUESTIONS, strict=True)]
     ref = generate(params, config, prompts, max_new_tokens=8)
     assert ans.tokens == ref.tokens
     assert all(len(set(t)) > 2 for t in ans.tokens), f"degenerate answers {ans.tokens}"
@@ -169,10 +170,11 @@ def test_masked_equals_compacted(name, scored):
     cc = sc.compress(0.3, headroom=HEADROOM)
     _, keep = sc.keep_mask(0.3)
     stored = read_paged(cc.cache)
-    for (l, b, h), (pos, _k, _v) in stored.items():
-        np.testing.assert_array_equal(pos, np.flatnonzero(keep[l, b, h]))
+    for (layer, b, h), (pos, _k, _v) in stored.items():
+        np.testing.assert_array_equal(pos, np.flatnonzero(keep[layer, b, h]))
     got = cc.logits(params, QUESTIONS)
-    full = dense_logits(params, config, [list(PROMPT.prefix_ids) + c + list(q) for c, q in zip(ctxs, QUESTIONS)])
+    full = dense_logits(params, config,
+                        [list(PROMPT.prefix_ids) + c + list(q) for c, q in zip(ctxs, QUESTIONS, strict=True)])
     for b in range(2):
         ref = masked_reference_logits(params, config, sc, keep, QUESTIONS[b], b)
         np.testing.assert_allclose(got[b], ref, atol=2e-5, rtol=0)
@@ -182,26 +184,26 @@ def test_masked_equals_compacted(name, scored):
 
 # ------------------------------------------------------------------- kept sets: nested, protected, positions
 def test_nested_protected_positions_and_bit_identical(scored):
-    config, params, ctxs, sc = scored("llama")
+    config, _params, _ctxs, sc = scored("llama")
     L, H = config.num_layers, config.num_kv_heads
     masks, reports = {}, {}
     dense_k, dense_v = np.asarray(sc.cache.k), np.asarray(sc.cache.v)
     for r in (0.1, 0.3, 0.5):
-        selection, keep = sc.keep_mask(r)
+        _selection, keep = sc.keep_mask(r)
         masks[r] = keep
         cc = sc.compress(r, headroom=HEADROOM)
         reports[r] = cc.report
         assert np.asarray(cc.cache.next_position).tolist() == totals()  # positions never renumbered
         stored = read_paged(cc.cache)
-        for (l, b, h), (pos, k, v) in stored.items():
+        for (layer, b, h), (pos, k, v) in stored.items():
             assert (pos[:N_SYS] == np.arange(N_SYS)).all(), "system prefix pair evicted"
-            np.testing.assert_array_equal(pos, np.flatnonzero(keep[l, b, h]))
+            np.testing.assert_array_equal(pos, np.flatnonzero(keep[layer, b, h]))
             assert (pos < totals()[b]).all() and (np.diff(pos) > 0).all()
-            np.testing.assert_array_equal(k, dense_k[l, b, h, pos])  # bit-identical to the prefill values
-            np.testing.assert_array_equal(v, dense_v[l, b, h, pos])
+            np.testing.assert_array_equal(k, dense_k[layer, b, h, pos])  # bit-identical to the prefill values
+            np.testing.assert_array_equal(v, dense_v[layer, b, h, pos])
         for b, n in enumerate(CTX_LENS):
             n_pairs = L * H * n
-            kept = sum(len(stored[l, b, h][0]) - N_SYS for l in range(L) for h in range(H))
+            kept = sum(len(stored[layer, b, h][0]) - N_SYS for layer in range(L) for h in range(H))
             assert cc.report.kept_ratio[b] == pytest.approx(kept / n_pairs, abs=1e-12)
             assert kept / n_pairs <= r
             s = sc.scores[:, b, :, :n]
@@ -218,7 +220,7 @@ def test_nested_protected_positions_and_bit_identical(scored):
 def test_new_tokens_get_position_after_the_context(ratio, scored):
     """The t-th appended token is stored with position n_s + n_c + t whatever the ratio (read from pos_pages
     in the headroom after the question; rollback only resets the lengths)."""
-    config, params, _, sc = scored("llama")
+    _config, params, _, sc = scored("llama")
     cc = sc.compress(ratio, headroom=HEADROOM)
     base = np.asarray(cc.cache.lengths)
     cc.logits(params, QUESTIONS)
@@ -232,7 +234,7 @@ def test_new_tokens_get_position_after_the_context(ratio, scored):
 
 # -------------------------------------------------------------------------------------- rollback (9), reuse
 def test_rollback_and_multi_question_reuse(scored):
-    config, params, _, sc = scored("llama")
+    _config, params, _, sc = scored("llama")
     cc = sc.compress(0.3, headroom=HEADROOM)
     lengths0, next0 = np.asarray(cc.cache.lengths).copy(), np.asarray(cc.cache.next_position).copy()
     stored0 = read_paged(cc.cache)
@@ -256,13 +258,13 @@ def test_rollback_and_multi_question_reuse(scored):
 
 # --------------------------------------------------------------------------------------- head level, budgets
 def test_head_level_whole_rows_and_file_round_trip(scored, tmp_path):
-    config, params, _, sc = scored("llama")
+    config, _params, _, sc = scored("llama")
     L, H = config.num_layers, config.num_kv_heads
     r = 0.5
     cc = sc.compress(r, level="head", headroom=HEADROOM)
     stored = read_paged(cc.cache)
     for b, n in enumerate(CTX_LENS):
-        n_ctx_kept = [len(stored[l, b, h][0]) - N_SYS for l in range(L) for h in range(H)]
+        n_ctx_kept = [len(stored[layer, b, h][0]) - N_SYS for layer in range(L) for h in range(H)]
         assert set(n_ctx_kept) <= {0, n}, f"row {b}: heads keep part of their context: {n_ctx_kept}"
         assert 0 < sum(n_ctx_kept) < L * H * n
         assert cc.report.kept_ratio[b] * L * H == pytest.approx(round(cc.report.kept_ratio[b] * L * H))
@@ -335,11 +337,11 @@ def test_p15_gemma_sliding_layers_keep_their_window(scored):
     w = config.sliding_window
     for b, total in enumerate(totals()):
         for h in range(config.num_kv_heads):
-            for l in sliding:
-                np.testing.assert_array_equal(stored[l, b, h][0], np.arange(total - w + 1, total))
-            for l in full:
-                assert (stored[l, b, h][0][:N_SYS] == np.arange(N_SYS)).all()
-        kept = sum(len(stored[l, b, h][0]) - N_SYS for l in full for h in range(config.num_kv_heads))
+            for layer in sliding:
+                np.testing.assert_array_equal(stored[layer, b, h][0], np.arange(total - w + 1, total))
+            for layer in full:
+                assert (stored[layer, b, h][0][:N_SYS] == np.arange(N_SYS)).all()
+        kept = sum(len(stored[layer, b, h][0]) - N_SYS for layer in full for h in range(config.num_kv_heads))
         n_pairs = len(full) * config.num_kv_heads * CTX_LENS[b]
         assert kept / n_pairs == pytest.approx(cc.report.kept_ratio[b], abs=1e-12)
         assert 0 < kept / n_pairs <= r
@@ -347,7 +349,7 @@ def test_p15_gemma_sliding_layers_keep_their_window(scored):
 
 # ------------------------------------------------------------------------------------------------ bad input
 def test_bad_compress_and_ask_input(scored):
-    config, params, _, sc = scored("llama")
+    _config, params, _, sc = scored("llama")
     for bad in (0, 0.0, 1.5, -0.1):
         with pytest.raises(ValueError, match=r"ratio must be in \(0, 1\]"):
             sc.compress(bad)

@@ -73,7 +73,7 @@ def test_ask_answers_are_reproducible(compressed, workdir):
     assert answers[0]["answer"] == answers[1]["answer"]  # rolled back between questions
     assert all(a["ms_per_token"] > 0 for a in answers)
     # A second process-level invocation on the same saved context answers identically; plain output too.
-    code, text, err = run(argv[:-4] + ["--max-new-tokens", "8"])
+    code, text, err = run([*argv[:-4], "--max-new-tokens", "8"])
     assert code == 0, err
     assert text.strip() == answers[0]["answer"].strip()
 

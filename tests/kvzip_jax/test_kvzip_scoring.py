@@ -194,7 +194,7 @@ def test_determinism_scoring_twice_is_identical(scored):
 
 def test_scoring_leaves_the_cache_rolled_back(scored):
     """After scoring the dense cache holds exactly [prefix | context] per row (repeat inputs forgotten)."""
-    _, ctxs, sc = scored("llama")
+    _, _ctxs, sc = scored("llama")
     assert np.asarray(sc.cache.length).tolist() == [PROMPT.n_sys + n for n in CTX_LENS]
 
 
@@ -269,7 +269,7 @@ def test_p3_softcap_and_scale_are_used():
 def test_chunk_locality_invariant_3():
     """Perturbing keys of other chunks (and stale slots past the repeat input) leaves the chunk's scores
     bit-identical; perturbing keys inside the chunk, the system prefix or the repeat block changes them."""
-    q, keys, slots, start, length, n_valid, n_sys, m = case = _isolated_case(seed=1)
+    q, keys, slots, start, length, n_valid, n_sys, _m = case = _isolated_case(seed=1)
     base = _run_isolated(*case, LLAMA_G4)
     rng = np.random.default_rng(5)
     outside = np.ones(keys.shape[2], bool)
@@ -295,7 +295,7 @@ def test_chunk_locality_invariant_3():
 def test_g_grouping_query_head_to_kv_head():
     """Query head h*G+g belongs to kv head h: making one query head of group 1 sharp on a chunk key raises
     only kv head 1's score there."""
-    q, keys, slots, start, length, n_valid, n_sys, m = case = _isolated_case(seed=2, g=4)
+    q, keys, _slots, start, _length, _n_valid, n_sys, _m = case = _isolated_case(seed=2, g=4)
     base = _run_isolated(*case, LLAMA_G4)
     q2 = q.copy()
     target = n_sys + start[0] + 3
@@ -324,7 +324,7 @@ def test_bad_scoring_input(scored):
     with pytest.raises(ValueError, match="no contexts"):
         compressor.score(params, LLAMA, PROMPT, [], chunk_size=CHUNK, progress=False)
     with pytest.raises(ValueError, match=r"token id 128 is out of range.*128"):
-        compressor.score(params, LLAMA, PROMPT, [ctxs[0][:-1] + [128]], chunk_size=CHUNK, progress=False)
+        compressor.score(params, LLAMA, PROMPT, [[*ctxs[0][:-1], 128]], chunk_size=CHUNK, progress=False)
 
 
 # ----------------------------------------------------------- the fused log-sum-exp path of the CPU reference

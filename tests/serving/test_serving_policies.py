@@ -1,6 +1,7 @@
 import copy
 
 import pytest
+from serving_testutil import COST, checked_run, tiny_spec
 
 from serving.costmodel import CostModel, load_profile
 from serving.elasticmm import ElasticConfig, ElasticMM
@@ -8,7 +9,6 @@ from serving.model import Group, Image, Modality, Request, Stage
 from serving.policies import make_policy
 from serving.simulator import InvariantError, SimConfig, Simulator
 from serving.workloads import generate
-from serving_testutil import COST, checked_run, tiny_spec
 
 
 class ForcedSwitches(ElasticMM):

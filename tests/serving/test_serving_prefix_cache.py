@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
+from serving_testutil import COST
 
 from serving.prefix_cache import IMAGE_PLACEHOLDER, EmbeddingCache, PrefixKVCache, PromptKeyer, block_keys
 from serving.workloads import WorkloadSpec, generate
-from serving_testutil import COST
 
 BS = 16
 

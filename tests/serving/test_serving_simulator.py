@@ -1,12 +1,12 @@
 import math
 
 import pytest
+from serving_testutil import COST, checked_run, tiny_spec
 
 from serving.metrics import summarize, unloaded_ttft
-from serving.model import Group, Image, Modality, Request, ReqState, Stage
+from serving.model import Group, Image, Modality, ReqState, Request, Stage
 from serving.policies import make_policy
 from serving.simulator import InvariantError, SimConfig, Simulator, simulate
-from serving_testutil import COST, checked_run, tiny_spec
 
 POLICY_CASES = [("coupled", {}), ("static_pd", {"n_prefill": 3}), ("static_epd", {"split": "mm_first"}),
                 ("static_epd", {"split": (2, 1, 1, 3, 1)}), ("elasticmm", {}), ("elasticmm_no_cache", {}),

@@ -1,9 +1,11 @@
+import itertools
+
 import numpy as np
 import pytest
+from serving_testutil import COST
 
 from serving.model import Modality
 from serving.workloads import DATASETS, WorkloadSpec, burst_intervals, generate, summarize
-from serving_testutil import COST
 
 
 def _key(reqs):
@@ -17,7 +19,7 @@ def test_deterministic_by_seed(arrival):
     assert _key(a) == _key(b)
     c = generate(WorkloadSpec(arrival=arrival, rate=20, duration=60, seed=4, diurnal_period=60), COST)
     assert _key(a) != _key(c)
-    assert all(x.t_arrival <= y.t_arrival for x, y in zip(a, a[1:]))
+    assert all(x.t_arrival <= y.t_arrival for x, y in itertools.pairwise(a))
 
 
 def test_rates_and_mixes():
