@@ -146,6 +146,16 @@ def hbm_bandwidth(gib: float = 4.0, repeats: int = 10) -> float:
     return 2 * n * 4 / t
 
 
+def report(result: dict, json_path: str | None) -> None:
+    """Print the results as an aligned key / value table and, with a path, write them as JSON."""
+    width = max(len(k) for k in result)
+    for k, v in result.items():
+        print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=2)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="llama-100m", choices=sorted(PRESETS))
@@ -194,12 +204,7 @@ def main(argv=None):
                             args.prompt_len + args.new_tokens, dtype)
         result.update(compile_2_layers_s=c["2"], compile_16_layers_s=c["16"], compile_ratio=c["16"] / c["2"])
 
-    width = max(len(k) for k in result)
-    for k, v in result.items():
-        print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    report(result, args.json)
     return result
 
 

@@ -40,7 +40,7 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_generate import make_config, transformers_side
+from bench_generate import make_config, report, transformers_side
 
 from kvzip_jax.cache import DenseKVCache
 from kvzip_jax.generate import decode_step
@@ -238,12 +238,7 @@ def main(argv=None):
         result["scanned_vs_hf_generate"] = result["hf_generate_ms"] / result["scanned_decode_ms"]
         result["layered_vs_hf_generate"] = result["hf_generate_ms"] / result["layered_decode_ms"]
 
-    width = max(len(k) for k in result)
-    for k, v in result.items():
-        print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    report(result, args.json)
     return result
 
 
