@@ -29,6 +29,7 @@ import gzip
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -105,11 +106,15 @@ def per_token_ms(step, cache: DenseKVCache, repeats: int) -> float:
     return 1e3 * statistics.median(times[3:])
 
 
+HLO_OP_NAME = re.compile(r"^[a-z][a-z0-9_-]*(\.\d+)?$")  # "dot.45", "dynamic-slice_bitcast_fusion.1", "copy"
+LOOP_OPS = ("while", "conditional", "call")  # spans that contain other ops: not counted on their own
+
+
 def thread_ms_by_kind(run, steps: int) -> dict[str, float]:
     """Per-step thread time of the XLA:CPU ops of `run`, from a profiler trace, grouped by op kind: the layer
     weight-slice copies (`dynamic-slice` fusions; one per layer slices the K cache instead, under 1% of their
-    bytes), the dots, and the rest. Ops may overlap on the two cores,
-    so the groups can sum to more than the wall time."""
+    bytes), the dots, and the other HLO ops. Runtime events and loop spans are left out. Ops overlap on the two
+    cores, so the groups can sum to more than the wall time."""
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d, create_perfetto_trace=True):
             for _ in range(steps):
@@ -122,10 +127,10 @@ def thread_ms_by_kind(run, steps: int) -> dict[str, float]:
     total = collections.Counter()
     for e in events:
         name = e.get("name", "")
-        if e.get("ph") != "X" or name.startswith("$") or "Thunk" in name or "Pjit" in name or "PjRt" in name:
+        if e.get("ph") != "X" or not HLO_OP_NAME.match(name) or name.split(".")[0] in LOOP_OPS:
             continue
         kind = ("weight-slice copies" if name.startswith("dynamic-slice") else
-                "dots" if name.startswith("dot") else "other XLA ops")
+                "dots" if name.startswith("dot") else "other HLO ops")
         total[kind] += e["dur"] / 1e3 / steps
     return dict(total)
 
