@@ -15,7 +15,9 @@ XLA:CPU materialises that slice (a `dynamic-slice` fusion) before the dot: the w
 
     python scripts/bench_layer_scan.py [--repeats 30] [--json FILE]
 
-The unrolled variant lives only here, as a measurement: it makes compile time grow with depth.
+The unrolled variant lives only here, as a measurement: it makes compile time grow with depth. On a GPU
+(`bash scripts/gpu_checks.sh layerscan`) the same comparison tells whether XLA reads the slices in place there
+(per-layer / scanned near 1); the op grouping of the trace is XLA:CPU's and may come out empty on a GPU.
 """
 
 from __future__ import annotations
