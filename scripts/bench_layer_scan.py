@@ -182,11 +182,11 @@ def main(argv=None):
     capacity = args.prompt_len + args.repeats + 8
 
     config = make_config("llama-100m")
+    if any(kind != config.layer_types[0] for kind in config.layer_types):
+        raise SystemExit("the unrolled variant here handles one layer type only")
     params = init_params(config)
     layers = split_layers(params)
     unrolled = unrolled_decode_step(config)
-    if any(kind != config.layer_types[0] for kind in config.layer_types):
-        raise SystemExit("the unrolled variant here handles one layer type only")
 
     def scanned_step(tokens, cache):
         return decode_step(params, tokens, cache, config=config)
