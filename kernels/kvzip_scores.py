@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels.backend import PALLAS_GPU, PALLAS_TPU, REFERENCE, requested_backend, resolve_backend
+from kernels.logits import grouped_logits
 
 BACKENDS = (REFERENCE, PALLAS_GPU, PALLAS_TPU)
 REFERENCE_BLOCK = 256  # key columns per block of the reference's two passes
@@ -45,20 +46,15 @@ def kvzip_scores_reference(
     block = min(block, width)
     rows = jnp.arange(t, dtype=jnp.int32)
     row_ok = rows[None, :] < n_valid[:, None]  # [B, T]
-    scale32, neg = np.float32(scale), jnp.finfo(jnp.float32).min
-
-    def logits_of(kb):
-        logits = jnp.einsum("bthgd,bhsd->bhgts", q, kb, preferred_element_type=jnp.float32) * scale32
-        if softcap is not None:
-            logits = jnp.tanh(logits / np.float32(softcap)) * np.float32(softcap)
-        return logits
+    neg = jnp.finfo(jnp.float32).min
 
     def lse_step(j, carry):
         mx, total = carry
         # A block may not run past the end: the last one is shifted left and its already-seen columns are masked.
         start = jnp.minimum(j * block, width - block)
         cols = start + jnp.arange(block, dtype=jnp.int32)
-        logits = logits_of(jax.lax.dynamic_slice_in_dim(keys, start, block, axis=2))
+        logits = grouped_logits(q, jax.lax.dynamic_slice_in_dim(keys, start, block, axis=2), scale=scale,
+                                softcap=softcap)
         chunk_ok = ((cols >= n_sys) & (cols < n_sys + m))[None, None, :] & (
             (cols - n_sys)[None, None, :] < chunk_len[:, None, None]
         )
@@ -104,10 +100,8 @@ def kvzip_scores_from_lse(
     def max_step(j, scores):
         start = jnp.minimum(j * chunk_block, m - chunk_block)
         cols = start + jnp.arange(chunk_block, dtype=jnp.int32)  # chunk-relative
-        logits = jnp.einsum("bthgd,bhsd->bhgts", q, jax.lax.dynamic_slice_in_dim(chunk_keys, start, chunk_block, 2),
-                            preferred_element_type=jnp.float32) * np.float32(scale)
-        if softcap is not None:
-            logits = jnp.tanh(logits / np.float32(softcap)) * np.float32(softcap)
+        logits = grouped_logits(q, jax.lax.dynamic_slice_in_dim(chunk_keys, start, chunk_block, 2), scale=scale,
+                                softcap=softcap)
         ok = (cols[None, None, :] < chunk_len[:, None, None]) & row_ok[:, :, None]
         probs = jnp.where(ok[:, None, None], jnp.exp(logits - lse[..., None]), 0.0)
         # Overlapping columns of a shifted last block get the same value twice: overwriting is exact.

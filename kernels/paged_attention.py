@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from kernels.logits import grouped_logits
 
 
 def paged_attention_reference(
@@ -44,9 +45,7 @@ def paged_attention_reference(
     mask = stored[:, :, None, :] & (kpos <= qpos)
     if window is not None:
         mask = mask & (qpos - kpos < window)
-    logits = jnp.einsum("bthgd,bhsd->bhgts", q, keys, preferred_element_type=jnp.float32) * np.float32(scale)
-    if softcap is not None:
-        logits = jnp.tanh(logits / np.float32(softcap)) * np.float32(softcap)
+    logits = grouped_logits(q, keys, scale=scale, softcap=softcap)
     logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
     values = jnp.where(stored[..., None], values, jnp.zeros((), values.dtype))

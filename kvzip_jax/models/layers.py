@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kernels.logits import grouped_logits
 from kvzip_jax.config import ModelConfig
 
 INIT_STD = 0.02
@@ -78,9 +79,7 @@ def attend(
     Returns [B, T, Hkv, G, D] (and the float32 probabilities [B, Hkv, G, T, S] with `return_probs`).
     Logits and softmax in float32.
     """
-    logits = jnp.einsum("bthgd,bhsd->bhgts", q, k, preferred_element_type=jnp.float32) * np.float32(scale)
-    if softcap is not None:
-        logits = jnp.tanh(logits / np.float32(softcap)) * np.float32(softcap)
+    logits = grouped_logits(q, k, scale=scale, softcap=softcap)
     logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
     out = jnp.einsum("bhgts,bhsd->bthgd", probs.astype(v.dtype), v)
@@ -157,10 +156,7 @@ def _online_softmax_step(q, kb, vb, ok, carry, *, scale: float, softcap: float |
     bool) skips that sum for blocks with no such key."""
     m, denom, acc = carry[:3]
     neg = jnp.finfo(jnp.float32).min
-    logits = jnp.einsum("bthgd,bhsd->bhgts", q, kb, preferred_element_type=jnp.float32) * np.float32(scale)
-    if softcap is not None:
-        logits = jnp.tanh(logits / np.float32(softcap)) * np.float32(softcap)
-    logits = jnp.where(ok, logits, neg)
+    logits = jnp.where(ok, grouped_logits(q, kb, scale=scale, softcap=softcap), neg)
     m_new = jnp.maximum(m, logits.max(axis=-1))
     p = jnp.where(ok, jnp.exp(logits - m_new[..., None]), 0.0)
     correction = jnp.exp(m - m_new)
