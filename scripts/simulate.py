@@ -92,9 +92,10 @@ def matrix(args):
               "| dataset | workload | system | " + " | ".join(f"s{k}" for k in range(1, 6)) + " |",
               "|---|---|---|" + "---|" * 5]
     by = {}
-    for r in res["gp_rows"]:
-        by.setdefault((r["dataset"], r["workload"], r["system"] + (f" = {r['chosen']}" if r.get("chosen") else "")),
-                      []).append(f"{r['goodput']:.3g}" + ("c" if r["censored"] else ""))
+    for r in res["gp_rows"]:  # searched-best systems name their split at every scale (it may differ by scale)
+        split = f" {r['chosen'][r['chosen'].index('['):]}" if r.get("chosen") else ""
+        by.setdefault((r["dataset"], r["workload"], r["system"]), []).append(
+            f"{r['goodput']:.3g}" + ("c" if r["censored"] else "") + split)
     for (ds, wl, sysname), vals in by.items():
         lines.append(f"| {ds} | {wl} | {sysname} | " + " | ".join(vals) + " |")
     lines += ["", *overhead_lines(over)]

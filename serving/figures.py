@@ -100,3 +100,35 @@ def layout_timeline(log: list, end_time: float, arrivals_mm, path: str, title: s
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def capacity_bound(rows: list, path: str, targets=(1.8, 2.3)):
+    """Bound ratios (elastic / best static EPD and / best static PD) against the size of the load shift.
+
+    rows: `capacity.shift_sweep` rows of one or more datasets."""
+    shifts = list(dict.fromkeys(r["shift"] for r in rows))
+    fig, axes = plt.subplots(1, len(shifts), figsize=(6 * len(shifts), 4), squeeze=False)
+    for j, shift in enumerate(shifts):
+        ax = axes[0, j]
+        for ds, color in (("sharegpt4o", "tab:blue"), ("visualwebinstruct", "tab:orange")):
+            rs = sorted((r for r in rows if r["shift"] == shift and r["dataset"] == ds), key=lambda r: r["level"])
+            if not rs:
+                continue
+            x = [r["level"] for r in rs]
+            ax.plot(x, [r["int_vs_static_epd"] for r in rs], "-o", color=color,
+                    label=f"{ds}: elastic (whole instances) / best static EPD")
+            ax.plot(x, [r["frac_vs_static_epd"] for r in rs], "--^", color=color, alpha=0.6,
+                    label=f"{ds}: elastic (fractional) / best static EPD")
+            ax.plot(x, [r["int_vs_static_pd"] for r in rs], ":s", color=color, alpha=0.8,
+                    label=f"{ds}: elastic (whole instances) / best static PD")
+        for t in targets:
+            ax.axhline(t, color="gray", lw=0.8, ls="-.")
+            ax.text(x[0], t, f" issue target {t}x", fontsize=7, va="bottom", color="gray")
+        ax.set_xlabel("MMPP burst factor (MM rate x in bursts)" if shift.startswith("mmpp")
+                      else "diurnal amplitude (text / MM anti-phase)")
+        ax.set_ylabel("capacity ratio (upper bound on the goodput gain)")
+        ax.set_title(f"fluid capacity bound: {shift}, SLO scale {rs[0]['slo_scale'] if rs else ''}")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

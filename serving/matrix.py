@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from . import figures
+from .capacity import bounds, class_work
 from .costmodel import default_cost_model
 from .experiments import (
     Runner,
@@ -60,6 +61,31 @@ FULL = MatrixConfig(steady_duration=120, bursty_duration=600, grid_points=9, ref
                     static_probe_top=2, diurnal_duration=1200, speed_duration=3600)
 QUICK = MatrixConfig(steady_duration=40, bursty_duration=300, grid_points=5, refine=0, rate_lo=4, rate_hi=64,
                      static_probe_top=1, diurnal_duration=300, speed_duration=300)
+
+
+def fluid_best_splits(wl: WorkloadSpec) -> dict[str, list[tuple]]:
+    """The capacity bound's best static EPD and PD splits at SLO scales 1, 3 and 5, as policy keywords."""
+    cost = default_cost_model()
+    work = class_work(wl, cost)
+    out = {"static_epd": [], "static_pd": []}
+    for k in (1, 3, 5):
+        b = bounds(wl, cost, k, work=work)
+        out["static_epd"].append(policy_kw(split=tuple(int(x) for x in b["static_epd_split"].split("-"))))
+        out["static_pd"].append(policy_kw(n_prefill=int(b["static_pd_split"][:-1])))
+    return {name: list(dict.fromkeys(kws)) for name, kws in out.items()}
+
+
+def search_best_static(runner: Runner, name: str, candidates: list, wl: WorkloadSpec, grid: list, refine: int,
+                       desc: str = ""):
+    """Full goodput searches of the candidate splits; the best static split is an oracle per SLO scale.
+
+    Candidates are the probe screen's top splits and the capacity bound's best ones (the probe screen alone
+    missed good splits of the bursty text-heavy load). Returns (goodput by scale, chosen label by scale, the
+    scale-3 split's keywords, used for the latency curves and the robustness runs)."""
+    cand = {kw: goodput(runner, name, kw, wl, grid, refine, desc=desc) for kw in dict.fromkeys(candidates)}
+    per_scale = {k: max(cand, key=lambda kw, k=k: (cand[kw][k][0], str(kw))) for k in SLO_SCALES}
+    return ({k: cand[per_scale[k]][k] for k in SLO_SCALES}, {k: label_of(name, per_scale[k]) for k in SLO_SCALES},
+            per_scale[3])
 
 
 def bursty(ds, duration, seed):
@@ -104,7 +130,7 @@ def run_matrix(out: Path, quick: bool, jobs: int, seed: int = 0, log=print) -> d
             for wl_name, wl in (("steady", steady(ds, cfg.steady_duration, seed)),
                                 ("bursty", bursty(ds, cfg.bursty_duration, seed))):
                 log(f"[{ds}/{wl_name}] coupled goodput")
-                gps = {}
+                gps, chosen = {}, {}
                 gps["coupled"] = goodput(runner, "coupled", (), wl, grid, cfg.refine, desc=f"{ds}/{wl_name} coupled")
                 gps["elasticmm"] = goodput(runner, "elasticmm", (), wl, grid, cfg.refine,
                                            desc=f"{ds}/{wl_name} elasticmm")
@@ -117,22 +143,17 @@ def run_matrix(out: Path, quick: bool, jobs: int, seed: int = 0, log=print) -> d
                 log(f"[{ds}/{wl_name}] static search at probe rate {probe[0]:.2f}")
                 pd_rank = best_static_pd(runner, wl, n, probe)
                 epd_rank = best_static_epd(runner, wl, n, probe)
+                fluid = fluid_best_splits(wl)
                 for name, rank in (("static_pd", pd_rank), ("static_epd", epd_rank)):
-                    cand = {}
-                    for kw in rank[:cfg.static_probe_top]:
-                        cand[kw] = goodput(runner, name, kw, wl, grid, cfg.refine, desc=f"{ds}/{wl_name} {name}")
-                    kw_best = max(cand, key=lambda kw: (sum(cand[kw][k][0] for k in SLO_SCALES), str(kw)))
-                    best[(ds, wl_name, name)] = kw_best
-                    gps[f"{name}_best"] = cand[kw_best]
+                    gps[f"{name}_best"], chosen[f"{name}_best"], best[(ds, wl_name, name)] = search_best_static(
+                        runner, name, rank[:cfg.static_probe_top] + fluid[name], wl, grid, cfg.refine,
+                        desc=f"{ds}/{wl_name} {name}")
                 for preset in ("text_first", "equal", "mm_first"):
                     gps[f"static_epd[{preset}]"] = goodput(runner, "static_epd", policy_kw(split=preset), wl, grid,
                                                            cfg.refine, desc=f"{ds}/{wl_name} {preset}")
                 for label, by_scale in gps.items():
-                    extra = {}
-                    if label.endswith("_best"):
-                        nm = label[:-5]
-                        extra["chosen"] = label_of(nm, best[(ds, wl_name, nm)])
                     for k in SLO_SCALES:
+                        extra = {"chosen": chosen[label][k]} if label in chosen else {}
                         gp_rows.append(dict(dataset=ds, workload=wl_name, system=label, slo_scale=k,
                                             goodput=by_scale[k][0], censored=by_scale[k][1], **extra))
                 key = (ds, wl_name)

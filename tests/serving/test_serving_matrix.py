@@ -46,3 +46,32 @@ def test_cli_single_run_and_bad_input():
     bad = subprocess.run([sys.executable, str(ROOT / "scripts/simulate.py"), "--rate", "-1"],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "rate = -1.0 must be" in bad.stderr
+
+
+def test_best_static_is_chosen_per_slo_scale(monkeypatch):
+    """Each SLO scale gets the candidate with the highest goodput at that scale, duplicates searched once."""
+    import serving.matrix as m
+
+    table = {(("split", (1, 1, 2, 3, 1)),): {1: 10.0, 2: 12.0, 3: 13.0, 4: 14.0, 5: 15.0},
+             (("split", (2, 2, 1, 2, 1)),): {1: 8.0, 2: 12.0, 3: 16.0, 4: 18.0, 5: 19.0}}
+    calls = []
+
+    def fake_goodput(runner, name, kw, wl, grid, refine, desc=""):
+        calls.append(kw)
+        return {k: (v, False) for k, v in table[kw].items()}
+
+    monkeypatch.setattr(m, "goodput", fake_goodput)
+    cands = [*table, next(iter(table))]  # a duplicate candidate (probe screen and capacity bound agree)
+    by_scale, chosen, kw3 = m.search_best_static(None, "static_epd", cands, None, [], 0)
+    assert len(calls) == 2
+    assert [by_scale[k][0] for k in range(1, 6)] == [10.0, 12.0, 16.0, 18.0, 19.0]
+    assert chosen[1] == "static_epd[1-1-2-3-1]" and chosen[3] == "static_epd[2-2-1-2-1]"
+    assert kw3 == (("split", (2, 2, 1, 2, 1)),)
+
+
+def test_capacity_bound_cli(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "scripts/capacity_bound.py"), "--out", str(tmp_path),
+                          "--goodput-csv", str(tmp_path / "missing.csv")], capture_output=True, text=True, check=True)
+    assert "| visualwebinstruct | diurnal | 3 |" in out.stdout
+    for name in ("elasticmm_capacity_bound.csv", "elasticmm_capacity_sweep.csv", "elasticmm_capacity_bound.png"):
+        assert (tmp_path / name).stat().st_size > 0
