@@ -126,7 +126,7 @@ def capacity_bound(rows: list, path: str, targets=(1.8, 2.3)):
             ax.text(x[0], t, f" issue target {t}x", fontsize=7, va="bottom", color="gray")
         ax.set_xlabel("MMPP burst factor (MM rate x in bursts)" if shift.startswith("mmpp")
                       else "diurnal amplitude (text / MM anti-phase)")
-        ax.set_ylabel("capacity ratio (upper bound on the goodput gain)")
+        ax.set_ylabel("capacity ratio (sustainable req/s)")
         ax.set_title(f"fluid capacity bound: {shift}, SLO scale {rs[0]['slo_scale'] if rs else ''}")
         ax.legend(fontsize=6)
     fig.tight_layout()
