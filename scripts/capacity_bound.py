@@ -2,7 +2,7 @@
 """Fluid capacity bounds of the ElasticMM experiments: how much throughput re-partitioning can buy.
 
   python scripts/capacity_bound.py                       # table + CSV + figure in docs/
-  python scripts/capacity_bound.py --diurnal-goodput     # also simulate goodput on the diurnal cycle (> 15 min)
+  python scripts/capacity_bound.py --diurnal-goodput     # also simulate goodput on the diurnal cycle (~10 min, 2 cores)
 
 For each dataset and workload of the matrix (steady Poisson, MMPP bursts, and the diurnal text/MM cycle) it
 prints, per SLO scale, the sustainable rate of the best static EPD split, the best static PD split, coupled
