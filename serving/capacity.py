@@ -63,8 +63,8 @@ def class_work(spec: WorkloadSpec, cost: CostModel) -> dict[Modality, ClassWork]
         pf, pfc, enc, pre, o, ctx = (np.zeros(len(rs)) for _ in range(6))
         for j, r in enumerate(rs):
             L, s = r.input_len, r.sys_len
-            pf[j] = _prefill_work(cost, L, 0)
-            pfc[j] = _prefill_work(cost, L, s)
+            pf[j] = cost.prefill_share(L)
+            pfc[j] = cost.prefill_share(L, s)
             for im in r.images:
                 enc[j] += cost.e0 / cost.enc_max_images + cost.e1 * im.v_tokens + cost.e2 * im.v_tokens ** 2
                 pre[j] += cost.preprocess_time(im.pixels)
@@ -74,12 +74,6 @@ def class_work(spec: WorkloadSpec, cost: CostModel) -> dict[Modality, ClassWork]
                              encode_s=float(enc.mean()), preprocess_s=float(pre.mean()),
                              output_tokens=float(o.mean()), decode_ctx=float(ctx.sum() / o.sum()))
     return out
-
-
-def _prefill_work(cost: CostModel, L: int, cached: int) -> float:
-    """A request's share of saturation-sized prefill batches: the fixed cost is split by token share."""
-    new = L - cached
-    return cost.a * min(1.0, new / cost.saturation_tokens) + cost.b * new + cost.c * (L * L - cached * cached)
 
 
 def phases(spec: WorkloadSpec) -> list[tuple[float, float, float]]:

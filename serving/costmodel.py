@@ -136,6 +136,12 @@ class CostModel:
         """sum_new: uncached tokens; sum_sq: sum over requests of (L^2 - cached^2)."""
         return self.a + self.b * sum_new + self.c * sum_sq
 
+    def prefill_share(self, total_tokens: int, cached: int = 0) -> float:
+        """One request's share of saturation-sized prefill batches: the fixed cost split by token share."""
+        new = total_tokens - cached
+        return (self.a * min(1.0, new / self.saturation_tokens) + self.b * new
+                + self.c * (total_tokens * total_tokens - cached * cached))
+
     def decode_step_time(self, batch: int, sum_ctx: int) -> float:
         if batch <= self.d_threshold:
             return self.da + self.db * sum_ctx + self.dc * batch

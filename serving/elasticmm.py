@@ -126,7 +126,7 @@ class ElasticMM(Policy):
         for im in r.images:
             w += c.encode_time(im.v_tokens, im.v_tokens ** 2) - c.e0 * (1 - 1 / 8)
         L = r.input_len
-        w += c.a * min(1.0, L / c.saturation_tokens) + c.b * L + c.c * L * L
+        w += c.prefill_share(L)
         w += r.output_len * (c.da / 64 + c.db * (L + r.output_len / 2) + c.dc)
         return w
 
