@@ -8,7 +8,7 @@ CPU smoke test (tiny shapes, Pallas in interpret mode, a few repeats; checks tha
 
 Sections (--sections; run as copy, scoring, then decode and baselines per (batch, context), largest first):
 - copy: a jitted copy of a large array (--copy-gib); bandwidth = bytes read + written / median time.
-- decode: `kernels.paged_attention` (pallas_gpu) at one Llama-3-8B layer (Hkv=8, G=4, D=128, bf16, T=1 new token)
+- decode: `kvzip_kernels.paged_attention` (pallas_gpu) at one Llama-3-8B layer (Hkv=8, G=4, D=128, bf16, T=1 new token)
   for every --batches x --contexts x --ratios. Each (row, kv head) keeps round(r * context * f) pairs, f spread
   evenly over [1 - s, 1 + s] (s = --spread, 0.2; smaller where r * (1 + s) > 1, so ratio 1.0 keeps everything) and
   permuted per row: KVzip's head-wise budgets are non-uniform, the mean is r. Pairs sit in pages of the default page
@@ -21,7 +21,7 @@ Sections (--sections; run as copy, scoring, then decode and baselines per (batch
   [B, S, Hkv, D] and on [B, Hkv, S, D] (our DenseKVCache layout), and jax's shipped GPU decode kernel
   (`jax.experimental.pallas.ops.gpu.decode_attention.gqa`) on [B, Hkv, S, D], the layout its inner kernel reads.
   A baseline that fails (shape unsupported, import gone) is a row with status "error" and the message.
-- scoring: `kernels.kvzip_scores` pallas_gpu against the reference at chunks --score-chunks (n_sys 64, T = m + 32
+- scoring: `kvzip_kernels.kvzip_scores` pallas_gpu against the reference at chunks --score-chunks (n_sys 64, T = m + 32
   repeat rows, B=1, Hkv=8, G=4, D=128, bf16): median time and XLA's temporaries of the compiled call
   (`memory_analysis().temp_size_in_bytes`), next to the bytes a full [T, keys] logits matrix would take.
 
@@ -69,8 +69,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from bench_generate import hbm_bandwidth, median_time  # noqa: E402  (same folder: one timing rule everywhere)
 
-from kernels import kvzip_scores, paged_attention  # noqa: E402
 from kvzip_jax.kvzip.compact import DEFAULT_PAGE_SIZE  # noqa: E402
+from kvzip_kernels import kvzip_scores, paged_attention  # noqa: E402
 
 HKV, GROUP, HEAD_DIM = 8, 4, 128  # Llama-3-8B: 32 query heads over 8 kv heads, head_dim 128
 DTYPE = jnp.bfloat16

@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels import kvzip_scores, kvzip_scores_backend, kvzip_scores_from_lse, paged_attention
-from kernels.backend import REFERENCE
 from kvzip_jax.config import ModelConfig
 from kvzip_jax.models.layers import KEY_BLOCK, attend, attend_blockwise
+from kvzip_kernels import kvzip_scores, kvzip_scores_backend, kvzip_scores_from_lse, paged_attention
+from kvzip_kernels.backend import REFERENCE
 
 
 @jax.tree_util.register_dataclass
@@ -60,9 +60,9 @@ def chunk_scores(
     model's own (query_pre_attn_scalar for Gemma3), not a hard-coded 1/sqrt(d). Returns [B, Hkv, chunk_size],
     zero past each row's chunk length.
 
-    The math is `kernels.kvzip_scores` (two passes, no [T, n_sys + m + T] matrix; a fused Pallas kernel on GPU /
+    The math is `kvzip_kernels.kvzip_scores` (two passes, no [T, n_sys + m + T] matrix; a fused Pallas kernel on GPU /
     TPU). `block` overrides its key block size (None: the backend's default); `backend` its choice (None: the
-    `kernels.use_backend` context, "auto" by default).
+    `kvzip_kernels.use_backend` context, "auto" by default).
     """
     m, n_sys = spec.chunk_size, spec.n_sys
     rows = jnp.concatenate([

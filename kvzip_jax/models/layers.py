@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kernels.logits import grouped_logits
 from kvzip_jax.config import ModelConfig
+from kvzip_kernels.logits import grouped_logits
 
 INIT_STD = 0.02
 

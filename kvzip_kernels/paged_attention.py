@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels.logits import grouped_logits
+from kvzip_kernels.logits import grouped_logits
 
 
 def paged_attention_reference(

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.backend import PALLAS_GPU, PALLAS_TPU, REFERENCE, requested_backend, resolve_backend
-from kernels.logits import grouped_logits
+from kvzip_kernels.backend import PALLAS_GPU, PALLAS_TPU, REFERENCE, requested_backend, resolve_backend
+from kvzip_kernels.logits import grouped_logits
 
 BACKENDS = (REFERENCE, PALLAS_GPU, PALLAS_TPU)
 REFERENCE_BLOCK = 256  # key columns per block of the reference's two passes
@@ -211,7 +211,7 @@ def kvzip_scores(
         return kvzip_scores_reference(q, keys, **kw, block=block_keys or REFERENCE_BLOCK)
     # Imported here so that the reference path never loads Pallas (and the backends may import this module).
     if choice == PALLAS_GPU:
-        from kernels.kvzip_scores_gpu import kvzip_scores_gpu as kernel
+        from kvzip_kernels.kvzip_scores_gpu import kvzip_scores_gpu as kernel
     else:
-        from kernels.kvzip_scores_tpu import kvzip_scores_tpu as kernel
+        from kvzip_kernels.kvzip_scores_tpu import kvzip_scores_tpu as kernel
     return kernel(q, keys, **kw, interpret=interpret, block_keys=block_keys, block_rows=block_rows)

@@ -102,7 +102,7 @@ def paged_attention_tpu(q, k_pages, v_pages, pos_pages, page_table, lengths, q_p
     """q [B, T, Hkv, G, D]; k/v_pages [N, page, D]; pos_pages [N, page]; page_table [B, Hkv, P]; lengths [B, Hkv];
     q_positions [B, T]; window: int32 scalar (int32 max = no window). Returns [B, T, Hkv, G, D] in q's dtype.
 
-    Inputs are assumed checked (see `kernels.dispatch`).
+    Inputs are assumed checked (see `kvzip_kernels.dispatch`).
     """
     b, t, hkv, g, d = q.shape
     n_pool, page = k_pages.shape[:2]

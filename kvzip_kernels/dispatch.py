@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.backend import AUTO, BACKENDS, PALLAS_GPU, PALLAS_TPU, REFERENCE, requested_backend, resolve_backend
-from kernels.paged_attention import paged_attention_reference
+from kvzip_kernels.backend import AUTO, BACKENDS, PALLAS_GPU, PALLAS_TPU, REFERENCE, requested_backend, resolve_backend
+from kvzip_kernels.paged_attention import paged_attention_reference
 
 PAGED_ATTENTION_BACKENDS = (REFERENCE, PALLAS_GPU, PALLAS_TPU)
 NO_WINDOW = np.iinfo(np.int32).max
@@ -86,7 +86,7 @@ def _window_scalar(window):
 
 def _kernel_module(backend: str):
     """The Pallas kernels are imported on first use: importing the library never pulls in Triton or Mosaic."""
-    name = {PALLAS_GPU: "kernels.paged_attention_gpu", PALLAS_TPU: "kernels.paged_attention_tpu"}[backend]
+    name = {PALLAS_GPU: "kvzip_kernels.paged_attention_gpu", PALLAS_TPU: "kvzip_kernels.paged_attention_tpu"}[backend]
     return importlib.import_module(name)
 
 

@@ -1,4 +1,4 @@
-"""`kernels.kvzip_scores`: the jnp reference against a naive full-matrix softmax written here, and the Pallas GPU
+"""`kvzip_kernels.kvzip_scores`: the jnp reference against a naive full-matrix softmax written here, and the Pallas GPU
 (Triton) and TPU (Mosaic) kernels in CPU interpret mode against the reference.
 
 Kernel cases use block sizes that are legal on the real backends (powers of two >= 16 for Triton, multiples of 8
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.kvzip_scores import kvzip_scores, kvzip_scores_reference
+from kvzip_kernels.kvzip_scores import kvzip_scores, kvzip_scores_reference
 
 B, HKV, T, M = 2, 2, 20, 24
 

@@ -1,6 +1,6 @@
 """Kernels with their jnp references, one dispatcher per op. Imports only jax.
 
-Backends (`kernels.backend`): "reference" (jnp; the oracle and the CPU path), "pallas_gpu" (Pallas, Triton
+Backends (`kvzip_kernels.backend`): "reference" (jnp; the oracle and the CPU path), "pallas_gpu" (Pallas, Triton
 lowering), "pallas_tpu" (Pallas, Mosaic TPU with scalar-prefetched page tables), and "auto" (the platform's
 kernel, else the reference). Both Pallas backends also run on CPU with `interpret=True`.
 
@@ -12,9 +12,9 @@ kernel, else the reference). Both Pallas backends also run on CPU with `interpre
   (how the decoder is switched to a kernel); read at trace time.
 """
 
-from kernels.backend import use_backend
-from kernels.dispatch import paged_attention
-from kernels.kvzip_scores import kvzip_scores, kvzip_scores_backend, kvzip_scores_from_lse, kvzip_scores_reference
+from kvzip_kernels.backend import use_backend
+from kvzip_kernels.dispatch import paged_attention
+from kvzip_kernels.kvzip_scores import kvzip_scores, kvzip_scores_backend, kvzip_scores_from_lse, kvzip_scores_reference
 
 __all__ = ["kvzip_scores", "kvzip_scores_backend", "kvzip_scores_from_lse", "kvzip_scores_reference",
            "paged_attention", "use_backend"]

@@ -24,7 +24,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels.kvzip_scores import pack_for_kernels
+from kvzip_kernels.kvzip_scores import pack_for_kernels
 
 BLOCK_KEYS = 128  # a full lane width for the [rows, keys] logits tile
 BLOCK_ROWS = 128
@@ -115,7 +115,7 @@ def _max_kernel(clen_ref, nval_ref, q_ref, lse_ref, k_ref, out_ref, best_scr, *,
 def kvzip_scores_tpu(
     q, keys, *, n_sys, chunk_len, n_valid, scale, softcap=None, interpret=False, block_keys=None, block_rows=None
 ):
-    """Same contract as `kernels.kvzip_scores` (inputs already checked there). Returns float32 [B, Hkv, m]."""
+    """Same contract as `kvzip_kernels.kvzip_scores` (inputs already checked there). Returns float32 [B, Hkv, m]."""
     b, t, hkv, g, d = q.shape
     m = keys.shape[2] - n_sys - t
     bk, br = block_keys or BLOCK_KEYS, block_rows or BLOCK_ROWS

@@ -1,4 +1,4 @@
-"""`kernels.paged_attention` (the dispatcher) against a naive numpy reference on a head-wise paged cache.
+"""`kvzip_kernels.paged_attention` (the dispatcher) against a naive numpy reference on a head-wise paged cache.
 
 Each (row, kv head) is a ragged sequence read through its own page table. The T new tokens of a row are stored
 at the end of every head sequence of that row (as `paged_write_attend` does before attending), so every query
@@ -18,11 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import kernels
-from kernels import paged_attention, use_backend
-from kernels.dispatch import NO_WINDOW
-from kernels.paged_attention_gpu import paged_attention_gpu
-from kernels.paged_attention_tpu import _page_index, paged_attention_tpu
+import kvzip_kernels
+from kvzip_kernels import paged_attention, use_backend
+from kvzip_kernels.dispatch import NO_WINDOW
+from kvzip_kernels.paged_attention_gpu import paged_attention_gpu
+from kvzip_kernels.paged_attention_tpu import _page_index, paged_attention_tpu
 
 PAGE = 16
 P_MAX = 4  # table width: 64 slots per head sequence at most
@@ -205,7 +205,7 @@ def _garbage_in_unowned_slots(inputs, dense, seed: int) -> dict:
 
 
 def test_package_exports_the_dispatcher():
-    assert kernels.paged_attention is paged_attention
+    assert kvzip_kernels.paged_attention is paged_attention
 
 
 def _bad(inputs, **changes):

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from kernels.kvzip_scores import pack_for_kernels
+from kvzip_kernels.kvzip_scores import pack_for_kernels
 
 try:  # the Triton-specific CompilerParams live here in jax 0.10 and 0.11
     from jax.experimental.pallas import triton as pltriton
@@ -99,7 +99,7 @@ def _max_kernel(clen_ref, nval_ref, q_ref, lse_ref, k_ref, out_ref, *, s0, g, bk
 def kvzip_scores_gpu(
     q, keys, *, n_sys, chunk_len, n_valid, scale, softcap=None, interpret=False, block_keys=None, block_rows=None
 ):
-    """Same contract as `kernels.kvzip_scores` (inputs already checked there). Returns float32 [B, Hkv, m]."""
+    """Same contract as `kvzip_kernels.kvzip_scores` (inputs already checked there). Returns float32 [B, Hkv, m]."""
     b, t, hkv, g, d = q.shape
     m = keys.shape[2] - n_sys - t
     bk, br = block_keys or BLOCK_KEYS, block_rows or BLOCK_ROWS
