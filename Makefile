@@ -1,19 +1,30 @@
-# Both targets do all set-up themselves in a local virtualenv. The pinned CPU torch is installed first so that
-# the `hf` extra's torch requirement is already met and pip does not pull the CUDA build.
+SHELL := /bin/bash
+# Both main targets do all set-up themselves in a local virtualenv, installed from the committed lock file
+# (requirements/dev.lock: exact versions of everything, CPU torch included), so a fresh machine gets exactly what
+# CI tested. uv installs it (about 10x faster than pip here); uv itself is pinned in the lock.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-TORCH_PIN ?= torch==2.13.0
+UV := $(VENV)/bin/uv
+LOCK := requirements/dev.lock
+UV_VERSION := $(shell sed -n 's/^uv==\([^ ]*\).*/\1/p' $(LOCK))
+# The lock pins torch's CPU build (torch==X+cpu), which PyPI does not carry: take it from pip's find-links where the
+# machine has them, else from PyTorch's CPU wheel page.
+TORCH_FIND_LINKS ?= $(or $(PIP_FIND_LINKS),https://download.pytorch.org/whl/cpu/torch/)
+FIND_LINKS := $(foreach link,$(TORCH_FIND_LINKS),--find-links $(link))
+COMPILE := pip compile -q --python-version 3.11 --annotation-style line --no-emit-find-links \
+	--custom-compile-command "make lock" --extra hf --extra test --extra train pyproject.toml requirements/dev.in
+LATEST_VENV ?= .venv-latest
 
-.PHONY: setup test demo parity-demo bench clean
+.PHONY: setup test demo parity-demo bench lock test-latest clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q -e ".[hf,test,train]"
+$(VENV)/.installed: $(LOCK) pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q uv==$(UV_VERSION)
+	$(UV) pip sync -q --python $(PY) $(FIND_LINKS) $(LOCK)
+	$(UV) pip install -q --python $(PY) --no-deps --no-build-isolation -e .
 	touch $@
 
 test: setup
@@ -30,5 +41,21 @@ parity-demo: setup
 bench: setup
 	$(PY) scripts/bench_generate.py
 
+# Regenerate the lock with the newest releases pyproject.toml's ranges and requirements/dev.in allow.
+lock: setup
+	$(UV) $(COMPILE) --upgrade $(FIND_LINKS) -o $(LOCK)
+
+# Find dependency drift on purpose: compile the newest allowed releases, show how they differ from the lock, install
+# them into a scratch virtualenv and run the whole suite there. torch stays at the CPU build dev.in pins.
+test-latest: setup
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(UV) $(COMPILE) --upgrade $(FIND_LINKS) -o $(LATEST_VENV)/latest.lock
+	@echo "Newest allowed releases against $(LOCK) (< lock, > latest):"
+	@diff <(grep -o '^[^ #]*==[^ ]*' $(LOCK)) <(grep -o '^[^ #]*==[^ ]*' $(LATEST_VENV)/latest.lock) || true
+	$(UV) pip sync -q --python $(LATEST_VENV)/bin/python $(FIND_LINKS) $(LATEST_VENV)/latest.lock
+	$(UV) pip install -q --python $(LATEST_VENV)/bin/python --no-deps --no-build-isolation -e .
+	$(LATEST_VENV)/bin/python -m pytest -q -p no:cacheprovider
+
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache
+	rm -rf $(VENV) $(LATEST_VENV) demo_out .pytest_cache
