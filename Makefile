@@ -16,7 +16,7 @@ COMPILE := pip compile -q --python-version 3.11 --annotation-style line --no-emi
 	--custom-compile-command "make lock" --extra hf --extra test --extra train pyproject.toml requirements/dev.in
 LATEST_VENV ?= .venv-latest
 
-.PHONY: setup test demo parity-demo bench lock test-latest clean
+.PHONY: setup test demo parity-demo bench lock test-latest mutate clean
 
 setup: $(VENV)/.installed
 
@@ -56,6 +56,12 @@ test-latest: setup
 	$(UV) pip sync -q --python $(LATEST_VENV)/bin/python $(FIND_LINKS) $(LATEST_VENV)/latest.lock
 	$(UV) pip install -q --python $(LATEST_VENV)/bin/python --no-deps --no-build-isolation -e .
 	$(LATEST_VENV)/bin/python -m pytest -q -p no:cacheprovider
+
+# Mutation testing of the core modules (cosmic-ray), MUTATE_BUDGET seconds per module; not in CI (hours for all).
+# Report: docs/mutation/report.md and docs/mutation/survivors/. A rerun continues unchanged modules' sessions.
+MUTATE_BUDGET ?= 600
+mutate: setup
+	$(PY) scripts/mutate.py --budget $(MUTATE_BUDGET) $(if $(MUTATE_ONLY),--only $(MUTATE_ONLY))
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) demo_out .pytest_cache
