@@ -9,8 +9,9 @@ UV := $(VENV)/bin/uv
 LOCK := requirements/dev.lock
 UV_VERSION := $(shell sed -n 's/^uv==\([^ ]*\).*/\1/p' $(LOCK))
 # The lock pins torch's CPU build (torch==X+cpu), which PyPI does not carry: take it from pip's find-links where the
-# machine has them, else from PyTorch's CPU wheel page.
-TORCH_FIND_LINKS ?= $(or $(PIP_FIND_LINKS),https://download.pytorch.org/whl/cpu/torch/)
+# machine has them (environment or pip config), else from PyTorch's CPU wheel page.
+PIP_CONFIG_FIND_LINKS := $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
+TORCH_FIND_LINKS ?= $(or $(PIP_FIND_LINKS),$(PIP_CONFIG_FIND_LINKS),https://download.pytorch.org/whl/cpu/torch/)
 FIND_LINKS := $(foreach link,$(TORCH_FIND_LINKS),--find-links $(link))
 COMPILE := pip compile -q --python-version 3.11 --annotation-style line --no-emit-find-links \
 	--custom-compile-command "make lock" --extra hf --extra test --extra train pyproject.toml requirements/dev.in
