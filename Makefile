@@ -42,9 +42,10 @@ parity-demo: setup
 bench: setup
 	$(PY) scripts/bench_generate.py
 
-# Regenerate the lock with the newest releases pyproject.toml's ranges and requirements/dev.in allow.
+# Regenerate the lock from pyproject.toml's ranges and requirements/dev.in, keeping the locked versions that still
+# fit (so adding a dependency changes only what it needs); UPGRADE=1 takes the newest releases the ranges allow.
 lock: setup
-	$(UV) $(COMPILE) --upgrade $(FIND_LINKS) -o $(LOCK)
+	$(UV) $(COMPILE) $(if $(UPGRADE),--upgrade) $(FIND_LINKS) -o $(LOCK)
 
 # Find dependency drift on purpose: compile the newest allowed releases, show how they differ from the lock, install
 # them into a scratch virtualenv and run the whole suite there. torch stays at the CPU build dev.in pins.
