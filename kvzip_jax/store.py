@@ -101,6 +101,13 @@ def save_compressed(
     """Write ``ctx`` to directory ``path`` (created if needed). An existing saved context there is a
     FileExistsError unless ``overwrite``. ``model_fingerprint``: JSON-serializable facts identifying the model
     (stored as given; see :func:`read_metadata`)."""
+    if model_fingerprint is not None:
+        # Checked first: a TypeError now, rather than after an overwrite removed the old files or the arrays are
+        # written; json's own message does not say which argument it was.
+        try:
+            json.dumps(model_fingerprint)
+        except TypeError as e:
+            raise TypeError(f"model_fingerprint must be JSON-serializable: {e}") from e
     path = os.path.abspath(os.fspath(path))
     meta_path = os.path.join(path, METADATA_FILE)
     arrays_path = os.path.join(path, ARRAYS_DIR)
@@ -112,8 +119,6 @@ def save_compressed(
         if os.path.exists(meta_path):
             os.unlink(meta_path)
         shutil.rmtree(arrays_path, ignore_errors=True)
-    if model_fingerprint is not None:
-        json.dumps(model_fingerprint)  # TypeError now rather than after the arrays are written
     os.makedirs(path, exist_ok=True)
 
     tree = {name: _host(getattr(ctx.cache, name)) for name in CACHE_FIELDS}

@@ -62,9 +62,13 @@ class _RefLRU:
         self.ref[key] = r + 1
 
     def release(self, key):
+        # A real exception, not an assert: a double release would otherwise corrupt the refcounts (and the
+        # evictable set) silently under `python -O`.
+        if key not in self.ref:
+            raise RuntimeError(f"{self.what}: release of entry {key!r}, which is not in the cache")
         r = self.ref[key] - 1
         if r < 0:
-            raise AssertionError(f"{self.what}: refcount of {key} would go negative")
+            raise RuntimeError(f"{self.what}: double release of entry {key!r}: its refcount is already 0")
         self.ref[key] = r
         if r == 0:
             self.lru[key] = None  # most recently used
@@ -109,9 +113,13 @@ class _RefLRU:
         return self.used + size <= self.capacity
 
     def check(self):
-        assert self.used == sum(self.size.values()) <= self.capacity, f"{self.what}: size accounting broken"
-        assert set(self.lru) == {k for k, r in self.ref.items() if r == 0}, f"{self.what}: LRU set broken"
-        assert all(r >= 0 for r in self.ref.values())
+        """Invariants, raised explicitly (not `assert`, which `python -O` drops) so tests that call this can fail."""
+        if not self.used == sum(self.size.values()) <= self.capacity:
+            raise RuntimeError(f"{self.what}: size accounting broken (used {self.used}, capacity {self.capacity})")
+        if set(self.lru) != {k for k, r in self.ref.items() if r == 0}:
+            raise RuntimeError(f"{self.what}: LRU set broken")
+        if any(r < 0 for r in self.ref.values()):
+            raise RuntimeError(f"{self.what}: negative refcount")
 
 
 class EmbeddingCache:

@@ -8,6 +8,7 @@ prefill K/V where evicted pairs are masked out) for ratio 0.3.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -214,6 +215,53 @@ def test_nested_protected_positions_and_bit_identical(scored):
     # Non-uniform budgets (P5, global across layers and heads): the heads do not all keep the same count.
     counts = masks[0.3][:, 0, :, N_SYS : totals()[0]].sum(-1)
     assert np.unique(counts).size > 1
+
+
+def expected_kept_positions(config, designed, b, n, ratio):
+    """{(layer, kv head): sorted cache positions} row b must keep, computed here from the rule in select.py's
+    docstring alone: N = valid evictable pairs of the row, keep the top max(int(N*r) - 1, 0) scores (the scores
+    are distinct, so strict > threshold is exactly that top-k), plus the whole system prefix; a sliding layer keeps
+    only its window."""
+    full = [i for i, t in enumerate(config.layer_types) if t == FULL]
+    s = designed[full][:, b, :, :n]  # [L_ev, H, n]: padding past the row's context must play no part
+    k = max(int(s.size * ratio) - 1, 0)
+    top = np.argsort(-s, axis=None, kind="stable")[:k]
+    kept = np.zeros(s.shape, bool)
+    kept.flat[top] = True
+    total = N_SYS + n
+    out = {}
+    for layer in range(config.num_layers):
+        for h in range(config.num_kv_heads):
+            if layer in full:
+                ctx = N_SYS + np.flatnonzero(kept[full.index(layer), h])
+                out[layer, h] = np.concatenate([np.arange(N_SYS), ctx])
+            else:
+                out[layer, h] = np.arange(max(total - config.sliding_window + 1, 0), total)
+    return out
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_compressed_cache_holds_exactly_the_top_scored_pairs(name, scored):
+    """Designed distinct scores (a seeded permutation, also filling the padding past row 1's context), then the
+    positions each head sequence really holds, read from the paged cache itself, must be the ones an independent
+    top-k picks. Every other cache test compares the pool with `keep_mask`, which goes through the compressor's
+    own selector: an inverted or random selection would pass those, not this."""
+    config, _params, _ctxs, sc = scored(name)
+    rng = np.random.default_rng(123)
+    designed = (rng.permutation(sc.scores.size).reshape(sc.scores.shape) / sc.scores.size).astype(np.float32)
+    assert np.unique(designed).size == designed.size  # distinct in float32 too: no ties at the threshold
+    sc_designed = dataclasses.replace(sc, scores=designed)
+    for ratio in (0.3, 0.55):
+        cc = sc_designed.compress(ratio, headroom=HEADROOM)
+        stored = read_paged(cc.cache)
+        for b, n in enumerate(CTX_LENS):
+            expected = expected_kept_positions(config, designed, b, n, ratio)
+            for (layer, h), positions in expected.items():
+                got = stored[layer, b, h][0]
+                np.testing.assert_array_equal(got, positions, err_msg=f"r={ratio} layer {layer} row {b} head {h}")
+            assert np.asarray(cc.cache.lengths)[:, b].tolist() == [
+                [len(expected[layer, h]) for h in range(config.num_kv_heads)] for layer in range(config.num_layers)
+            ]
 
 
 @pytest.mark.parametrize("ratio", [0.3, 1.0])

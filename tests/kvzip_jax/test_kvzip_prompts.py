@@ -219,7 +219,7 @@ def test_bad_inputs(tok):
         P.context_ids(p, [])
     with pytest.raises(ValueError, match="anchor must be >= 0, got -1"):
         P.repeat_inputs(p, [1, 2, 3], anchor=-1)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=r"chunk_size must be an int, got 2\.5"):
         P.repeat_inputs(p, [1, 2, 3], chunk_size=2.5)
     with pytest.raises(TypeError, match="tokenize it first"):
         P.context_ids(p, "raw text")

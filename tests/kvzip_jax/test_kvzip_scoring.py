@@ -374,3 +374,56 @@ def test_fused_scores_equal_the_two_pass_scores(outlier):
     # A sliding-window layer is not scored.
     _, sliding = run(q, k, v, ck, cv, layer, cache_len, jnp.int32(1000))
     assert not np.asarray(sliding).any()
+
+
+# ------------------------------------------------------------ first layer from the raw parameters, numpy only
+def _numpy_rope(x, positions, theta):
+    """x [T, N, D] rotated by the standard split-half RoPE, written as a complex rotation: the pair
+    (x[i], x[i + D/2]) is the complex number x[i] + j*x[i + D/2], multiplied by exp(j * position * theta^(-2i/D))."""
+    half = x.shape[-1] // 2
+    freq = theta ** (-np.arange(half, dtype=np.float64) * 2 / x.shape[-1])
+    rot = np.exp(1j * positions[:, None].astype(np.float64) * freq[None, :])[:, None, :]  # [T, 1, D/2]
+    z = (x[..., :half] + 1j * x[..., half:]) * rot
+    return np.concatenate([z.real, z.imag], axis=-1)
+
+
+def test_first_layer_scores_equal_a_numpy_reference_from_the_raw_parameters(scored):
+    """Layer 0's scores, rebuilt in float64 numpy from the checkpoint arrays alone: token embedding, RMSNorm,
+    q/k projections, RoPE, query head j -> kv head j // G, then the score of §1.5 (softmax of each repeat-input
+    query over [system prefix | this chunk | repeat input (causal)] keys, probability on each chunk key, max over
+    the group's query heads and every repeat row). Unlike `reference_scores` above, nothing here runs the
+    project's modules, RoPE tables or attention, so a fault shared by those and the scorer cannot cancel out.
+    Layer 0 is the one whose input is the raw embedding: no MLP or earlier layer is needed."""
+    params, ctxs, sc = scored("llama_g4")
+    c = LLAMA_G4
+    h_kv, groups, d = c.num_kv_heads, c.num_groups, c.head_dim
+    (_, rope), = c.rope  # one layer type: full attention
+    embed = np.asarray(params["embed"][...], np.float64)
+    layer = params["layers"]
+    norm = np.asarray(layer["attn_in_norm"]["scale"][...][0], np.float64)
+    wq = np.asarray(layer["attn"]["q_proj"]["kernel"][...][0], np.float64)  # [hidden, heads * D], x @ W
+    wk = np.asarray(layer["attn"]["k_proj"]["kernel"][...][0], np.float64)
+    n_sys = PROMPT.n_sys
+    for b, ctx in enumerate(ctxs):
+        for chunk in repeat_inputs(PROMPT, ctx, CHUNK):
+            seq = np.array([*PROMPT.prefix_ids, *ctx, *chunk.ids])
+            pos = np.arange(len(seq))  # the repeat input sits right after [prefix | context]
+            x = embed[seq]
+            x = norm * x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + c.rms_norm_eps)
+            q = _numpy_rope((x @ wq).reshape(len(seq), c.num_heads, d), pos, rope.theta)
+            k = _numpy_rope((x @ wk).reshape(len(seq), h_kv, d), pos, rope.theta)
+            n_in = len(chunk.ids)
+            rep = np.arange(len(seq) - n_in, len(seq))
+            chunk_keys = n_sys + chunk.start + np.arange(chunk.length)
+            keys = np.concatenate([np.arange(n_sys), chunk_keys, rep])
+            for h in range(h_kv):
+                best = np.zeros(chunk.length)
+                for j in range(h * groups, (h + 1) * groups):  # the query heads that share kv head h
+                    logits = q[rep, j] @ k[keys, h].T / np.sqrt(d)  # [n_in, n_sys + m + n_in]
+                    logits[:, n_sys + chunk.length :][np.triu(np.ones((n_in, n_in), bool), 1)] = -np.inf
+                    p = np.exp(logits - logits.max(-1, keepdims=True))
+                    p /= p.sum(-1, keepdims=True)
+                    best = np.maximum(best, p[:, n_sys : n_sys + chunk.length].max(axis=0))
+                got = sc.scores[0, b, h, chunk.start : chunk.start + chunk.length]
+                np.testing.assert_allclose(got, best, atol=2e-6, rtol=1e-5, err_msg=f"row {b} chunk {chunk.start}")
+    assert np.unique(sc.scores[0, 0, :, : len(ctxs[0])]).size > 50  # a ranking with information, not a constant

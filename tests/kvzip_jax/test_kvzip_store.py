@@ -166,5 +166,10 @@ def test_existing_directory_and_bad_paths(setup, tmp_path):
         json.dump(meta, f)
     with pytest.raises(ValueError, match="format version"):
         load_compressed(tmp_path / "ctx")
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="model_fingerprint must be JSON-serializable: Object of type object"):
         save_compressed(tmp_path / "ctx2", ctx, model_fingerprint={"x": object()})
+    assert not os.path.exists(tmp_path / "ctx2")
+    # A rejected overwrite leaves the saved context where it was.
+    with pytest.raises(TypeError, match="model_fingerprint must be JSON-serializable"):
+        save_compressed(tmp_path / "ctx", ctx, model_fingerprint={"x": object()}, overwrite=True)
+    assert os.path.exists(tmp_path / "ctx" / METADATA_FILE)

@@ -95,7 +95,7 @@ def test_baseline_by_name(lm, demo_text, full):
 def test_bad_input(lm, demo_text):
     from kvzip_jax.kvzip import text
 
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(ValueError, match="unknown method 'nope'; methods: ") as e:
         text.compress_text(lm, demo_text, method="nope")
     for name in ("kvzip", *BASELINES):
         assert name in str(e.value)
