@@ -140,7 +140,7 @@ def _is_jax(x) -> bool:
     try:
         import jax
     except ImportError:  # pragma: no cover
-        return False
+        return False  # pragma: no mutate (unreachable: jax is a core dependency)
     return isinstance(x, jax.Array)
 
 
@@ -232,7 +232,7 @@ def _keep_mask_head(hs: np.ndarray, r: float, valid_np, layers_np, H: int):
             tau[b] = t
             keep_head = hs[b] > t
             keep_head[~layers_np] = True
-        mask[:, b] = keep_head[:, :, None] & valid_np[b][None, None, :]
+        mask[:, b] = keep_head[:, :, None] & valid_np[b][None, None, :]  # pragma: no mutate (bool * bool == &)
     return mask, tau
 
 

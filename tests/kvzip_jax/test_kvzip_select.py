@@ -253,3 +253,45 @@ def test_bad_inputs():
     bad[0, 0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         S.keep_mask(bad, 0.3)
+
+
+# ------------------------------------------------------------------------------ found by mutation testing
+def test_jax_pair_equals_numpy_on_signed_scores():
+    """The jax path must push invalid and excluded pairs below every real score, negative ones included (the
+    selector takes any float scores): filling them with 0 instead of -inf would rank them above negative scores."""
+    s = np.random.default_rng(14).standard_normal((3, 2, 2, 20)).astype(np.float32)
+    valid = np.ones((2, 20), bool)
+    valid[1, 12:] = False
+    layers = np.array([True, False, True])
+    for r in [0.3, 0.7, 0.95]:
+        ref = S.keep_mask(s, r, valid=valid, layers=layers)
+        m, t = S.keep_mask_pair(jnp.asarray(s), r, valid=valid, layers=layers)
+        np.testing.assert_array_equal(np.asarray(m), ref.mask, err_msg=f"r={r}")
+        np.testing.assert_array_equal(np.asarray(t), ref.threshold)
+
+
+@pytest.mark.parametrize("level", S.LEVELS)
+def test_every_level_returns_a_bool_mask(level):
+    s = rand_scores((2, 2, 2, 12), seed=15)
+    valid = np.ones((2, 12), bool)
+    valid[0, 9:] = False
+    for r in [0.3, 1.0]:
+        res = S.keep_mask(s, r, level, valid=valid)
+        assert res.mask.dtype == np.bool_, f"{level} r={r}: mask dtype {res.mask.dtype}"
+        assert not res.mask[:, 0, :, 9:].any()  # invalid positions are never kept
+
+
+def test_bad_shapes_dtypes_and_head_score_formats(tmp_path):
+    s = rand_scores((2, 1, 2, 10))
+    with pytest.raises(ValueError, match=r"scores must have shape \[L, B, Hkv, n_c\], got \(2, 1, 2, 10, 1\)"):
+        S.keep_mask(s[..., None], 0.3)
+    with pytest.raises(TypeError, match="valid must be a bool array, got dtype int64"):
+        S.keep_mask(s, 0.3, valid=np.ones((1, 10), np.int64))
+    with pytest.raises(TypeError, match="layers must be a bool array, got dtype float32"):
+        S.keep_mask(s, 0.3, layers=np.ones(2, np.float32))
+    path = str(tmp_path / "foreign.npz")
+    for fmt in ("zz.other_tool.scores", "a.other_tool.scores"):  # after and before ours in string order
+        np.savez(path, head_scores=np.zeros((2, 2), np.float32),
+                 meta=json.dumps({"format": fmt, "num_layers": 2, "num_kv_heads": 2}))
+        with pytest.raises(ValueError, match=f"meta format is '{fmt}', expected 'kvzip_jax.head_scores'"):
+            S.read_head_scores(path)
