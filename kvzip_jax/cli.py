@@ -2,6 +2,7 @@
 
     kvzip-jax compress --model DIR --context FILE --ratio 0.3 --out CTX_DIR [--json]
     kvzip-jax ask --model DIR --compressed CTX_DIR --question "..." [--question "..."] [--json]
+    kvzip-jax convert --model FILE.gguf --out DIR [--dtype ...]
 
 Bad input (a ratio outside (0, 1], an empty context, missing files, a question too long for the decode headroom,
 ...) prints one line to stderr and exits with status 2.
@@ -64,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--dtype", choices=tuple(DTYPES), default="auto",
                    help="parameter dtype (must match the dtype used by compress)")
     a.add_argument("--json", action="store_true", help="print a JSON report instead of the answers")
+
+    v = sub.add_parser("convert", help="write a GGUF checkpoint as an HF checkpoint directory (safetensors)")
+    v.add_argument("--model", required=True, help="a .gguf file, or a directory holding exactly one")
+    v.add_argument("--out", required=True, help="directory to write config.json + safetensors (+ tokenizer) to")
+    v.add_argument("--dtype", choices=tuple(DTYPES), default="auto",
+                   help="dtype of the written weights (auto: the dequantized float32)")
     return parser
 
 
@@ -290,6 +297,28 @@ def cmd_ask(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    import jax.numpy as jnp
+
+    from kvzip_jax.lm import LanguageModel
+    from kvzip_jax.models.gguf_io import find_gguf
+
+    if not os.path.exists(args.model):
+        raise UsageError(f"GGUF model not found: {args.model}")
+    if find_gguf(args.model) is None:
+        raise UsageError(f"{args.model} is not a .gguf file nor a directory holding one")
+    if os.path.exists(os.path.join(args.out, "config.json")):
+        raise UsageError(f"{args.out} already holds a checkpoint (config.json); choose another --out")
+    t0 = time.perf_counter()
+    lm = LanguageModel.from_pretrained(args.model, dtype=None if DTYPES[args.dtype] is None else
+                                       jnp.dtype(DTYPES[args.dtype]))
+    lm.save_pretrained(args.out)
+    tokenizer = "with" if lm.tokenizer is not None else "without"
+    print(f"wrote {os.path.abspath(args.out)} ({lm.config.architecture}, {lm.num_params:,} params, {tokenizer} "
+          f"tokenizer) in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
@@ -297,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse: usage errors exit 2, --help exits 0
         return int(e.code) if isinstance(e.code, int) else 2
-    command = {"compress": cmd_compress, "ask": cmd_ask}[args.command]
+    command = {"compress": cmd_compress, "ask": cmd_ask, "convert": cmd_convert}[args.command]
     try:
         return command(args)
     except (ValueError, OSError) as e:  # bad input (files, values, model/context mismatch): one line, no traceback

@@ -1,12 +1,13 @@
 """A notebook-friendly handle: config + params (+ tokenizer), loaded from or saved to an HF checkpoint directory.
 
 Tokenizers and chat templates come from transformers' AutoTokenizer (the optional `hf` extra); everything else
-needs only jax and safetensors.
+needs only jax and safetensors (or gguf, for llama.cpp's .gguf files).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -17,17 +18,26 @@ from jax.sharding import Mesh
 
 from kvzip_jax.config import ModelConfig
 from kvzip_jax.generate import DEFAULT_CHUNK, DEFAULT_SAMPLING, SamplingConfig, generate
+from kvzip_jax.models.gguf_io import find_gguf, load_gguf
 from kvzip_jax.models.hf_io import load_params, save_params
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-def load_tokenizer(path: str | os.PathLike):
+def load_tokenizer(path: str | os.PathLike, gguf_file: str | None = None):
+    """AutoTokenizer from a checkpoint directory, or built from a GGUF file's metadata (vocab, merges, chat
+    template) by transformers' GGUF conversion when gguf_file names that file."""
     try:
         from transformers import AutoTokenizer
     except ImportError as e:  # pragma: no cover - depends on the install
         raise ImportError("tokenizers and chat templates need transformers: pip install 'kvzip-jax[hf]'") from e
+    if gguf_file is not None:
+        return AutoTokenizer.from_pretrained(os.path.dirname(gguf_file) or ".", gguf_file=os.path.basename(gguf_file))
     return AutoTokenizer.from_pretrained(os.fspath(path))
+
+
+def _transformers_available() -> bool:
+    return importlib.util.find_spec("transformers") is not None
 
 
 @dataclasses.dataclass
@@ -40,6 +50,16 @@ class LanguageModel:
     def from_pretrained(
         cls, path: str | os.PathLike, *, dtype=None, mesh: Mesh | None = None, tokenizer: bool = True
     ) -> LanguageModel:
+        """Load an HF checkpoint directory, a .gguf file, or a directory holding exactly one .gguf file.
+
+        GGUF weights are dequantized to float32 (then cast to dtype if given). A GGUF tokenizer is built from the
+        file's metadata by transformers; without transformers installed the model loads with no tokenizer.
+        """
+        gguf_file = find_gguf(path)
+        if gguf_file is not None:
+            loaded = load_gguf(gguf_file, dtype=dtype, mesh=mesh)
+            use_tokenizer = tokenizer and loaded.has_tokenizer and _transformers_available()
+            return cls(loaded.config, loaded.params, load_tokenizer(path, gguf_file) if use_tokenizer else None)
         config, params = load_params(path, dtype=dtype, mesh=mesh)
         has_tokenizer = any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES)
         return cls(config, params, load_tokenizer(path) if tokenizer and has_tokenizer else None)

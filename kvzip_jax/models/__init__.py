@@ -1,4 +1,4 @@
-"""Flax NNX decoders (llama / qwen2 / qwen3 / gemma3) and Hugging Face checkpoint I/O."""
+"""Flax NNX decoders (llama / qwen2 / qwen3 / gemma3), Hugging Face checkpoint I/O and GGUF loading."""
 
 from kvzip_jax.models.decoder import (
     Transformer,
@@ -10,7 +10,8 @@ from kvzip_jax.models.decoder import (
     graphdef_for,
     init_params,
 )
-from kvzip_jax.models.hf_io import CheckpointError, load_params, save_params
+from kvzip_jax.models.gguf_io import load_gguf
+from kvzip_jax.models.hf_io import CheckpointError, load_params, params_from_tensors, save_params
 
 __all__ = [
     "CheckpointError",
@@ -22,6 +23,8 @@ __all__ = [
     "forward_scores",
     "graphdef_for",
     "init_params",
+    "load_gguf",
     "load_params",
+    "params_from_tensors",
     "save_params",
 ]

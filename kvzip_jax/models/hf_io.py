@@ -157,7 +157,18 @@ def load_params(
     """
     path = os.fspath(path)
     config = config or ModelConfig.from_pretrained(path)
-    index = _TensorIndex(path)
+    return config, params_from_tensors(_TensorIndex(path), config, dtype=dtype, mesh=mesh, rules=rules)
+
+
+def params_from_tensors(
+    index, config: ModelConfig, *, dtype=None, mesh: Mesh | None = None, rules=DEFAULT_RULES
+) -> nnx.State:
+    """HF-named tensors -> our param State: the one path every loader (safetensors, GGUF) goes through.
+
+    index: anything with `path` (named in errors), `weight_map` (every HF tensor name it holds), `resolve(name,
+    prefixes)` and `get(full_name) -> np.ndarray`, like `_TensorIndex`.
+    """
+    path = index.path
     loaded: dict[str, np.ndarray] = {}
     used: set[str] = set()
     for ours, array, names in _iter_tensors(config, index):
@@ -189,7 +200,7 @@ def load_params(
             return jnp.asarray(array)
         return jax.device_put(array, sharding_for(name, array.shape, mesh, rules))
 
-    return config, jax.tree_util.tree_map_with_path(fill, abstract)
+    return jax.tree_util.tree_map_with_path(fill, abstract)
 
 
 def _np_dtype(dtype) -> np.dtype:
