@@ -414,7 +414,25 @@ def test_bad_compress_and_ask_input(scored):
         cc.ask(params, [[20], [21]], max_new_tokens=0)
     with pytest.raises(ValueError, match="17 tokens exceed the decode headroom of 16"):
         cc.logits(params, [list(range(20, 37))] * 2)
+    assert cc.logits(params, [list(range(20, 36))] * 2).shape[:2] == (2, 16)  # exactly the headroom: fits
+    assert 0.0 <= cc.report.times["compact_s"] < 600.0  # a duration, not a clock reading
     with pytest.raises(ValueError, match=r"token id 999 .*vocabulary size is 128"):
         cc.ask(params, [[999], [20]], max_new_tokens=2)
     # Failed calls leave the compressed context usable and unchanged.
     np.testing.assert_array_equal(np.asarray(cc.cache.lengths), cc.base_lengths)
+
+
+def test_prefill_checks_the_positions_that_follow_the_context_at_the_exact_limit(scored):
+    """[prefix | context] plus `extra_positions` positions after the longest row must fit max_position_embeddings:
+    positions 0 .. longest + extra - 1 exist exactly when longest + extra <= the limit (found by mutation testing:
+    an off-by-one there passed every other test)."""
+    config, params, ctxs, _ = scored("llama")
+    longest, extra = N_SYS + max(CTX_LENS), 7
+    fits = dataclasses.replace(config, max_position_embeddings=longest + extra)
+    cache, _ = compressor.prefill_contexts(params, fits, PROMPT, ctxs, extra_slots=0, extra_positions=extra)
+    assert int(np.asarray(cache.length).max()) == longest
+    short = dataclasses.replace(config, max_position_embeddings=longest + extra - 1)
+    with pytest.raises(ValueError, match=rf"position {longest + extra - 1} is beyond max_position_embeddings "
+                                         rf"\({longest + extra - 1}\)"):
+        compressor.prefill_contexts(params, short, PROMPT, ctxs, extra_slots=0, extra_positions=extra)
+
