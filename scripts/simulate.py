@@ -43,6 +43,10 @@ def parse(argv=None):
     p.add_argument("--rate", type=float, default=10.0, help="mean request rate (req/s), > 0")
     p.add_argument("--duration", type=float, default=120.0, help="seconds of traffic, > 0")
     p.add_argument("--dup-rate", type=float, default=0.0, help="probability an image repeats an earlier one")
+    p.add_argument("--mm-share", type=float, default=None, help="multimodal fraction in [0, 1] (default: dataset's)")
+    p.add_argument("--burst-factor", type=float, default=4.0, help="mmpp: multimodal rate multiplier in a burst")
+    p.add_argument("--burst-len", type=float, nargs=2, default=(30.0, 120.0), help="mmpp: burst length range (s)")
+    p.add_argument("--burst-gap", type=float, default=150.0, help="mmpp: mean gap between bursts (s)")
     p.add_argument("--instances", type=int, default=None, help="instances (default: the profile's)")
     p.add_argument("--profile", default="qwen2_5_vl_7b_a800x8", help="packaged profile name or a .json path")
     p.add_argument("--seed", type=int, default=0)
@@ -59,7 +63,8 @@ def single(args):
         kw["split"] = tuple(int(x) for x in args.split.split(",")) if "," in args.split else args.split
     pol = make_policy(args.policy, **kw)
     spec = WorkloadSpec(arrival=args.arrival, dataset=args.dataset, rate=args.rate, duration=args.duration,
-                        dup_rate=args.dup_rate, seed=args.seed)
+                        dup_rate=args.dup_rate, seed=args.seed, mm_share=args.mm_share,
+                        burst_factor=args.burst_factor, burst_len=tuple(args.burst_len), burst_gap_mean=args.burst_gap)
     reqs = generate(spec, cost)
     res = simulate(pol, reqs, cost, args.instances, SimConfig(check_invariants=args.check))
     row = summarize(res, cost)

@@ -79,7 +79,7 @@ def class_work(spec: WorkloadSpec, cost: CostModel) -> dict[Modality, ClassWork]
 def phases(spec: WorkloadSpec) -> list[tuple[float, float, float]]:
     """(time weight, text rate, MM rate) per phase, per unit of the spec's mean rate."""
     validate_spec(spec)
-    f = DATASETS[spec.dataset].mm_fraction
+    f = DATASETS[spec.dataset].mm_fraction if spec.mm_share is None else spec.mm_share
     if spec.arrival in ("poisson", "gamma"):
         return [(1.0, 1 - f, f)]
     if spec.arrival == "mmpp":  # same modulation as workloads.arrivals

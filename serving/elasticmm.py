@@ -13,9 +13,16 @@ Per tick (spec 1.3, reconstructed algorithm):
      release the least loaded decode instance (KV migrates) to encode / prefill;
   4. proactive (every `proactive_interval`): max-min burst tolerance greedy on the predicted group loads,
      realised by moving idle instances only.
-Dispatch inside a stage is FCFS up to the prefill saturation point (`prefill_budget`). Every switch is
-subject to a cooldown (no instance switches twice within it) and a group never loses its last instance
-of a stage. Decode never grows by preemption while dispatching: only the auto-scaler grows it.
+  0. shrink to zero (before 1-4): a group with no live request and no arrival for `dormant_after` (5 s) lends all
+     its instances to the other group (none pinned; instances inside their cooldown follow later). Its first
+     request brings back one instance per stage at the next tick (preferring donors past their cooldown; an
+     urgent move ignores it only if all are inside it -- an empty stage with work is a liveness failure);
+  pooled prefill (simulator dispatch, `lend_prefill`): an idle prefill instance serves a batch of the other
+     group's prefill queue or of the encode queue when that queue has no free instance of its own.
+Dispatch inside a stage is FCFS up to the prefill saturation point (`prefill_budget`). Every switch but an
+urgent bring-back is subject to a cooldown (no instance switches twice within it), and steps 1-4 never take a
+group's last instance of a stage (only step 0 empties an idle group). Decode never grows by preemption while
+dispatching: only the auto-scaler grows it.
 
 Gain and cost are in seconds per token (eq. 2: Gain per input token, Cost per output token, and the
 reverse for eq. 3), w is the preemption penalty. T(R, E) is computed by list scheduling the FCFS queue
@@ -55,12 +62,21 @@ class ElasticConfig:
     # reactive cross-group candidates enter the gain-cost comparison when the target stage's mean busy fraction
     # is at least this (0: whenever the stage has a queue and no free instance; the donor guard still applies)
     cross_group_util: float = 0.0
+    # an idle prefill instance serves batches of the other group's prefill queue when that group has no free
+    # prefill instance (pooled prefill at batch granularity, no role switch; docs/elasticmm.md)
+    pooled_prefill: bool = True
+    # shrink to zero: a group with no live request and no arrival for this many seconds lends ALL its instances
+    # to the other group (0 disables); its first new request gets an instance per stage at the next tick
+    dormant_after: float = 5.0
+    # record every decision with the state it saw in ElasticMM.trace (debugging; off in the experiments)
+    trace: bool = False
 
 
 class ElasticMM(Policy):
     def __init__(self, cfg: ElasticConfig | None = None, name: str = "elasticmm"):
         cfg = cfg or ElasticConfig()
-        for k in ("w", "cooldown", "gain_window", "proactive_interval", "shrink_dwell", "decode_step_factor"):
+        for k in ("w", "cooldown", "gain_window", "proactive_interval", "shrink_dwell", "decode_step_factor",
+                  "dormant_after"):
             v = getattr(cfg, k)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"elasticmm {k} = {v!r} must be a finite number >= 0")
@@ -83,7 +99,16 @@ class ElasticMM(Policy):
         self.targets = None
         self._memo = {}
         self.util = {}  # instance id -> EWMA of its busy fraction
+        # (group, stage) -> EWMA of the number of busy instances in the role. The donor guard needs the role's
+        # load, and a sum of per-instance averages loses the history of every instance that leaves: after a move
+        # the remaining peers' averages still show the old, lower per-instance load, so successive moves 3 -> 2 -> 1
+        # each saw the role as lightly loaded (docs/elasticmm.md, 'Bursts inside one group').
+        self.role_load = {}
         self.last_pressure = {}  # group -> last time its decode stage was under pressure
+        self.may_empty_stages = cfg.dormant_after > 0  # the simulator lets this policy empty an idle stage
+        self.last_arrival = {Group.TEXT: -math.inf, Group.MM: -math.inf}
+        self.last_work = {Group.TEXT: 0.0, Group.MM: 0.0}  # last tick at which the group had a live request
+        self.trace = [] if cfg.trace else None  # (time, why, iid, from role, to role, {role: (instances, queue)})
 
     # ---- static parts ------------------------------------------------------------------------------------
     def layout(self, n, cost):
@@ -103,12 +128,33 @@ class ElasticMM(Policy):
 
     def route(self, r):
         g = Group.MM if r.modality == Modality.MM else Group.TEXT
+        self.last_arrival[g] = r.t_arrival
         self.win_count[g] += 1
         self.win_work[g] += self._work(r)
         return g
 
     def prefill_budget(self, sim, inst):
         return sim.cost.saturation_tokens
+
+    def lend_prefill(self, sim, inst):
+        """(group, stage) whose queue the idle prefill instance `inst` may serve one batch of, or None.
+
+        Called by the simulator when `inst` has nothing of its own group to prefill. A role switch costs a cooldown
+        and is only taken when the donor role can spare a whole instance; a prefill instance at 60% load cannot,
+        but its idle 40% can serve the other group's prefill queue, or the encode queue (every instance holds the
+        encoder), batch by batch, as a pooled PD prefill stage with inline encode would. Only queues with no free
+        instance of their own are served, so a group's own instances always come first."""
+        if not self.cfg.pooled_prefill or inst.stage != Stage.PREFILL or inst.state != InstState.ACTIVE:
+            return None
+        order = [(g, Stage.PREFILL) for g in self.group_stages if g != inst.group]
+        order += [(g, Stage.ENCODE) for g, stages in self.group_stages.items() if Stage.ENCODE in stages]
+        for g, s in order:
+            if s not in self.group_stages[g] or not sim.q[(g, s)]:
+                continue
+            if any(i.group == g and i.stage == s and i.state == InstState.ACTIVE and not i.busy for i in sim.insts):
+                continue  # the role's own free instance takes it
+            return g, s
+        return None
 
     def start(self, sim):
         c = sim.cost
@@ -150,7 +196,7 @@ class ElasticMM(Policy):
             return False
         if inst.stage in (Stage.ENCODE, Stage.PREFILL):
             # "the instance whose removal hurts least": never strip a stage its remaining peers could not carry
-            load = sum(self.util.get(i.iid, 0.0) for i in peers)
+            load = self.role_load.get((inst.group, inst.stage), 0.0)
             return load / (len(peers) - 1) <= self.cfg.donor_max_util
         return True
 
@@ -297,7 +343,7 @@ class ElasticMM(Policy):
         (2x the unloaded time) is already missed at 40-60% utilisation, so an 80% gate reacted ~10 s late; the
         gain-cost comparison and the donor guard (donor_max_util) decide whether a move pays."""
         insts = self._roles(sim).get((g, s), ())
-        return bool(insts) and sum(self.util.get(i.iid, 0.0) for i in insts) / len(insts) >= self.cfg.cross_group_util
+        return bool(insts) and self.role_load.get((g, s), 0.0) / len(insts) >= self.cfg.cross_group_util
 
     def _candidates(self, sim, g, target_stage, now, cross: bool = True):
         """One representative per (group, stage) role other than the target: idle first, else e_max."""
@@ -317,13 +363,25 @@ class ElasticMM(Policy):
                 best[role] = (key, i, idle)
         return [(i, idle) for (_, i, idle) in best.values()]
 
-    def _apply(self, sim, inst, g, s, why):
+    def _apply(self, sim, inst, g, s, why, urgent: bool = False):
         cross = inst.group != g
-        sim.switch(inst, g, s)
+        if self.trace is not None:
+            self.trace.append((sim.now, why, inst.iid, (inst.group.name, inst.stage.name), (g.name, s.name),
+                               self._snapshot(sim)))
+        sim.switch(inst, g, s, urgent=urgent) if urgent else sim.switch(inst, g, s)
         self._memo.clear()
         self.stats[why] += 1
         if cross:
             self.stats["cross_group"] += 1
+
+    def _snapshot(self, sim) -> dict:
+        """'GROUP/STAGE' -> (instances holding or heading to the role, queued requests), for the trace."""
+        out = {}
+        for g, stages in self.group_stages.items():
+            for s in stages:
+                n = sum(1 for i in sim.insts if sim.effective_role(i) == (g, s))
+                out[f"{g.name}/{s.name}"] = (n, len(sim.q[(g, s)]))
+        return out
 
     # ---- the tick ----------------------------------------------------------------------------------------
     def on_tick(self, sim, now):
@@ -332,6 +390,16 @@ class ElasticMM(Policy):
         beta = min(1.0, self.cfg.tick / self.cfg.util_window)
         for i in sim.insts:  # EWMA of the busy fraction, sampled once per tick
             self.util[i.iid] = (1 - beta) * self.util.get(i.iid, 0.0) + beta * (1.0 if i.busy else 0.0)
+        busy = Counter((i.group, i.stage) for i in sim.insts if i.busy)
+        for g, stages in self.group_stages.items():
+            for s in stages:
+                self.role_load[(g, s)] = (1 - beta) * self.role_load.get((g, s), 0.0) + beta * busy[(g, s)]
+        if self.may_empty_stages:
+            for g in (Group.TEXT, Group.MM):
+                if self.last_arrival[g] >= now - self.cfg.tick or self._has_work(sim, g):
+                    self.last_work[g] = now
+            self._cover_empty_stages(sim, now)
+            self._lend_dormant(sim, now)
         for g in (Group.TEXT, Group.MM):
             self._decode_autoscale(sim, g, now)
         for g in (Group.TEXT, Group.MM):
@@ -342,6 +410,71 @@ class ElasticMM(Policy):
             self._shrink_decode(sim, g, now)
         if self.cfg.proactive and now - self.last_proactive >= self.cfg.proactive_interval:
             self._proactive(sim, now)
+
+    # ---- shrink to zero ------------------------------------------------------------------------------------
+    def _has_work(self, sim, g) -> bool:
+        """Any live request of group g: queued, in a batch or decode batch, or in flight (preprocessing,
+        transfer, migration). Arrivals since the last tick are counted by the caller."""
+        if any(sim.q[(g, s)] for s in self.group_stages[g]):
+            return True
+        for i in sim.insts:
+            if i.group == g and (i.running or i.pending):
+                return True
+            if i.batch and any(r.group == g for r in i.batch):  # a lent prefill instance serves the other group
+                return True
+        return any(r.group == g for r in sim.inflight.values())
+
+    def dormant(self, g, now) -> bool:
+        return self.may_empty_stages and now - self.last_work[g] >= self.cfg.dormant_after
+
+    def _lend_dormant(self, sim, now):
+        """Shrink to zero: a dormant group lends every instance to the other group, as long as that one is not
+        dormant too (with no traffic at all nothing gains). Only instances past their cooldown move; the rest
+        follow at later ticks. They join the other group's busiest encode/prefill stage; its auto-scaler and
+        re-partition then place them."""
+        for g in (Group.TEXT, Group.MM):
+            dst = Group.MM if g == Group.TEXT else Group.TEXT
+            if not self.dormant(g, now) or self.dormant(dst, now):
+                continue
+            stages = [s for s in self.group_stages[dst] if s != Stage.DECODE]
+            for inst in sim.insts:
+                if (inst.group != g or inst.state != InstState.ACTIVE or inst.pending_target is not None
+                        or now - inst.last_switch < self.cooldown):
+                    continue
+                dest = max(stages, key=lambda s: (len(sim.q[(dst, s)]), s == Stage.PREFILL))
+                self._apply(sim, inst, dst, dest, "lend_dormant")
+
+    def _cover_empty_stages(self, sim, now):
+        """Bring back: a group with a live request (or an arrival since the last tick) gets one instance in every
+        stage it has none in, at this tick, taken from the other group. Every instance holds the whole model
+        (encoder included), so a switched instance starts encoding after t_switch.
+
+        Donor: a role of the other group that keeps at least one instance; idle before busy, encode/prefill
+        before decode (a decode donor migrates its KV), then the one free soonest. An instance past its cooldown
+        is preferred; if every candidate is inside it, the move is urgent and ignores it: a stage with work and
+        no instance is a liveness failure, and the move cannot oscillate (the group lends again only after
+        dormant_after of no work, which is longer than the cooldown)."""
+        for g in (Group.TEXT, Group.MM):
+            if self.last_work[g] != now:
+                continue  # no live request: nothing to cover
+            for s in self.group_stages[g]:
+                roles = self._roles(sim)
+                if roles.get((g, s)):
+                    continue
+                best, best_key = None, None
+                for inst in sim.insts:
+                    role = (inst.group, inst.stage)
+                    if (inst.group == g or inst.state != InstState.ACTIVE or inst.pending_target is not None
+                            or len(roles.get(role, ())) <= 1):
+                        continue
+                    if inst.stage == Stage.DECODE and not self._decode_can_shrink(sim, inst.group, inst):
+                        continue
+                    key = (now - inst.last_switch < self.cooldown, not self._idle(sim, inst),
+                           inst.stage == Stage.DECODE, inst.busy_until if inst.busy else now, inst.iid)
+                    if best_key is None or key < best_key:
+                        best, best_key = inst, key
+                if best is not None:
+                    self._apply(sim, best, g, s, "cover_empty_stage", urgent=best_key[0])
 
     def _grow_stage(self, sim, g, s, now):
         q = sim.q[(g, s)]
@@ -448,6 +581,8 @@ class ElasticMM(Policy):
             mu = 1.0 / self.work_avg[g] if self.work_avg[g] else 1e9
             n_avg[g] = needed_instances(self.rate_avg[g], mu)
             peak[g] = max(self.rate_hist[g]) / self.rate_avg[g] if self.rate_avg[g] else 1.0
+        if any(self.dormant(g, now) for g in (Group.TEXT, Group.MM)):
+            return  # shrink to zero owns the split while a group is dormant (its floor would pin instances)
         target = greedy_allocation(sim.N, n_avg, self.floors, peak)
         self.targets = target
         have = {g: sum(1 for i in sim.insts if sim.effective_role(i)[0] == g) for g in target}

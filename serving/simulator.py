@@ -115,6 +115,7 @@ class Simulator:
             if use_cache else None
         self.keyer = PromptKeyer(cost.block_size)
         self.inline_encode = getattr(policy, "inline_encode", True)
+        self.uncovered: dict = {}  # (group, stage) -> since when it has queued work and no instance (invariants)
         self._check_layout_stages()
 
     # ---- PUBLIC read surface for policies --------------------------------------------------------------
@@ -136,19 +137,27 @@ class Simulator:
         return len(inst.running) + len(inst.pending)
 
     # ---- PUBLIC act surface -----------------------------------------------------------------------------
-    def switch(self, inst: Instance, group: Group, stage: Stage) -> None:
-        """Re-assign an instance; it drains its batch (migrating decode KV to same-stage peers) first."""
+    def switch(self, inst: Instance, group: Group, stage: Stage, urgent: bool = False) -> None:
+        """Re-assign an instance; it drains its batch (migrating decode KV to same-stage peers) first.
+
+        A policy with `may_empty_stages` may take a group's last instance of a stage (a group idle for a while
+        lends all its instances); `urgent` (only for such a policy) exempts the move from the cooldown: it is
+        reserved for re-covering a stage left with no instance (see ElasticMM._cover_empty_stages)."""
         if stage not in self.policy.group_stages.get(group, ()):
             raise ValueError(f"stage {stage.name} is not valid in group {group.name}")
         if inst.pending_target is not None or inst.state != InstState.ACTIVE:
             raise ValueError(f"instance {inst.iid} is already switching")
         if (inst.group, inst.stage) == (group, stage):
             return
+        may_empty = getattr(self.policy, "may_empty_stages", False)
+        if urgent and not may_empty:
+            raise ValueError("urgent switches are only for policies that may empty a stage")
         cool = getattr(self.policy, "cooldown", 0.0)
-        if cool and self.now - inst.last_switch < cool - 1e-9:
+        if cool and not urgent and self.now - inst.last_switch < cool - 1e-9:
             raise InvariantError(f"instance {inst.iid} switched twice within the cooldown {cool}s")
         old = (inst.group, inst.stage)
-        if sum(1 for i in self.insts if self.effective_role(i) == old) <= 1 and old[1] != Stage.COUPLED:
+        if (not may_empty and old[1] != Stage.COUPLED
+                and sum(1 for i in self.insts if self.effective_role(i) == old) <= 1):
             raise ValueError(f"instance {inst.iid} is the last {old[0].name}/{old[1].name} instance")
         if inst.stage == Stage.DECODE and (inst.running or inst.pending) and not self._decode_peers(inst):
             raise ValueError(f"instance {inst.iid}: no decode peer to migrate its KV to")
@@ -299,12 +308,21 @@ class Simulator:
         self._enqueue(g, Stage.PREFILL, r)
 
     def _enqueue(self, g: Group, s: Stage, r: Request):
-        self.q[(g, s)].append(r)
+        q = self.q[(g, s)]
+        q.append(r)
         for inst in self.insts:
             if inst.group == g and inst.stage == s and not inst.busy and inst.state == InstState.ACTIVE:
                 self._kick(inst)
-                if not self.q[(g, s)]:
-                    break
+                if not q:
+                    return
+        if s in (Stage.PREFILL, Stage.ENCODE) and getattr(self.policy, "lend_prefill", None) is not None:
+            # no free instance of the role: an idle prefill instance (of another group, or any for encode) may take it
+            for inst in self.insts:
+                if (inst.stage == Stage.PREFILL and (inst.group != g or s == Stage.ENCODE) and not inst.busy
+                        and inst.state == InstState.ACTIVE and not self.q[(inst.group, Stage.PREFILL)]):
+                    self._kick(inst)
+                    if not q:
+                        return
 
     def _kick(self, inst: Instance):
         if inst.busy or inst.state != InstState.ACTIVE:
@@ -320,8 +338,8 @@ class Simulator:
             self._start_coupled(inst)
 
     # ---- encode stage ------------------------------------------------------------------------------------
-    def _start_encode(self, inst: Instance):
-        q = self.q[(inst.group, Stage.ENCODE)]
+    def _start_encode(self, inst: Instance, g: Group | None = None):
+        q = self.q[(inst.group if g is None else g, Stage.ENCODE)]
         if not q:
             return
         batch, n_img, sv, sv2 = [], 0, 0, 0
@@ -342,8 +360,8 @@ class Simulator:
 
     def _on_encode_done(self, inst: Instance):
         batch = self._unbusy(inst)
-        ec = self.emb_cache[inst.group] if self.emb_cache else None
         for r in batch:
+            ec = self.emb_cache[r.group] if self.emb_cache else None  # r.group: a lent prefill instance may encode
             r.t_enc_end = self.now
             if ec is not None:
                 held = [im.hash for im in r.todo_imgs if ec.insert_acquired(im.hash, im.v_tokens)]
@@ -373,7 +391,7 @@ class Simulator:
         bs = self.cost.block_size
         while q:
             r = q[0]
-            cached, keys = self._prefix_match(r, inst.group)
+            cached, keys = self._prefix_match(r, r.group)
             new = r.input_len - cached
             need = blocks_for(r.input_len + (r.output_len if coupled else 0), bs)
             if batch and tok + new > budget:
@@ -382,7 +400,7 @@ class Simulator:
                 break
             q.popleft()
             if self.kv_cache is not None:
-                cache = self.kv_cache[inst.group]
+                cache = self.kv_cache[r.group]  # a lent prefill instance serves another group's pool
                 got = cache.match_acquire(keys[:cached // bs], r.input_len)
                 r.cache_keys = tuple(got)
                 r.prefix_keys = keys
@@ -396,7 +414,7 @@ class Simulator:
 
     def _inline_encode_time(self, inst: Instance, batch: list) -> float:
         """Blocking path: host preprocessing (serial in the engine process) + encode inside the prefill step."""
-        ec = self.emb_cache[inst.group] if self.emb_cache else None
+        ec = self.emb_cache[batch[0].group] if self.emb_cache and batch else None
         pre, sv, sv2 = 0.0, 0, 0
         for r in batch:
             if not r.images:
@@ -431,7 +449,19 @@ class Simulator:
         g = inst.group
         q = self.q[(g, Stage.PREFILL)]
         if not q:
-            return
+            # pooled prefill: an idle prefill instance may serve one prefill batch of another group's queue (the KV
+            # goes to that group's decode and caches) or one encode batch, without switching role (policy decides)
+            lend = getattr(self.policy, "lend_prefill", None)
+            tgt = lend(self, inst) if lend is not None else None
+            if tgt is None:
+                return
+            g, s = tgt
+            if s == Stage.ENCODE:
+                self._start_encode(inst, g)
+                return
+            q = self.q[(g, Stage.PREFILL)]
+            if not q:
+                return
         if self._decode_kv_usage(g) > self.cfg.decode_backpressure:
             return  # back-pressure: decode is out of KV; a decode completion will kick prefill again
         budget = self.policy.prefill_budget(self, inst)
@@ -455,11 +485,10 @@ class Simulator:
 
     def _on_prefill_done(self, inst: Instance):
         batch = self._unbusy(inst)
-        g = inst.group
         for r in batch:
             r.t_pre_end = r.t_first = self.now
             r.produced = 1
-            self._release_caches(r, g)
+            self._release_caches(r, r.group)
             if inst.stage == Stage.COUPLED:
                 if r.output_len <= 1:
                     self._complete(r, inst)
@@ -765,12 +794,23 @@ class Simulator:
                 raise InvariantError(f"instance {i.iid} switching without a target")
         if sum(counts.values()) != self.N:
             raise InvariantError("instances not conserved")
+        may_empty = getattr(self.policy, "may_empty_stages", False)
+        limit = (getattr(self.policy, "tick_interval", None) or 0.0) + 1e-9
         for g in self.groups:
             if g == Group.ANY:
                 continue
             for s in self.policy.group_stages[g]:
-                if counts.get((g, s), 0) < 1:
+                if counts.get((g, s), 0) >= 1:
+                    self.uncovered.pop((g, s), None)
+                elif not may_empty:
                     raise InvariantError(f"group {g.name} has no {s.name} instance")
+                elif self.q[(g, s)]:
+                    # a policy may empty an idle stage, but queued work must get an instance within one tick
+                    since = self.uncovered.setdefault((g, s), self.now)
+                    if self.now - since > limit:
+                        raise InvariantError(f"{g.name}/{s.name} has had queued work and no instance since {since}")
+                else:
+                    self.uncovered.pop((g, s), None)
         # 3. KV ownership: used blocks == blocks of requests owned + reservations of incoming migrations
         owned = [0] * self.N
         for i in self.insts:

@@ -63,6 +63,7 @@ class WorkloadSpec:
     dup_rate: float = 0.0  # probability an image repeats an earlier one
     dup_window: int = 200  # ... drawn uniformly from this many most recent distinct images (popular content)
     seed: int = 0
+    mm_share: float | None = None  # fraction of multimodal requests; None: the dataset's own (0: text only)
 
     def with_rate(self, rate: float) -> "WorkloadSpec":
         return replace(self, rate=rate)
@@ -77,9 +78,11 @@ def validate_spec(spec: WorkloadSpec) -> None:
                       ("diurnal_period", spec.diurnal_period), ("burst_gap_mean", spec.burst_gap_mean)):
         if not (isinstance(val, (int, float)) and math.isfinite(val) and val > 0):
             raise ValueError(f"workload {name} = {val!r} must be a finite number > 0")
-    if spec.burst_factor < 1:
+    if spec.mm_share is not None and not (isinstance(spec.mm_share, (int, float)) and 0 <= spec.mm_share <= 1):
+        raise ValueError(f"workload mm_share = {spec.mm_share!r} must be in [0, 1]")
+    if not (isinstance(spec.burst_factor, (int, float)) and spec.burst_factor >= 1):
         raise ValueError(f"workload burst_factor = {spec.burst_factor} must be >= 1")
-    if not 0 <= spec.dup_rate < 1:
+    if not (isinstance(spec.dup_rate, (int, float)) and 0 <= spec.dup_rate < 1):
         raise ValueError(f"workload dup_rate = {spec.dup_rate} must be in [0, 1)")
     if not (isinstance(spec.dup_window, int) and spec.dup_window >= 1):
         raise ValueError(f"workload dup_window = {spec.dup_window!r} must be an integer >= 1")
@@ -126,7 +129,7 @@ def burst_intervals(spec: WorkloadSpec, rng) -> list[tuple[float, float]]:
 def arrivals(spec: WorkloadSpec, rng) -> tuple[np.ndarray, np.ndarray]:
     """Return (sorted arrival times, is_multimodal flags)."""
     ds = DATASETS[spec.dataset]
-    f = ds.mm_fraction
+    f = ds.mm_fraction if spec.mm_share is None else spec.mm_share
     if spec.arrival in ("poisson", "gamma"):
         t = _poisson(rng, spec.rate, spec.duration) if spec.arrival == "poisson" else \
             _gamma(rng, spec.rate, spec.duration, spec.cv)
@@ -148,7 +151,7 @@ def arrivals(spec: WorkloadSpec, rng) -> tuple[np.ndarray, np.ndarray]:
             return np.where(inside, base_mm * spec.burst_factor, base_mm)
 
         tt = _poisson(rng, (1 - f) * spec.rate, spec.duration) if f < 1 else np.zeros(0)
-        tm = _thinned(rng, mm_rate, base_mm * spec.burst_factor, spec.duration)
+        tm = _thinned(rng, mm_rate, base_mm * spec.burst_factor, spec.duration) if f > 0 else np.zeros(0)
     else:  # diurnal: text and multimodal peak in anti-phase, so the best group split drifts over the day
         A, P = spec.diurnal_amplitude, spec.diurnal_period
 
@@ -159,7 +162,7 @@ def arrivals(spec: WorkloadSpec, rng) -> tuple[np.ndarray, np.ndarray]:
             return f * spec.rate * (1 - A * np.sin(2 * np.pi * t / P))
 
         tt = _thinned(rng, text_rate, (1 - f) * spec.rate * (1 + A), spec.duration) if f < 1 else np.zeros(0)
-        tm = _thinned(rng, mm_rate, f * spec.rate * (1 + A), spec.duration)
+        tm = _thinned(rng, mm_rate, f * spec.rate * (1 + A), spec.duration) if f > 0 else np.zeros(0)
     t = np.concatenate([tt, tm])
     mm = np.concatenate([np.zeros(len(tt), bool), np.ones(len(tm), bool)])
     order = np.argsort(t, kind="stable")

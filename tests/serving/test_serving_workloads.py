@@ -66,7 +66,19 @@ def test_duplicate_image_rate():
 @pytest.mark.parametrize("kw,match", [
     (dict(rate=0), "rate"), (dict(rate=-3), "rate"), (dict(duration=0), "duration"),
     (dict(arrival="weibull"), "weibull"), (dict(dataset="coco"), "coco"), (dict(dup_rate=1.0), "dup_rate"),
-    (dict(cv=0), "cv"), (dict(burst_factor=0.5), "burst_factor")])
+    (dict(cv=0), "cv"), (dict(burst_factor=0.5), "burst_factor"),
+    # the message names the offending value, not just the field
+    (dict(mm_share=1.5), r"mm_share = 1\.5 must be in \[0, 1\]"), (dict(mm_share=-0.1), r"mm_share = -0\.1"),
+    (dict(mm_share=float("nan")), r"mm_share = nan"), (dict(burst_factor=0.9), r"burst_factor = 0\.9 must be >= 1"),
+    (dict(dup_rate=1.0), r"dup_rate = 1\.0 must be in \[0, 1\)"), (dict(dup_rate=-0.2), r"dup_rate = -0\.2")])
 def test_bad_workloads_name_the_value(kw, match):
     with pytest.raises(ValueError, match=match):
         generate(WorkloadSpec(**kw), COST)
+
+
+@pytest.mark.parametrize("arrival", ["poisson", "mmpp", "diurnal"])
+def test_mm_share_overrides_the_dataset_mix(arrival):
+    """mm_share=0 is a text-only load, 1 a multimodal-only one, on every arrival process."""
+    for share, want in ((0.0, 0.0), (1.0, 1.0)):
+        s = summarize(generate(WorkloadSpec(arrival=arrival, rate=20, duration=30, mm_share=share, seed=3), COST))
+        assert s.n > 0 and s.mm_fraction == want
