@@ -93,6 +93,45 @@ def toml_string(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def annotation_spans(path: str) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """(start, end) (line, column) spans of every type annotation in a module that has `from __future__ import
+    annotations`: there annotations are strings that nothing evaluates at run time, so a mutant inside one (`str |
+    None` -> `str / None`) is equivalent by construction. Empty for modules without that import."""
+    import ast
+
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    future = any(isinstance(n, ast.ImportFrom) and n.module == "__future__" and
+                 any(a.name == "annotations" for a in n.names) for n in tree.body)
+    if not future:
+        return []
+    nodes = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.arg | ast.AnnAssign) and node.annotation is not None:
+            nodes.append(node.annotation)
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.returns is not None:
+            nodes.append(node.returns)
+    return [((n.lineno, n.col_offset), (n.end_lineno, n.end_col_offset)) for n in nodes]
+
+
+def in_annotation(spans, position: tuple[int, int]) -> bool:
+    return any(start <= tuple(position) < end for start, end in spans)
+
+
+def skip_annotation_mutants(session: str, module_path: str):
+    """Mark pending mutants inside annotations as skipped, so the budget goes to mutants that can matter."""
+    from cosmic_ray.work_db import WorkDB, use_db
+    from cosmic_ray.work_item import WorkerOutcome, WorkResult
+
+    spans = annotation_spans(module_path)
+    with use_db(session, WorkDB.Mode.open) as db:
+        ids = [item.job_id for item in db.pending_work_items
+               if all(in_annotation(spans, m.start_pos) for m in item.mutations)]
+        if ids:
+            db.set_multiple_results(ids, WorkResult(output="inside a type annotation (never evaluated)",
+                                                    worker_outcome=WorkerOutcome.SKIPPED))
+
+
 def write_config(path: str, module: str, tests: list[str], timeout: float):
     quoted = " ".join(f"'{a}'" if " " in a else a for a in test_command(tests))
     with open(path, "w") as f:
@@ -145,6 +184,8 @@ def run_module(module: str, tests: list[str], budget: float, workdir: str):
         with open(stamp_path, "w") as f:
             f.write(stamp)
 
+    skip_annotation_mutants(session, os.path.join(tree, module))
+    started = time.perf_counter()
     proc = subprocess.Popen([tool("cosmic-ray"), "exec", config, session], cwd=tree, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -153,6 +194,10 @@ def run_module(module: str, tests: list[str], budget: float, workdir: str):
         os.killpg(proc.pid, 9)
         proc.wait()
         kill_processes_in(tree)
+    spent_path = os.path.join(home, "spent_s")  # mutant time summed over every run of this session
+    spent = float(open(spent_path).read()) if not fresh and os.path.exists(spent_path) else 0.0
+    with open(spent_path, "w") as f:
+        f.write(f"{spent + time.perf_counter() - started:.1f}")
 
 
 def kill_processes_in(tree: str):
@@ -181,13 +226,18 @@ def collect(module: str, workdir: str) -> dict | None:
         return None
     with open(os.path.join(home, "baseline_s")) as f:
         baseline_s = float(f.read())
+    spent_path = os.path.join(home, "spent_s")
+    spent_s = float(open(spent_path).read()) if os.path.exists(spent_path) else float("nan")
     with use_db(session, WorkDB.Mode.open) as db:
         total = db.num_work_items
         done = db.completed_work_items
+    spans = annotation_spans(os.path.join(REPO, module))
     killed = survived = incompetent = skipped = 0
     survivors = []
     for item, result in done:
-        if result.worker_outcome == WorkerOutcome.SKIPPED:
+        # Mutants run before the annotation filter existed count as skipped too: the filter's rule, applied late.
+        if result.worker_outcome == WorkerOutcome.SKIPPED or all(
+                in_annotation(spans, m.start_pos) for m in item.mutations):
             skipped += 1
         elif result.test_outcome == TestOutcome.KILLED:
             killed += 1
@@ -198,26 +248,28 @@ def collect(module: str, workdir: str) -> dict | None:
         else:
             incompetent += 1
     return dict(module=module, total=total, skipped=skipped, run=killed + survived, killed=killed,
-                survived=survived, incompetent=incompetent, baseline_s=baseline_s, survivors=sorted(survivors))
+                survived=survived, incompetent=incompetent, baseline_s=baseline_s, spent_s=spent_s,
+                survivors=sorted(survivors))
 
 
-def write_reports(results: list[dict], out: str, budget: float):
+def write_reports(results: list[dict], out: str):
     os.makedirs(os.path.join(out, "survivors"), exist_ok=True)
     lines = [
         "# Mutation testing report",
         "",
-        f"Written by `python scripts/mutate.py` (`make mutate`) on {datetime.date.today()}, cosmic-ray, a budget of "
-        f"{budget:.0f} s per module on this machine. `run` = mutants whose tests ran to an end (a random sample "
-        "when the budget cut the session); `score` = killed / run; `skipped` = lines marked `# pragma: no mutate` "
-        "and the operator variants the script leaves out (`EXCLUDED_OPERATORS`).",
+        f"Written by `python scripts/mutate.py` (`make mutate`) on {datetime.date.today()} with cosmic-ray. "
+        "`time` = seconds of mutant runs so far, within each run's budget per module. `run` = mutants whose tests "
+        "ran to an end (a random sample "
+        "when the budget cut the session); `score` = killed / run; `skipped` = lines marked `# pragma: no mutate`, "
+        "the operator variants the script leaves out (`EXCLUDED_OPERATORS`) and mutants inside type annotations.",
         "",
-        "| module | mutants | run | killed | survived | skipped | score | tests' time (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| module | mutants | run | killed | survived | skipped | score | time (s) | tests' time (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         score = f"{r['killed'] / r['run']:.1%}" if r["run"] else "n/a"
         lines.append(f"| `{r['module']}` | {r['total']} | {r['run']} | {r['killed']} | {r['survived']} | "
-                     f"{r['skipped']} | {score} | {r['baseline_s']:.1f} |")
+                     f"{r['skipped']} | {score} | {r['spent_s']:.0f} | {r['baseline_s']:.1f} |")
         name = r["module"].replace("/", "_").removesuffix(".py")
         body = [f"# Surviving mutants of `{r['module']}`", "",
                 f"{r['survived']} of {r['run']} mutants run survived `{' '.join(TARGETS[r['module']])}`.", ""]
@@ -236,10 +288,14 @@ def main(argv=None):
     p.add_argument("--workdir", default=os.path.join(REPO, "build", "mutate"))
     p.add_argument("--out", default=os.path.join(REPO, "docs", "mutation"))
     p.add_argument("--list", action="store_true", help="print the targets and their tests, then exit")
+    p.add_argument("--report", action="store_true", help="only rewrite the report from the sessions so far")
     args = p.parse_args(argv)
     if args.list:
         for module, tests in TARGETS.items():
             print(f"{module}: {' '.join(tests)}")
+        return
+    if args.report:
+        write_reports([r for r in (collect(m, args.workdir) for m in TARGETS) if r is not None], args.out)
         return
     modules = list(TARGETS) if args.only is None else args.only
     unknown = [m for m in modules if m not in TARGETS]
@@ -251,7 +307,7 @@ def main(argv=None):
         run_module(module, TARGETS[module], args.budget, args.workdir)
         # After every module, over every session so far, so a cut or partial run still leaves a whole report.
         results = [r for r in (collect(m, args.workdir) for m in TARGETS) if r is not None]
-        write_reports(results, args.out, args.budget)
+        write_reports(results, args.out)
         r = collect(module, args.workdir)
         tqdm.write(f"{module}: {r['killed']} of {r['run']} mutants run killed ({r['total']} in all)")
 

@@ -278,7 +278,7 @@ def repeat_inputs(
     for i in range(math.ceil(len(ctx) / chunk_size)):
         start = i * chunk_size
         chunk = ctx[start : start + chunk_size]
-        if i == 0:
+        if i == 0:  # pragma: no mutate (i counts from 0: `i <= 0` is the same test)
             head = list(prompt.first_repeat_ids)
         else:
             prev = ctx[start - chunk_size : start]

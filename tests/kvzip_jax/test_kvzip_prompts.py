@@ -225,3 +225,49 @@ def test_bad_inputs(tok):
         P.context_ids(p, "raw text")
     with pytest.raises(ValueError, match="negative"):
         P.question_ids(p, [3, -1])
+
+
+# ------------------------------------------------------------------------------ found by mutation testing
+def test_repeat_chunks_are_immutable_and_the_length_bound_is_tight(tok):
+    import dataclasses
+
+    p = P.build_prompt(tok, "qwen2")
+    m = 10
+    chunks = P.repeat_inputs(p, list(range(100, 100 + 3 * m)), chunk_size=m)  # only full chunks
+    with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'start'"):
+        chunks[0].start = 5
+    # max_repeat_len is the scorer's position budget: an upper bound that full chunks reach exactly.
+    assert max(len(c.ids) for c in chunks) == P.max_repeat_len(p, m)
+
+
+def test_fallback_warning_points_at_the_caller(tok):
+    with pytest.warns(UserWarning, match="fallback") as record:
+        P.build_prompt(tok, "mistral")
+    assert record[0].filename == __file__  # stacklevel: the user's call, not the library's internals
+
+
+class _FakeChatTokenizer:
+    """A tokenizer whose chat template renders the user message `copies` times."""
+
+    def __init__(self, copies: int):
+        self.copies = copies
+
+    def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+        return "<s>" + messages[-1]["content"] * self.copies + "</s>"
+
+
+@pytest.mark.parametrize("copies", [0, 2])
+def test_chat_template_must_render_the_user_message_exactly_once(copies):
+    with pytest.raises(ValueError, match="did not render the user message exactly once"):
+        P.chat_template_prompt(_FakeChatTokenizer(copies))
+    assert P.chat_template_prompt(_FakeChatTokenizer(1)) == P.PromptTemplate(prefix="<s>", postfix="</s>")
+
+
+def test_numpy_token_ids_must_be_one_dimensional(tok):
+    import numpy as np
+
+    p = P.build_prompt(tok, "qwen3")
+    ctx = np.arange(100, 110)
+    assert P.context_ids(p, ctx) == list(p.prefix_ids) + list(range(100, 110))
+    with pytest.raises(ValueError, match=r"must be 1-D token ids, got shape \(1, 10\)"):
+        P.context_ids(p, ctx[None])
