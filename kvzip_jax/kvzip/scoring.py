@@ -28,7 +28,7 @@ from kvzip_jax.models.kv_attention import ScoreChunk
 STEP_WIDTH_MULTIPLE = 512
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
+@functools.partial(jax.jit, static_argnames=("config",))  # pragma: no mutate (jit: speed, not scores)
 def _score_chunk(params, tokens, cache: DenseKVCache, n_valid, score: ScoreChunk, *, config: ModelConfig):
     """Scores [L, B, Hkv, chunk_size] of one chunk; the cache is only read (not donated: it is kept)."""
     positions = cache.length[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
@@ -66,7 +66,9 @@ def score_context(
         # A short step (the context's last, partial chunk) runs at a narrower padded width instead of the full
         # one: widths are rounded up to STEP_WIDTH_MULTIPLE, so at most a few shapes are ever compiled.
         longest = max(len(row[step].ids) for row in chunks if step < len(row))
-        tokens = np.zeros((batch, min(width, -(-longest // STEP_WIDTH_MULTIPLE) * STEP_WIDTH_MULTIPLE)), np.int32)
+        # Not mutated: the rounding only picks a compiled width >= longest, and n_valid masks the padding.
+        padded = -(-longest // STEP_WIDTH_MULTIPLE) * STEP_WIDTH_MULTIPLE  # pragma: no mutate
+        tokens = np.zeros((batch, min(width, padded)), np.int32)
         n_valid, start, length = (np.zeros(batch, np.int32) for _ in range(3))
         for b, row in enumerate(chunks):
             if step < len(row):
@@ -82,6 +84,7 @@ def score_context(
                 scores[:, b, :, start[b] : start[b] + length[b]] = chunk[:, b, :, : length[b]]
                 covered[b, start[b] : start[b] + length[b]] += 1
     for b, n in enumerate(n_ctx):  # every context position scored exactly once (guards against silent no-ops)
-        if not (covered[b, :n] == 1).all():
+        # Not mutated: `>= 1` is the same test, as the lengths sum to n and a position scored twice leaves a hole.
+        if not (covered[b, :n] == 1).all():  # pragma: no mutate
             raise AssertionError(f"row {b}: context positions were not each scored exactly once")
     return scores, cache

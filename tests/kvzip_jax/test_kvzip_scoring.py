@@ -315,6 +315,15 @@ def test_p16_positions_beyond_the_model_raise():
         compressor.score(params, config, PROMPT, contexts(), chunk_size=CHUNK, progress=False)
 
 
+def test_p16_positions_exactly_at_the_limit_are_scored(scored):
+    """The same contexts with one more position (max_position_embeddings 77: last position 76) must score, with
+    the same scores: the limit is inclusive of the last real position (found by mutation testing)."""
+    params, ctxs, sc = scored("llama")
+    config = dataclasses.replace(LLAMA, max_position_embeddings=77)
+    at_limit = compressor.score(params, config, PROMPT, ctxs, chunk_size=CHUNK, progress=False)
+    np.testing.assert_array_equal(at_limit.scores, sc.scores)
+
+
 def test_bad_scoring_input(scored):
     params, ctxs, _ = scored("llama")
     with pytest.raises(ValueError, match="chunk_size must be >= 1, got 0"):
