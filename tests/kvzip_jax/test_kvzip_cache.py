@@ -436,3 +436,23 @@ def test_prefill_checks_the_positions_that_follow_the_context_at_the_exact_limit
                                          rf"\({longest + extra - 1}\)"):
         compressor.prefill_contexts(params, short, PROMPT, ctxs, extra_slots=0, extra_positions=extra)
 
+
+
+def test_pad_to_reproduces_the_full_cache_shape_and_bad_compaction_input(scored):
+    """`shape_of` a ratio-1 compaction, passed as `pad_to`, gives every ratio the same pool shape (one compiled
+    decode for a sweep); a keep mask of the wrong shape, or a page size < 1, is refused (found by mutation testing)."""
+    from kvzip_jax.kvzip.compact import compact, plan_pages, shape_of
+
+    _config, _params, _ctxs, sc = scored("llama")
+    full = shape_of(sc.compress(1.0, headroom=HEADROOM).cache)
+    small = sc.compress(0.3, headroom=HEADROOM).cache
+    assert shape_of(small) != full  # without padding the pool shrinks
+    padded = sc.compress(0.3, headroom=HEADROOM, pad_to=full).cache
+    assert (padded.k_pages.shape[0], padded.page_table.shape[-1]) == full
+    _, keep = sc.keep_mask(0.3)
+    with pytest.raises(ValueError, match=r"keep mask has shape \(2, 2, 2, \d+\), expected \(2, 2, 2, \d+\)"):
+        compact(sc.cache, keep[..., :-1], headroom=HEADROOM)
+    table, num_pages = plan_pages(np.array([[3, 0]]), headroom=2, page_size=1)  # one slot per page is legal
+    assert num_pages.tolist() == [[5, 2]] and table.shape == (1, 2, 5)
+    with pytest.raises(ValueError, match="page_size must be >= 1, got 0"):
+        plan_pages(np.array([[3]]), headroom=2, page_size=0)
