@@ -19,7 +19,7 @@ COMPILE := pip compile -q --python-version 3.11 --annotation-style line --no-emi
 	--custom-compile-command "make lock" --extra hf --extra test --extra train pyproject.toml requirements/dev.in
 LATEST_VENV ?= .venv-latest
 
-.PHONY: setup test demo parity-demo bench lock test-latest mutate clean
+.PHONY: setup test demo demo-synthetic parity-demo bench lock test-latest mutate clean
 
 setup: $(VENV)/.installed
 
@@ -34,8 +34,13 @@ $(VENV)/.installed: $(LOCK) $(MODELS) pyproject.toml Makefile
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider
 
-# The main job: the embedded demo model compresses built-in contexts with KVzip at ratio 0.3 and answers them.
+# The main job: KVzip on a real model (SmolLM2-135M-Instruct, GGUF from PyPI) over the shipped English documents:
+# each compressed once to 30% without seeing the questions, every question answered from full, KVzip and SnapKV.
 demo: setup
+	$(PY) -m kvzip_jax.real_demo
+
+# The same on the tiny synthetic model trained here (seconds, not minutes).
+demo-synthetic: setup
 	$(PY) -m kvzip_jax.kvzip_demo
 
 # Loading, generation and transformers parity on a freshly built tiny checkpoint.

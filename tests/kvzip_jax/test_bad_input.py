@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -207,6 +208,11 @@ def test_bad_cache_and_mesh_sizes(llama):
 
     with pytest.raises(ValueError, match=r"batch_size \(0\) and capacity \(4\) must be >= 1"):
         DenseKVCache.zeros(config, 0, 4)
+    with pytest.raises(ValueError, match=r"batch_size \(1\) and capacity \(0\) must be >= 1"):
+        DenseKVCache.zeros(config, 1, 0)
+    # Caches are values (pytrees passed through jit and donated): a field cannot be reassigned in place.
+    with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'length'"):
+        DenseKVCache.zeros(config, 1, 4).length = None
     with pytest.raises(ValueError, match="mesh data=4 x model=4 needs 16 devices; 8 available"):
         make_mesh(data=4, model=4)
     assert np.asarray(DenseKVCache.zeros(config, 1, 4).length).tolist() == [0]

