@@ -173,7 +173,7 @@ def keep_mask_pair(scores, ratio: float, *, valid=None, layers=None):
         tau = jnp.take_along_axis(desc, jnp.asarray(idx, jnp.int32)[:, None], axis=1)[:, 0]
         keep = s > tau[None, :, None, None]
         lay = jnp.asarray(layers_np)[:, None, None, None]
-        mask = jnp.where(lay, keep, True) & base
+        mask = jnp.where(lay, keep, True) & base  # pragma: no mutate (bool * bool == & in jnp too)
         return mask, tau
     base = np.broadcast_to(valid_np[None, :, None, :], shape)
     s = _host_scores(scores)

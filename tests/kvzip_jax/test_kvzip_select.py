@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -295,3 +296,16 @@ def test_bad_shapes_dtypes_and_head_score_formats(tmp_path):
                  meta=json.dumps({"format": fmt, "num_layers": 2, "num_kv_heads": 2}))
         with pytest.raises(ValueError, match=f"meta format is '{fmt}', expected 'kvzip_jax.head_scores'"):
             S.read_head_scores(path)
+
+
+def test_a_failed_head_score_save_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """The file is written to a temporary name and renamed: a failure in between leaves neither a partial file
+    nor the temporary one behind (found by mutation testing)."""
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(S.os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        S.save_head_scores(str(tmp_path / "heads.npz"), np.ones((2, 2), np.float32), {"family": "llama"})
+    assert os.listdir(tmp_path) == []
