@@ -436,3 +436,14 @@ def test_first_layer_scores_equal_a_numpy_reference_from_the_raw_parameters(scor
                 got = sc.scores[0, b, h, chunk.start : chunk.start + chunk.length]
                 np.testing.assert_allclose(got, best, atol=2e-6, rtol=1e-5, err_msg=f"row {b} chunk {chunk.start}")
     assert np.unique(sc.scores[0, 0, :, : len(ctxs[0])]).size > 50  # a ranking with information, not a constant
+
+
+def test_rows_two_chunks_apart_score_as_they_do_alone(scored):
+    """A batch whose rows differ by two or more chunks (45 and 10 tokens: 3 chunks and 1): each row's scores equal
+    that row scored on its own (found by mutation testing: the existing rows differ by one chunk only)."""
+    params, ctxs, _ = scored("llama")
+    rows = [ctxs[0], ctxs[1][:10]]
+    batch = compressor.score(params, LLAMA, PROMPT, rows, chunk_size=CHUNK, progress=False)
+    for b, row in enumerate(rows):
+        alone = compressor.score(params, LLAMA, PROMPT, [row], chunk_size=CHUNK, progress=False)
+        np.testing.assert_allclose(batch.scores[:, b, :, : len(row)], alone.scores[:, 0], atol=1e-6, rtol=1e-5)
