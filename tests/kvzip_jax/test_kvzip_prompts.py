@@ -236,6 +236,8 @@ def test_repeat_chunks_are_immutable_and_the_length_bound_is_tight(tok):
     chunks = P.repeat_inputs(p, list(range(100, 100 + 3 * m)), chunk_size=m)  # only full chunks
     with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'start'"):
         chunks[0].start = 5
+    with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'prefix_ids'"):
+        p.prefix_ids = ()  # the always-kept system prefix: shared by every compressed context built from it
     # max_repeat_len is the scorer's position budget: an upper bound that full chunks reach exactly.
     assert max(len(c.ids) for c in chunks) == P.max_repeat_len(p, m)
 
