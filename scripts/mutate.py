@@ -3,6 +3,7 @@
     python scripts/mutate.py                              # every target, 10 min each (= make mutate)
     python scripts/mutate.py --only kvzip_jax/kvzip/select.py --budget 1800
     python scripts/mutate.py --list                       # the targets and their tests
+    python scripts/mutate.py --recheck --only kvzip_jax/kvzip/select.py   # survivors again, after new tests
 
 For each target module: copy the tracked tree into build/mutate/<module> (mutations never touch the working tree),
 run its tests once unmutated (they must pass; their time sets cosmic-ray's per-mutant timeout), then let cosmic-ray
@@ -216,6 +217,45 @@ def kill_processes_in(tree: str):
                 pass
 
 
+def recheck_survivors(module: str, tests: list[str], workdir: str) -> int:
+    """Run every surviving mutant of a module's session again against the current tests (after new tests were
+    written for them), keeping the session; returns how many were rechecked. The module's source must still parse
+    to the same mutation sites (comments may change), as cosmic-ray addresses a mutant by its occurrence."""
+    from cosmic_ray.mutating import mutate_and_test
+    from cosmic_ray.work_db import WorkDB, use_db
+    from cosmic_ray.work_item import TestOutcome
+
+    home = module_home(workdir, module)
+    session = os.path.join(home, "session.sqlite")
+    if not os.path.exists(session):
+        return 0
+    tree = os.path.join(home, "tree")
+    shutil.rmtree(tree, ignore_errors=True)
+    copy_tree(tree)
+    with open(os.path.join(home, "baseline_s")) as f:
+        timeout = max(3 * float(f.read()), 30.0)
+    quoted = " ".join(f"'{a}'" if " " in a else a for a in test_command(tests))
+    here = os.getcwd()
+    os.chdir(tree)  # cosmic-ray applies mutations to module paths relative to the working directory
+    try:
+        with use_db(session, WorkDB.Mode.open) as db:
+            survivors = [item for item, result in db.completed_work_items
+                         if result.test_outcome == TestOutcome.SURVIVED]
+            for item in survivors:
+                db.set_result(item.job_id, mutate_and_test(item.mutations, quoted, timeout))
+    finally:
+        os.chdir(here)
+        kill_processes_in(tree)
+    with open(os.path.join(home, "fingerprint"), "w") as f:
+        f.write(fingerprint(module, tests))  # the session now stands for the current tests
+    return len(survivors)
+
+
+def pragma_lines(path: str) -> set[int]:
+    with open(path) as f:
+        return {i for i, line in enumerate(f, 1) if "pragma: no mutate" in line}
+
+
 def collect(module: str, workdir: str) -> dict | None:
     """Counts and survivors of a module's session so far (None if it never ran)."""
     from cosmic_ray.work_db import WorkDB, use_db
@@ -233,12 +273,14 @@ def collect(module: str, workdir: str) -> dict | None:
         total = db.num_work_items
         done = db.completed_work_items
     spans = annotation_spans(os.path.join(REPO, module))
+    pragmas = pragma_lines(os.path.join(REPO, module))
     killed = survived = incompetent = skipped = 0
     survivors = []
     for item, result in done:
-        # Mutants run before the annotation filter existed count as skipped too: the filter's rule, applied late.
+        # Mutants run before the annotation filter or a line's pragma existed count as skipped too: the filters'
+        # rules, applied late.
         if result.worker_outcome == WorkerOutcome.SKIPPED or all(
-                in_annotation(spans, m.start_pos) for m in item.mutations):
+                in_annotation(spans, m.start_pos) or m.start_pos[0] in pragmas for m in item.mutations):
             skipped += 1
         elif result.test_outcome == TestOutcome.KILLED:
             killed += 1
@@ -290,12 +332,17 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join(REPO, "docs", "mutation"))
     p.add_argument("--list", action="store_true", help="print the targets and their tests, then exit")
     p.add_argument("--report", action="store_true", help="only rewrite the report from the sessions so far")
+    p.add_argument("--recheck", action="store_true",
+                   help="run the surviving mutants of --only (default: all) against the current tests, then report")
     args = p.parse_args(argv)
     if args.list:
         for module, tests in TARGETS.items():
             print(f"{module}: {' '.join(tests)}")
         return
-    if args.report:
+    if args.recheck:
+        for module in tqdm(list(TARGETS) if args.only is None else args.only, desc="rechecking survivors"):
+            recheck_survivors(module, TARGETS[module], args.workdir)
+    if args.report or args.recheck:
         write_reports([r for r in (collect(m, args.workdir) for m in TARGETS) if r is not None], args.out)
         return
     modules = list(TARGETS) if args.only is None else args.only
