@@ -34,7 +34,14 @@ from kvzip_jax.generate import (
     prefill,
 )
 from kvzip_jax.kvzip.compact import DEFAULT_PAGE_SIZE, compact
-from kvzip_jax.kvzip.prompts import DEFAULT_CHUNK_SIZE, KVzipPrompt, context_ids, question_ids, repeat_inputs
+from kvzip_jax.kvzip.prompts import (
+    DEFAULT_CHUNK_SIZE,
+    KVzipPrompt,
+    context_ids,
+    fit_chunk_size,
+    question_ids,
+    repeat_inputs,
+)
 from kvzip_jax.kvzip.scoring import score_context
 from kvzip_jax.kvzip.select import keep_mask
 from kvzip_jax.models.decoder import forward
@@ -71,6 +78,7 @@ class ScoredContext:
     method: str = "kvzip"
     # (scores, ratio, level, valid, layers, head_scores) -> SelectionResult; None = KVzip's `select.keep_mask`.
     selector: Callable | None = None
+    chunk_size: int | None = None  # the reconstruction chunk KVzip scored with (after `fit_chunk_size`)
 
     @property
     def n_sys(self) -> int:
@@ -169,11 +177,17 @@ def score(
     prefill_chunk: int = DEFAULT_CHUNK,
     progress: bool = True,
 ) -> ScoredContext:
-    """Prefill [system prefix | context] for each row and score every context pair by reconstruction."""
+    """Prefill [system prefix | context] for each row and score every context pair by reconstruction.
+
+    `chunk_size` shrinks automatically (`prompts.fit_chunk_size`) when a long context leaves too few positions
+    for its repeat input; the chunk used is `ScoredContext.chunk_size`."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if not contexts:
         raise ValueError("no contexts given")
+    longest = max(len(c) for c in contexts)
+    if longest:  # an empty context is repeat_inputs' error, below
+        chunk_size = fit_chunk_size(prompt, longest, config.max_position_embeddings, chunk_size)
     chunks = [repeat_inputs(prompt, c, chunk_size) for c in contexts]  # raises on an empty context
     # Scoring never writes the repeat inputs into the cache: they need positions but no slots.
     width = max(len(c.ids) for row in chunks for c in row)
@@ -183,7 +197,7 @@ def score(
     scores, cache = score_context(params, config, cache, chunks, n_sys=prompt.n_sys, chunk_size=chunk_size,
                                   progress=progress)
     return ScoredContext(config, prompt, cache, scores, tuple(len(c) for c in contexts),
-                         {"prefill_s": prefill_s, "score_s": time.perf_counter() - t0})
+                         {"prefill_s": prefill_s, "score_s": time.perf_counter() - t0}, chunk_size=chunk_size)
 
 
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))

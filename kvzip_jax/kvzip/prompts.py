@@ -61,6 +61,9 @@ INSTRUCTION_DEFAULT = "Given the context, answer to the following question or re
 INSTRUCTION_GSM = "Given the context, answer to the following reasoning question.\n\n"
 DEFAULT_CHUNK_SIZE = 2000
 DEFAULT_ANCHOR = 8
+# The smallest reconstruction chunk `fit_chunk_size` shrinks to. Each chunk is one forward over the whole cache,
+# so scoring time grows as n_c / chunk; shrunk chunks are also whole multiples of it, so a few sizes are compiled.
+MIN_CHUNK_SIZE = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,6 +294,52 @@ def max_repeat_len(prompt: KVzipPrompt, chunk_size: int = DEFAULT_CHUNK_SIZE, an
     """Upper bound of ``len(RepeatChunk.ids)`` (n_in): the scorer needs n_s + n_c + n_in <= max positions (P16)."""
     head = max(len(prompt.first_repeat_ids), len(prompt.later_repeat_ids) + anchor)
     return head + len(prompt.postfix_ids) + chunk_size
+
+
+def repeat_width(prompt: KVzipPrompt, n_ctx: int, chunk_size: int, anchor: int = DEFAULT_ANCHOR) -> int:
+    """Exactly ``max(len(c.ids) for c in repeat_inputs(prompt, context, chunk_size, anchor))`` for a context of
+    ``n_ctx`` tokens: the positions the longest repeat input needs after the context."""
+    first = len(prompt.first_repeat_ids) + len(prompt.postfix_ids) + min(chunk_size, n_ctx)
+    if n_ctx <= chunk_size:
+        return first
+    # The widest later chunk is the second one (later chunks are full, except perhaps the last); its anchor
+    # comes from the full first chunk.
+    later = (len(prompt.later_repeat_ids) + min(anchor, chunk_size) + len(prompt.postfix_ids)
+             + min(chunk_size, n_ctx - chunk_size))
+    return max(first, later)
+
+
+def _positions_needed(prompt: KVzipPrompt, n_ctx: int, chunk_size: int, anchor: int) -> int:
+    return prompt.n_sys + n_ctx + repeat_width(prompt, n_ctx, chunk_size, anchor)
+
+
+def fit_chunk_size(
+    prompt: KVzipPrompt, n_ctx: int, max_positions: int, chunk_size: int = DEFAULT_CHUNK_SIZE,
+    anchor: int = DEFAULT_ANCHOR,
+) -> int:
+    """The reconstruction chunk to use for a context of ``n_ctx`` tokens (the longest row of a batch) on a model
+    with ``max_positions`` positions: ``chunk_size`` when [system | context | longest repeat input] fits, else
+    the largest multiple of `MIN_CHUNK_SIZE` below it that fits (P16: the official code places the repeat input
+    after the context, so a long context leaves less room for it). A ValueError names the context's token count,
+    the model's limit and the longest context that would fit, when even a `MIN_CHUNK_SIZE` chunk does not."""
+    if n_ctx < 1:
+        raise ValueError(f"empty context: {n_ctx} tokens")
+    if _positions_needed(prompt, n_ctx, chunk_size, anchor) <= max_positions:
+        return chunk_size
+    for candidate in range(chunk_size // MIN_CHUNK_SIZE * MIN_CHUNK_SIZE, 0, -MIN_CHUNK_SIZE):
+        if _positions_needed(prompt, n_ctx, candidate, anchor) <= max_positions:
+            return candidate
+    minimal = min(chunk_size, MIN_CHUNK_SIZE)
+    lo, hi = 0, max_positions  # the longest context that fits with the minimal chunk (needed grows with n)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if _positions_needed(prompt, mid, minimal, anchor) <= max_positions else (lo, mid - 1)
+    needed = _positions_needed(prompt, n_ctx, minimal, anchor)
+    raise ValueError(
+        f"a context of {n_ctx} tokens does not fit this model's {max_positions} positions for KVzip scoring: "
+        f"[{prompt.n_sys} prompt tokens | context | repeat input of a {minimal}-token chunk] needs {needed}; "
+        f"contexts of up to {lo} tokens fit: split or shorten the context by at least {n_ctx - lo} tokens"
+    )
 
 
 def question_ids(prompt: KVzipPrompt, question_ids: Sequence[int]) -> list[int]:
