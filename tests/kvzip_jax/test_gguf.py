@@ -232,6 +232,35 @@ def test_smollm2_tokenizer_and_chat_template(smollm2):
     assert lm.tokenizer.decode(chat).startswith("<|im_start|>")
 
 
+def test_smollm2_tokenizer_is_converted_once_then_loaded_from_the_cache(smollm2, monkeypatch):
+    """The GGUF tokenizer conversion (10-20 s) ran when the session fixture loaded SmolLM2; loading it again
+    reads the saved copy under `cache_dir()` instead, and encodes and renders the chat template identically."""
+    from kvzip_jax.lm import cache_dir, load_tokenizer
+
+    file, lm, _ = smollm2
+    assert os.listdir(os.path.join(cache_dir(), "tokenizers"))
+    real = transformers.AutoTokenizer.from_pretrained
+    conversions = []
+
+    def counting(*args, **kwargs):
+        if "gguf_file" in kwargs:
+            conversions.append(kwargs["gguf_file"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", counting)
+    again = load_tokenizer(file, file)
+    assert conversions == []
+    text = "Cached tokenizers: héllo wörld, 1234! <|im_start|>"
+    assert again.encode(text) == lm.tokenizer.encode(text)
+    assert again.chat_template == lm.tokenizer.chat_template and again.eos_token_id == lm.tokenizer.eos_token_id
+    os.utime(file, ns=(os.stat(file).st_atime_ns, os.stat(file).st_mtime_ns + 1))  # a changed file: convert again
+    try:
+        load_tokenizer(file, file)
+    finally:
+        os.utime(file, ns=(os.stat(file).st_atime_ns, os.stat(file).st_mtime_ns - 1))
+    assert conversions == [os.path.basename(file)]
+
+
 def test_smollm2_greedy_generation_matches(smollm2):
     _, lm, hf = smollm2
     ids = lm.encode("What is the capital of France?", chat=True)

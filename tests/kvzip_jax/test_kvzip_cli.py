@@ -100,7 +100,9 @@ def test_bad_compress_inputs(workdir, compressed):
     _bad(["compress", "--model", model, "--context", str(workdir / "nope.txt"), "--out", str(workdir / "u")],
          "context file not found", "nope.txt")
     _bad(["compress", "--model", str(workdir / "no_model"), "--context", ctx, "--out", str(workdir / "u")],
-         "model directory not found", "no_model")
+         "model not found", "no_model")
+    _bad(["compress", "--model", str(workdir), "--context", ctx, "--out", str(workdir / "u")],
+         "is not a model checkpoint")
     _bad(["compress", "--model", model, "--context", ctx, "--chunk-size", "0", "--out", str(workdir / "u")],
          "--chunk-size 0")
     (workdir / "empty_ids.json").write_text("[]")
@@ -125,3 +127,52 @@ def test_usage_errors_exit_2(workdir):
     code, _, err = run(["compress", "--model", str(workdir / "model")])
     assert code == 2 and "required" in err
     assert run(["--help"])[0] == 0
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Fails the test if the weights are loaded: the inputs below must be refused before that."""
+    from kvzip_jax.lm import LanguageModel
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("the weights were loaded before the input was checked")
+
+    monkeypatch.setattr(LanguageModel, "from_pretrained", refuse)
+
+
+def test_inputs_are_checked_before_the_weights_are_loaded(workdir, compressed, no_weights):
+    model, path = str(workdir / "model"), str(compressed[0])
+    (workdir / "long.txt").write_text((workdir / "context.txt").read_text() * 60)
+    _bad(["compress", "--model", model, "--context", str(workdir / "long.txt"), "--out", str(workdir / "u")],
+         "does not fit this model's 2048 positions", "contexts of up to")
+    _bad(["compress", "--model", model, "--context", str(workdir / "context.txt"), "--headroom", "2000",
+          "--out", str(workdir / "u")], "--headroom 2000", "leave")
+    long_question = " ".join(["compresses the key value cache"] * 20)
+    _bad(["ask", "--model", model, "--compressed", path, "--question", long_question], "--question #1",
+         "headroom is 48")
+
+
+def test_a_long_context_gets_smaller_chunks(workdir):
+    """A context too long for the default 2000-token chunk on the 2048-position demo model is scored in
+    128-token multiples, and the report says so."""
+    text = (workdir / "context.txt").read_text()
+    (workdir / "longer.txt").write_text(text * 12)
+    code, out, err = run(["compress", "--model", str(workdir / "model"), "--context", str(workdir / "longer.txt"),
+                          "--out", str(workdir / "longer_ctx"), "--no-progress", "--json"])
+    assert code == 0, err
+    report = json.loads(out)
+    # One 2000-token chunk would repeat the whole context after it: more positions than the model has.
+    assert report["n_sys"] + 2 * report["n_ctx"] > 2048
+    assert report["chunk_size"] % 128 == 0 and report["chunk_size"] < report["n_ctx"]
+
+
+def test_the_default_model_is_smollm2_and_a_too_long_context_is_refused_before_its_weights(workdir, no_weights):
+    from kvzip_jax.smollm2 import SmolLM2NotInstalled, smollm2_gguf
+
+    try:
+        smollm2_gguf()
+    except SmolLM2NotInstalled as e:
+        pytest.skip(str(e))
+    (workdir / "very_long.txt").write_text((workdir / "context.txt").read_text() * 200)
+    _bad(["compress", "--context", str(workdir / "very_long.txt"), "--out", str(workdir / "u")],
+         "does not fit this model's 8192 positions")
