@@ -121,7 +121,8 @@ def save_compressed(
         shutil.rmtree(arrays_path, ignore_errors=True)
     os.makedirs(path, exist_ok=True)
 
-    tree = {name: _host(getattr(ctx.cache, name)) for name in CACHE_FIELDS}
+    context = ctx.context_cache  # not the free pages that questions borrowed
+    tree = {name: _host(getattr(context, name)) for name in CACHE_FIELDS}
     tree["base_lengths"] = _host(ctx.base_lengths)
     tree["base_next_position"] = _host(ctx.base_next_position)
 

@@ -42,6 +42,7 @@ from kvzip_jax.kvzip.prompts import (
     question_ids,
     repeat_inputs,
 )
+from kvzip_jax.kvzip.question_pages import context_pages, plan_questions, working_cache
 from kvzip_jax.kvzip.scoring import score_context
 from kvzip_jax.kvzip.select import keep_mask
 from kvzip_jax.models.decoder import forward
@@ -55,7 +56,7 @@ class MemoryReport:
     """What compression bought, per batch: bytes of K+V and the real kept fraction per row."""
 
     dense_kv_bytes: int  # K+V of the uncompressed [system | context] pairs (no padding, no headroom)
-    compressed_kv_bytes: int  # K+V of the paged pool: kept pairs + page rounding + decode headroom
+    compressed_kv_bytes: int  # K+V of the paged pool: kept pairs + page rounding (no decode headroom)
     kept_kv_bytes: int  # K+V of the kept pairs alone
     metadata_bytes: int  # positions, page tables, lengths
     kept_ratio: tuple[float, ...]  # real fraction of evictable context pairs kept, per row
@@ -115,10 +116,14 @@ class ScoredContext:
         self, ratio: float, level: str = "pair", *, head_scores=None, headroom: int = DEFAULT_HEADROOM,
         page_size: int = DEFAULT_PAGE_SIZE, pad_to: tuple[int, int] | None = None,
     ) -> CompressedContext:
-        """Select and compact at `ratio`. `pad_to` (see `compact.compact`) fixes the pool shape for sweeps."""
+        """Select and compact at `ratio`. `headroom`: the most tokens one question and its answer may append
+        (a limit; their pages are allocated per call). `pad_to` (see `compact.compact`) fixes the pool shape."""
         t0 = time.perf_counter()
         selection, keep = self.keep_mask(ratio, level, head_scores)
-        paged = compact(self.cache, keep, headroom=headroom, page_size=page_size, pad_to=pad_to)
+        if headroom < 1:
+            raise ValueError(f"headroom must be >= 1 (tokens a question and its answer may append), got {headroom}")
+        # No decode headroom in the pool: questions get their pages on demand (`question_pages`).
+        paged = compact(self.cache, keep, headroom=0, page_size=page_size, pad_to=pad_to)
         jax.block_until_ready(paged.k_pages)
         times = {**self.times, "compact_s": time.perf_counter() - t0}
         itemsize = paged.k_pages.dtype.itemsize
@@ -208,65 +213,121 @@ def _append(params, tokens, cache: PagedKVCache, n_valid, *, config: ModelConfig
 
 @dataclasses.dataclass
 class CompressedContext:
-    """A compressed context, ready for any number of questions. `cache` always holds exactly the compressed
-    context between calls: each question's pairs are appended in the headroom and rolled back afterwards."""
+    """A compressed context, ready for any number of questions.
+
+    `cache` holds the context: its tables list only the pages of kept pairs (page rounding aside); the pool may
+    also hold free pages after them, which questions borrow (`question_pages`). Each call lays out its questions
+    as rows of a working cache that shares the context's full pages and writes only into private pages, so the
+    context is never modified: questions are independent, and several can ask one context in one batch."""
 
     config: ModelConfig
     prompt: KVzipPrompt
     cache: PagedKVCache
-    # Host copies: every question donates the cache, so rollbacks start from fresh device arrays.
-    base_lengths: np.ndarray
-    base_next_position: np.ndarray
-    headroom: int
+    base_lengths: np.ndarray  # [L, B, Hkv]: kept pairs per head sequence (host copy)
+    base_next_position: np.ndarray  # [B]: RoPE position after each context (host copy)
+    headroom: int  # the most tokens (question + answer) one question may append; pages are allocated on demand
     ratio: float
     level: str
     report: MemoryReport
+
+    def __post_init__(self):
+        self._table = np.asarray(self.cache.page_table)
+        self._first_free = context_pages(self.cache)
+
+    @property
+    def batch_size(self) -> int:
+        return self.cache.batch_size
+
+    @property
+    def context_cache(self) -> PagedKVCache:
+        """The context alone: the pool without the free pages that questions borrowed (what `store` saves)."""
+        n = max(self._first_free, 1)
+        if self.cache.k_pages.shape[0] == n:
+            return self.cache
+        return dataclasses.replace(self.cache, k_pages=self.cache.k_pages[:n], v_pages=self.cache.v_pages[:n],
+                                   pos_pages=self.cache.pos_pages[:n])
+
+    def question_rows(self, n_questions: int, rows: Sequence[int] | None = None) -> np.ndarray:
+        """The context row each of `n_questions` questions asks: `rows` as given (checked); by default one
+        question per context row, or every question on the only context."""
+        batch = self.batch_size
+        if rows is None:
+            if n_questions == batch:
+                return np.arange(batch)
+            if batch == 1:
+                return np.zeros(n_questions, np.int64)
+            raise ValueError(f"{n_questions} questions for {batch} compressed contexts: ask one question per "
+                             "context row, or pass rows= (the context row of each question)")
+        out = np.asarray(rows)
+        if out.shape != (n_questions,) or not np.issubdtype(out.dtype, np.integer):
+            raise ValueError(f"rows must hold one context row index per question ({n_questions}), got {rows!r}")
+        bad = out[(out < 0) | (out >= batch)]
+        if bad.size:
+            raise ValueError(f"rows: context row {int(bad[0])} does not exist; this context has rows 0..{batch - 1}")
+        return out
+
+    def _working_cache(self, rows: np.ndarray, slots: int) -> PagedKVCache:
+        plan = plan_questions(self._table, self.base_lengths, rows, slots, page_size=self.cache.page_size,
+                              first_free=self._first_free, pool_pages=int(self.cache.k_pages.shape[0]))
+        return working_cache(self.cache, plan, self.base_next_position[rows])
+
+    def _keep_pool(self, used: PagedKVCache) -> None:
+        """Take back the (donated, maybe grown) pool; the context's own pages in it were never written."""
+        self.cache = dataclasses.replace(self.cache, k_pages=used.k_pages, v_pages=used.v_pages,
+                                         pos_pages=used.pos_pages)
 
     def ask(
         self,
         params: nnx.State,
         questions: Sequence[Sequence[int]],
         *,
+        rows: Sequence[int] | None = None,
         max_new_tokens: int = 64,
         sampling: SamplingConfig = DEFAULT_SAMPLING,
         stop_token_ids: Sequence[int] | None = None,
         seed: int = 0,
         raw: bool = False,
     ) -> GenerationResult:
-        """One question (token ids) per row. Without `raw`, each is wrapped as the official query turn
-        (question ‖ template postfix). The cache is rolled back afterwards, so questions are independent."""
-        if len(questions) != self.cache.batch_size:
-            raise ValueError(f"{len(questions)} questions for {self.cache.batch_size} compressed contexts")
+        """Answer questions (token ids) in one batched decode: by default one per context row, or any number
+        on a single context; `rows[i]` names the context row question i asks. Without `raw`, each is wrapped
+        as the official query turn (question ‖ template postfix). The context is left as it was."""
+        if not len(questions):
+            raise ValueError("no questions given")
+        question_rows = self.question_rows(len(questions), rows)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         turns = [list(q) if raw else question_ids(self.prompt, q) for q in questions]
+        empty = [i for i, t in enumerate(turns) if not t]
+        if empty:
+            raise ValueError(f"question #{empty[0] + 1} has no tokens")
         tokens, lengths = pad_prompts(turns, multiple=QUESTION_PAD)  # fewer distinct shapes, fewer compiles
         check_token_ids(tokens, self.config)
         needed = int(lengths.max()) + max_new_tokens - 1
         if needed > self.headroom:
             raise ValueError(f"a question of {int(lengths.max())} tokens + max_new_tokens={max_new_tokens} needs "
                              f"{needed} slots per head but the decode headroom is {self.headroom}")
-        check_positions(int(self.base_next_position.max()) + needed - 1, self.config)
+        check_positions(int(self.base_next_position[question_rows].max()) + needed - 1, self.config)
         stops = tuple(self.config.eos_token_ids) if stop_token_ids is None else tuple(stop_token_ids)
         check_token_ids(np.array(stops, np.int64), self.config, "stop token id")
-        logits, cache = _append(params, jnp.asarray(tokens), self.cache, jnp.asarray(lengths), config=self.config)
-        result = continue_generation(params, self.config, logits, cache, max_new_tokens=max_new_tokens,
+        work = self._working_cache(question_rows, needed)
+        logits, work = _append(params, jnp.asarray(tokens), work, jnp.asarray(lengths), config=self.config)
+        result = continue_generation(params, self.config, logits, work, max_new_tokens=max_new_tokens,
                                      sampling=sampling, stop_token_ids=stops, seed=seed)
-        self.cache = self._rolled_back(result.cache)
+        self._keep_pool(result.cache)
         return dataclasses.replace(result, cache=self.cache)
 
-    def _rolled_back(self, cache: PagedKVCache) -> PagedKVCache:
-        return cache.rollback(jnp.asarray(self.base_lengths), jnp.asarray(self.base_next_position))
-
     def logits(self, params: nnx.State, tokens: Sequence[Sequence[int]]) -> np.ndarray:
-        """Logits [B, T, V] of appending `tokens` (equal lengths) to the compressed context; rolled back after."""
+        """Logits [B, T, V] of appending `tokens` (equal lengths, one row per context) to the compressed
+        context; the context is left as it was."""
         toks = jnp.asarray(np.asarray(tokens, np.int32))
         check_token_ids(np.asarray(toks), self.config)
         if toks.shape[1] > self.headroom:
             raise ValueError(f"{toks.shape[1]} tokens exceed the decode headroom of {self.headroom}")
-        positions = self.cache.next_position[:, None] + jnp.arange(toks.shape[1], dtype=jnp.int32)[None, :]
-        out, cache = _logits_all(params, toks, positions, self.cache, config=self.config)
-        self.cache = self._rolled_back(cache)
+        rows = self.question_rows(toks.shape[0])
+        work = self._working_cache(rows, toks.shape[1])
+        positions = work.next_position[:, None] + jnp.arange(toks.shape[1], dtype=jnp.int32)[None, :]
+        out, work = _logits_all(params, toks, positions, work, config=self.config)
+        self._keep_pool(work)
         return np.asarray(out)
 
 

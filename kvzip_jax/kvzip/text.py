@@ -6,6 +6,7 @@
     lm = LanguageModel.from_pretrained("path/to/checkpoint")
     ctx = compress_text(lm, open("report.txt").read(), ratio=0.3)       # score once, keep 30% of the KV pairs
     ctx.ask("Who wrote the report?")                                     # -> ["..."]; ask as often as you like
+    ctx.ask(["Who wrote it?", "When?", "Why?"])                          # several questions, one batched decode
     ctx.report.kept_ratio, ctx.report.compressed_kv_bytes                # what the compression bought
 
 Several contexts of different lengths are rows of one batch: `compress_text(lm, [a, b])`, then one question per
@@ -24,7 +25,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from kvzip_jax.generate import GenerationResult
+from kvzip_jax.generate import DEFAULT_SAMPLING, GenerationResult, SamplingConfig
 from kvzip_jax.kvzip import compressor
 from kvzip_jax.kvzip.baselines import BASELINES
 from kvzip_jax.kvzip.compact import DEFAULT_PAGE_SIZE
@@ -134,10 +135,13 @@ def encode_questions(lm, prompt: KVzipPrompt, questions: str | Sequence[str]) ->
     return [encode_question(_tokenizer(lm), prompt, q) for q in qs]
 
 
-def ask_ids(lm, compressed: CompressedContext, turns: Sequence[Sequence[int]], *,
-            max_new_tokens: int = 64) -> GenerationResult:
-    """Greedy answers to already-encoded query turns (one per row), stopping at `stop_ids(lm)`; rolled back."""
-    return compressed.ask(lm.params, turns, max_new_tokens=max_new_tokens, stop_token_ids=stop_ids(lm), raw=True)
+def ask_ids(lm, compressed: CompressedContext, turns: Sequence[Sequence[int]], *, rows: Sequence[int] | None = None,
+            max_new_tokens: int = 64, sampling: SamplingConfig = DEFAULT_SAMPLING, seed: int = 0
+            ) -> GenerationResult:
+    """Answers to already-encoded query turns in one batched decode (`CompressedContext.ask`: one per context
+    row by default, or `rows` naming each turn's context row), stopping at `stop_ids(lm)`."""
+    return compressed.ask(lm.params, turns, rows=rows, max_new_tokens=max_new_tokens, sampling=sampling,
+                          stop_token_ids=stop_ids(lm), seed=seed, raw=True)
 
 
 def decode(lm, tokens: Sequence[int]) -> str:
@@ -163,18 +167,21 @@ class TextContext:
     def batch_size(self) -> int:
         return len(self.context_ids)
 
-    def ask_result(self, questions: str | Sequence[str], max_new_tokens: int = 64) -> GenerationResult:
+    def ask_result(self, questions: str | Sequence[str], max_new_tokens: int = 64, *,
+                   rows: Sequence[int] | None = None, sampling: SamplingConfig = DEFAULT_SAMPLING,
+                   seed: int = 0) -> GenerationResult:
         """Like `ask`, returning the token-level `GenerationResult` (tokens, finished)."""
         turns = encode_questions(self.lm, self.prompt, questions)
-        if len(turns) != self.batch_size:
-            raise ValueError(f"{len(turns)} questions for {self.batch_size} compressed contexts: ask one question "
-                             "per context row")
-        return ask_ids(self.lm, self.compressed, turns, max_new_tokens=max_new_tokens)
+        return ask_ids(self.lm, self.compressed, turns, rows=rows, max_new_tokens=max_new_tokens,
+                       sampling=sampling, seed=seed)
 
-    def ask(self, questions: str | Sequence[str], max_new_tokens: int = 64) -> list[str]:
-        """Greedy answers, one question per context row (a str for a single context). The cache is rolled back
-        after each call, so questions are independent and can be asked in any order, any number of times."""
-        result = self.ask_result(questions, max_new_tokens)
+    def ask(self, questions: str | Sequence[str], max_new_tokens: int = 64, *, rows: Sequence[int] | None = None,
+            sampling: SamplingConfig = DEFAULT_SAMPLING, seed: int = 0) -> list[str]:
+        """Answers, all in one batched decode: one question per context row, or any number of questions on a
+        single context (`ctx.ask(["q1", "q2", "q3"])`), or `rows[i]` = the context row question i asks. Greedy
+        unless `sampling` says otherwise (temperature, top-k, top-p; `seed`). The context is never modified:
+        questions are independent and can be asked in any order, any number of times."""
+        result = self.ask_result(questions, max_new_tokens, rows=rows, sampling=sampling, seed=seed)
         return [decode(self.lm, t) for t in result.tokens]
 
 
@@ -199,7 +206,8 @@ def compress_text(
     ``ratio``: fraction of context KV pairs kept, in (0, 1]; ``level``: pair | pair-uniform | head (KVzip; the
     baselines use their own budget rule); ``method``: "kvzip" or a name in `baselines.BASELINES`;
     ``method_kwargs`` go to the baseline (a text ``question``, one per row, makes SnapKV/PyramidKV query-aware);
-    ``chunk_size``: KVzip reconstruction chunk; ``headroom``: decode slots per head for question + answer."""
+    ``chunk_size``: KVzip reconstruction chunk (shrunk automatically for long contexts); ``headroom``: the most
+    tokens one question and its answer may append (their pages are allocated when asked)."""
     check_method(method)
     check_ratio(ratio)
     if chunk_size < 1:

@@ -23,6 +23,7 @@ from kvzip_jax.config import FULL, SLIDING, ModelConfig
 from kvzip_jax.generate import generate
 from kvzip_jax.kvzip import compressor
 from kvzip_jax.kvzip.prompts import question_ids
+from kvzip_jax.kvzip.question_pages import plan_questions
 from kvzip_jax.kvzip.select import head_scores_from, load_head_scores, save_head_scores
 from kvzip_jax.models import forward, graphdef_for
 from kvzip_jax.models.layers import rope_tables
@@ -59,13 +60,15 @@ def scored():
 # ------------------------------------------------------------------------------------------------- helpers
 def read_paged(cache):
     """{(l, b, h): (positions [n], K [n, D], V [n, D])} of every head sequence, read through its page table in
-    storage order; also checks that tables only use the sequence's own pages and that the pool is partitioned."""
+    storage order; also checks that tables only use the sequence's own pages and that the pool is partitioned
+    (context pages first, then any free pages)."""
     table, num_pages = np.asarray(cache.page_table), np.asarray(cache.num_pages)
     lengths, pos = np.asarray(cache.lengths), np.asarray(cache.pos_pages)
     kp, vp = np.asarray(cache.k_pages), np.asarray(cache.v_pages)
     page = pos.shape[1]
     owned = np.concatenate([table[idx][: num_pages[idx]] for idx in np.ndindex(num_pages.shape)])
-    assert sorted(owned.tolist()) == list(range(kp.shape[0])), "pool pages are not partitioned among heads"
+    # The context's pages are partitioned among heads and come first; free pages (borrowed by questions) follow.
+    assert sorted(owned.tolist()) == list(range(len(owned))), "pool pages are not partitioned among heads"
     out = {}
     for idx in np.ndindex(lengths.shape):
         j = np.arange(lengths[idx])
@@ -267,12 +270,15 @@ def test_compressed_cache_holds_exactly_the_top_scored_pairs(name, scored):
 @pytest.mark.parametrize("ratio", [0.3, 1.0])
 def test_new_tokens_get_position_after_the_context(ratio, scored):
     """The t-th appended token is stored with position n_s + n_c + t whatever the ratio (read from pos_pages
-    in the headroom after the question; rollback only resets the lengths)."""
-    _config, params, _, sc = scored("llama")
+    through the question rows' working tables, in the private pages after the context's pairs)."""
+    config, params, _, sc = scored("llama")
     cc = sc.compress(ratio, headroom=HEADROOM)
     base = np.asarray(cc.cache.lengths)
-    cc.logits(params, QUESTIONS)
-    table, pos = np.asarray(cc.cache.page_table), np.asarray(cc.cache.pos_pages)
+    work = cc._working_cache(np.arange(2), len(QUESTIONS[0]))
+    toks = jnp.asarray(np.asarray(QUESTIONS, np.int32))
+    positions = work.next_position[:, None] + jnp.arange(toks.shape[1], dtype=jnp.int32)[None, :]
+    _, work = compressor._logits_all(params, toks, positions, work, config=config)
+    table, pos = np.asarray(work.page_table), np.asarray(work.pos_pages)
     page = pos.shape[1]
     for idx in np.ndindex(base.shape):
         j = base[idx] + np.arange(len(QUESTIONS[0]))
@@ -351,27 +357,51 @@ def test_budget_accounting(level, r, scored):
 
 
 # -------------------------------------------------------------------------------------------------- memory
-def test_memory_is_kept_pairs_plus_rounding_plus_headroom(scored):
-    config, _, _, sc = scored("llama")
+def test_memory_is_kept_pairs_plus_rounding_and_question_pages_come_on_demand(scored):
+    """The compressed pool holds the kept pairs and their page rounding, nothing preallocated for decoding; a
+    call borrows pages per question (a copy of the context's partial last page + the question's tokens), and
+    several questions on one context share its full pages (the pool grows by their private pages only)."""
+    config, params, _, sc = scored("llama")
     L, H, D = config.num_layers, config.num_kv_heads, config.head_dim
     per_pair = 2 * D * 4  # K + V, float32
     page = 16
-    for headroom in (0, HEADROOM):
-        cc = sc.compress(0.3, headroom=headroom, page_size=page)
-        _, keep = sc.keep_mask(0.3)
-        counts = keep.sum(-1)  # [L, B, H]
-        pages = np.maximum(-(-(counts + headroom) // page), 1)
-        np.testing.assert_array_equal(np.asarray(cc.cache.num_pages), pages)
-        np.testing.assert_array_equal(np.asarray(cc.cache.lengths), counts)
-        assert cc.cache.k_pages.shape == (pages.sum(), page, D)
-        assert cc.report.compressed_kv_bytes == cc.cache.nbytes() == pages.sum() * page * per_pair
-        assert cc.report.kept_kv_bytes == counts.sum() * per_pair
-        assert cc.report.dense_kv_bytes == L * H * sum(totals()) * per_pair
-        slack = cc.report.compressed_kv_bytes - cc.report.kept_kv_bytes
-        assert headroom * L * 2 * H * per_pair <= slack < (headroom + page) * L * 2 * H * per_pair
-        # headroom really is free per head sequence
-        assert (pages * page - counts >= headroom).all()
-    assert cc.report.compressed_kv_bytes < cc.report.dense_kv_bytes  # ratio 0.3, headroom 16
+    cc = sc.compress(0.3, headroom=HEADROOM, page_size=page)
+    _, keep = sc.keep_mask(0.3)
+    counts = keep.sum(-1)  # [L, B, H]
+    pages = np.maximum(-(-counts // page), 1)
+    np.testing.assert_array_equal(np.asarray(cc.cache.num_pages), pages)
+    np.testing.assert_array_equal(np.asarray(cc.cache.lengths), counts)
+    assert cc.cache.k_pages.shape == (pages.sum(), page, D)
+    assert cc.report.compressed_kv_bytes == cc.cache.nbytes() == pages.sum() * page * per_pair
+    assert cc.report.kept_kv_bytes == counts.sum() * per_pair
+    assert cc.report.dense_kv_bytes == L * H * sum(totals()) * per_pair
+    assert 0 <= cc.report.compressed_kv_bytes - cc.report.kept_kv_bytes < page * L * 2 * H * per_pair
+    assert cc.report.compressed_kv_bytes < cc.report.dense_kv_bytes
+
+    # Four questions on context row 0, one on row 1: each (layer, question, head) needs its own pages for the
+    # partial page + 5 question + 3 generated tokens; the context's full pages are not copied.
+    questions = [[20 + i, 21, 22] for i in range(5)]
+    rows = [0, 0, 0, 0, 1]
+    slots = 3 + len(PROMPT.postfix_ids) + 3 - 1
+    answers = cc.ask(params, questions, rows=rows, max_new_tokens=3)
+    private = -(-(counts[:, rows] % page + slots) // page)
+    assert cc.cache.k_pages.shape[0] >= pages.sum() + private.sum()
+    assert cc.cache.k_pages.shape[0] < pages.sum() + private.sum() + 64 + pages.sum() // 4 + 1
+    assert private.max() <= -(-(page - 1 + slots) // page)  # bounded by the question, not by the context
+    plan = plan_questions(np.asarray(cc.cache.page_table), counts, np.array(rows), slots, page_size=page,
+                          first_free=int(pages.sum()), pool_pages=int(pages.sum()))
+    full = counts[:, rows] // page
+    for idx in np.ndindex(full.shape):  # row r's first full pages are its context's very pages
+        layer, r, h = idx
+        np.testing.assert_array_equal(plan.page_table[idx][: full[idx]],
+                                      np.asarray(cc.cache.page_table)[layer, rows[r], h][: full[idx]])
+    assert plan.private_pages == private.sum()
+    # The same questions one context row at a time give the same answers (rows do not interfere).
+    for i, (q, r) in enumerate(zip(questions, rows, strict=True)):
+        single = cc.ask(params, [q], rows=[r], max_new_tokens=3)
+        assert single.tokens[0] == answers.tokens[i]
+    assert cc.context_cache.k_pages.shape[0] == pages.sum()  # what is saved: the context alone
+    assert cc.report.compressed_kv_bytes == pages.sum() * page * per_pair
 
 
 # --------------------------------------------------------------------------------------------- Gemma3 (P15)
@@ -408,7 +438,7 @@ def test_bad_compress_and_ask_input(scored):
     with pytest.raises(ValueError, match=r"14 tokens.*max_new_tokens=4.*17 slots.*headroom is 16"):
         cc.ask(params, [list(range(20, 32))] * 2, max_new_tokens=4)
     cc.ask(params, [list(range(20, 29))] * 2, max_new_tokens=6)  # 9 + 2 + 6 - 1 = 16 slots: fits exactly
-    with pytest.raises(ValueError, match="1 questions for 2 compressed contexts"):
+    with pytest.raises(ValueError, match="1 questions for 2 compressed contexts: ask one question per context row, or pass rows="):
         cc.ask(params, [[20, 21]], max_new_tokens=2)
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
         cc.ask(params, [[20], [21]], max_new_tokens=0)

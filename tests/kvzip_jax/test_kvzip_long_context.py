@@ -11,7 +11,7 @@ import pytest
 
 from kvzip_jax.kvzip import compressor
 from kvzip_jax.kvzip import prompts as P
-from tests.kvzip_jax.kvzip_testutil import LLAMA, PROMPT, contexts, perturbed_params
+from kvzip_testutil import LLAMA, PROMPT, contexts, perturbed_params
 
 
 @pytest.mark.parametrize("anchor", [0, 3, 8])

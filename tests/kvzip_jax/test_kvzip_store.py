@@ -68,7 +68,7 @@ def setup():
 
 
 def cache_arrays(ctx) -> dict[str, np.ndarray]:
-    return {name: np.asarray(getattr(ctx.cache, name)) for name in CACHE_FIELDS}
+    return {name: np.asarray(getattr(ctx.context_cache, name)) for name in CACHE_FIELDS}
 
 
 @pytest.mark.parametrize("config", [LLAMA, GEMMA], ids=["llama", "gemma3"])
@@ -128,7 +128,7 @@ def test_bf16_cache_round_trips_bitwise(setup, tmp_path):
     save_compressed(tmp_path / "bf16", bf16)
     restored = load_compressed(tmp_path / "bf16", LLAMA, dtype=jnp.bfloat16)
     for name in CACHE_FIELDS:
-        a, b = np.asarray(getattr(bf16.cache, name)), np.asarray(getattr(restored.cache, name))
+        a, b = np.asarray(getattr(bf16.context_cache, name)), np.asarray(getattr(restored.cache, name))
         assert a.dtype == b.dtype and np.array_equal(a.view(np.uint8), b.view(np.uint8)), name
     with pytest.raises(ValueError, match=r"dtype: saved bfloat16 vs model float32"):
         load_compressed(tmp_path / "bf16", LLAMA, dtype=jnp.float32)

@@ -59,8 +59,20 @@ def test_compress_and_ask(lm, demo_text):
     answers = [ctx.ask(q, max_new_tokens=8)[0] for q in QUESTIONS]
     assert all(isinstance(a, str) for a in answers)
     assert ctx.ask(QUESTIONS[0], max_new_tokens=8) == [answers[0]]  # rolled back: asking again is identical
-    with pytest.raises(ValueError, match="2 questions for 1 compressed contexts"):
-        ctx.ask(QUESTIONS)
+    # Several questions on the one context: one batched decode, the same answers as one at a time.
+    assert ctx.ask(QUESTIONS, max_new_tokens=8) == answers
+    assert ctx.ask(list(reversed(QUESTIONS)), max_new_tokens=8) == list(reversed(answers))
+    with pytest.raises(ValueError, match="context row 1 does not exist; this context has rows 0..0"):
+        ctx.ask(QUESTIONS, rows=[0, 1])
+    with pytest.raises(ValueError, match="no questions given"):
+        ctx.ask([])
+    # Sampling: reproducible for a seed; temperature 0 is greedy.
+    from kvzip_jax.generate import SamplingConfig
+
+    hot = SamplingConfig(temperature=1.5, top_k=50)
+    sampled = ctx.ask(QUESTIONS, max_new_tokens=8, sampling=hot, seed=1)
+    assert ctx.ask(QUESTIONS, max_new_tokens=8, sampling=hot, seed=1) == sampled
+    assert any(ctx.ask(QUESTIONS, max_new_tokens=8, sampling=hot, seed=s) != sampled for s in (2, 3, 4))
     with pytest.raises(ValueError, match="headroom"):
         ctx.ask(QUESTIONS[0], max_new_tokens=64)
 
