@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -154,19 +154,29 @@ def sample(logits: jax.Array, key: jax.Array, sampling: SamplingConfig) -> jax.A
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+def _is_stop(tok, stop_ids):
+    return jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+
+
+def _step(params, tok, cache, done, key, pad_id, *, config, sampling):
+    """Feed each row's last token, sample the next one. Finished rows ride along but do not advance their cache."""
+    positions = cache.next_positions()[:, None]
+    logits, cache = forward(
+        params, tok[:, None], positions, cache, config=config, n_valid=(~done).astype(jnp.int32), logits_at="last",
+    )
+    key, sub = jax.random.split(key)
+    return jnp.where(done, pad_id, sample(logits, sub, sampling)), cache, key
+
+
 @functools.partial(
     jax.jit, static_argnames=("config", "sampling", "max_new_tokens"), donate_argnames=("cache",)
 )
 def _generation_loop(params, first_logits, cache, key, stop_ids, pad_id, *, config, sampling, max_new_tokens):
     batch = first_logits.shape[0]
-
-    def is_stop(tok):
-        return jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
-
     key, sub = jax.random.split(key)
     tok = sample(first_logits, sub, sampling)
     out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok)
-    done = is_stop(tok)
+    done = _is_stop(tok, stop_ids)
 
     def cond(state):
         step, _, _, done, _, _ = state
@@ -174,21 +184,82 @@ def _generation_loop(params, first_logits, cache, key, stop_ids, pad_id, *, conf
 
     def body(state):
         step, tok, cache, done, out, key = state
-        positions = cache.next_positions()[:, None]
-        # Finished rows still ride along in the batch but do not advance their cache.
-        logits, cache = forward(
-            params, tok[:, None], positions, cache, config=config, n_valid=(~done).astype(jnp.int32),
-            logits_at="last",
-        )
-        key, sub = jax.random.split(key)
-        new = jnp.where(done, pad_id, sample(logits, sub, sampling))
+        new, cache, key = _step(params, tok, cache, done, key, pad_id, config=config, sampling=sampling)
         out = out.at[:, step].set(new)
-        return step + 1, new, cache, done | is_stop(new), out, key
+        return step + 1, new, cache, done | _is_stop(new, stop_ids), out, key
 
     state = (jnp.int32(1), tok, cache, done, out, key)
     steps, _, cache, done, out, _ = jax.lax.while_loop(cond, body, state)
     # The last sampled token of each unfinished row is not in the cache yet: generation stops after sampling.
     return out, done, steps, cache
+
+
+@functools.partial(jax.jit, static_argnames=("sampling",))
+def _first_token(first_logits, key, stop_ids, *, sampling):
+    key, sub = jax.random.split(key)
+    tok = sample(first_logits, sub, sampling)
+    return tok, _is_stop(tok, stop_ids), key
+
+
+@functools.partial(jax.jit, static_argnames=("config", "sampling"), donate_argnames=("cache",))
+def _stream_step(params, tok, cache, done, key, stop_ids, pad_id, *, config, sampling):
+    new, cache, key = _step(params, tok, cache, done, key, pad_id, config=config, sampling=sampling)
+    return new, cache, done | _is_stop(new, stop_ids), key
+
+
+class TokenStream:
+    """Iterator over generated tokens, one step at a time: each item is the new token of every row (a list of
+    ints; None for a row that had already finished). The same tokens, step for step and with the same random
+    keys, as `continue_generation`'s jitted loop; one dispatch per token instead of one per answer.
+
+    `cache` is the cache after the last step (donated into every step; read it once iteration ends)."""
+
+    def __init__(self, params, config: ModelConfig, logits, cache, *, max_new_tokens: int, sampling: SamplingConfig,
+                 stop_token_ids: Sequence[int], seed: int = 0):
+        self._params, self._config, self._sampling = params, config, sampling
+        self._stops = jnp.asarray(np.array(tuple(stop_token_ids) or (-1,), np.int32))
+        self._pad = jnp.int32(config.pad_token_id if config.pad_token_id is not None else 0)
+        self._logits, self.cache, self._max = logits, cache, max_new_tokens
+        self._key = jax.random.key(seed)
+        self._step, self._tok, self._done = 0, None, None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> list[int | None]:
+        if self._step >= self._max or (self._done is not None and bool(np.all(np.asarray(self._done)))):
+            raise StopIteration
+        was_done = None if self._done is None else np.asarray(self._done)
+        if self._step == 0:
+            self._tok, self._done, self._key = _first_token(self._logits, self._key, self._stops,
+                                                            sampling=self._sampling)
+        else:
+            self._tok, self.cache, self._done, self._key = _stream_step(
+                self._params, self._tok, self.cache, self._done, self._key, self._stops, self._pad,
+                config=self._config, sampling=self._sampling)
+        self._step += 1
+        tokens = np.asarray(self._tok)
+        return [None if was_done is not None and was_done[i] else int(t) for i, t in enumerate(tokens)]
+
+
+def stream_text(tokenizer, tokens) -> Iterator[str]:
+    """Incremental detokenization of one row's tokens: yields the text each new token adds (nothing while a
+    multi-byte character is incomplete); the pieces join to ``tokenizer.decode(all tokens)``."""
+    ids: list[int] = []
+    emitted = ""
+    for t in tokens:
+        ids.append(t)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if text.endswith("\ufffd") or not text.startswith(emitted):
+            continue  # an incomplete UTF-8 sequence, or a merge that rewrote the tail: wait for more tokens
+        if len(text) > len(emitted):
+            yield text[len(emitted):]
+            emitted = text
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    if text != emitted:
+        if not text.startswith(emitted):  # pragma: no cover - tokenizers whose decode is not prefix-stable
+            raise RuntimeError("the tokenizer's decoding changed text it had already streamed")
+        yield text[len(emitted):]
 
 
 def generate(
@@ -203,8 +274,10 @@ def generate(
     chunk_size: int = DEFAULT_CHUNK,
     seed: int = 0,
     cache_dtype=None,
-) -> GenerationResult:
-    """Generate for a batch of ragged prompts (token id lists). Stops at EOS or any stop token per row."""
+    stream: bool = False,
+) -> GenerationResult | TokenStream:
+    """Generate for a batch of ragged prompts (token id lists). Stops at EOS or any stop token per row.
+    `stream=True` returns a `TokenStream` (the new tokens step by step) after the prefill."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     tokens, lengths = pad_prompts(prompts)
@@ -219,6 +292,9 @@ def generate(
     dtype = cache_dtype or params["embed"][...].dtype
     cache = DenseKVCache.zeros(config, len(prompts), capacity, dtype)
     logits, cache = prefill(params, config, prompts, cache, chunk_size=chunk_size)
+    if stream:
+        return TokenStream(params, config, logits, cache, max_new_tokens=max_new_tokens, sampling=sampling,
+                           stop_token_ids=stops, seed=seed)
     return continue_generation(params, config, logits, cache, max_new_tokens=max_new_tokens, sampling=sampling,
                                stop_token_ids=stops, seed=seed)
 

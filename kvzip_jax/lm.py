@@ -12,7 +12,7 @@ import importlib.util
 import os
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from kvzip_jax.config import ModelConfig
-from kvzip_jax.generate import DEFAULT_CHUNK, DEFAULT_SAMPLING, SamplingConfig, generate
+from kvzip_jax.generate import DEFAULT_CHUNK, DEFAULT_SAMPLING, SamplingConfig, generate, stream_text
 from kvzip_jax.models.gguf_io import find_gguf, hf_config_dict, load_gguf, open_gguf
 from kvzip_jax.models.hf_io import load_params, save_params
 
@@ -151,18 +151,48 @@ class LanguageModel:
         seed: int = 0,
     ) -> list[str] | list[list[int]]:
         """Text in, text out (with a tokenizer); token ids in, token ids out otherwise."""
+        if isinstance(prompts, str):
+            raise TypeError("generate takes a list of prompts: generate([prompt]) (or stream(prompt) for one)")
+        if not len(prompts):
+            raise ValueError("no prompts given: generate needs at least one prompt")
         texts = isinstance(prompts[0], str)
         ids = [self.encode(p, chat=chat) for p in prompts] if texts else [list(p) for p in prompts]
-        stops = stop_token_ids
-        if stops is None and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            stops = sorted({*self.config.eos_token_ids, self.tokenizer.eos_token_id})
+        empty = [i for i, p in enumerate(ids) if not p]
+        if empty:
+            raise ValueError(f"prompt #{empty[0] + 1} is empty (0 tokens)")
         result = generate(
             self.params, self.config, ids, max_new_tokens=max_new_tokens, sampling=sampling,
-            stop_token_ids=stops, chunk_size=chunk_size, seed=seed,
+            stop_token_ids=self._stops(stop_token_ids), chunk_size=chunk_size, seed=seed,
         )
         if not texts:
             return result.tokens
         return [self.tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens]
+
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        max_new_tokens: int = 64,
+        chat: bool = False,
+        sampling: SamplingConfig = DEFAULT_SAMPLING,
+        stop_token_ids: Sequence[int] | None = None,
+        seed: int = 0,
+    ) -> Iterator[str] | Iterator[int]:
+        """One prompt, its answer as it is generated: text pieces (with a tokenizer; they join to what
+        `generate` returns) or token ids (for token-id prompts). The same tokens as `generate`."""
+        text = isinstance(prompt, str)
+        if not text and (not len(prompt) or isinstance(prompt[0], (list, tuple))):
+            raise ValueError("stream takes one prompt (a str or a list of token ids); use generate for a batch")
+        ids = self.encode(prompt, chat=chat) if text else [int(t) for t in prompt]
+        steps = generate(self.params, self.config, [ids], max_new_tokens=max_new_tokens, sampling=sampling,
+                         stop_token_ids=self._stops(stop_token_ids), seed=seed, stream=True)
+        tokens = (row[0] for row in steps if row[0] is not None)
+        return stream_text(self.tokenizer, tokens) if text else tokens
+
+    def _stops(self, stop_token_ids: Sequence[int] | None) -> Sequence[int] | None:
+        if stop_token_ids is None and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            return sorted({*self.config.eos_token_ids, self.tokenizer.eos_token_id})
+        return stop_token_ids
 
     @property
     def num_params(self) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +27,7 @@ from kvzip_jax.generate import (
     DEFAULT_SAMPLING,
     GenerationResult,
     SamplingConfig,
+    TokenStream,
     check_positions,
     check_token_ids,
     continue_generation,
@@ -233,6 +234,7 @@ class CompressedContext:
     def __post_init__(self):
         self._table = np.asarray(self.cache.page_table)
         self._first_free = context_pages(self.cache)
+        self._streaming = False
 
     @property
     def batch_size(self) -> int:
@@ -276,21 +278,11 @@ class CompressedContext:
         self.cache = dataclasses.replace(self.cache, k_pages=used.k_pages, v_pages=used.v_pages,
                                          pos_pages=used.pos_pages)
 
-    def ask(
-        self,
-        params: nnx.State,
-        questions: Sequence[Sequence[int]],
-        *,
-        rows: Sequence[int] | None = None,
-        max_new_tokens: int = 64,
-        sampling: SamplingConfig = DEFAULT_SAMPLING,
-        stop_token_ids: Sequence[int] | None = None,
-        seed: int = 0,
-        raw: bool = False,
-    ) -> GenerationResult:
-        """Answer questions (token ids) in one batched decode: by default one per context row, or any number
-        on a single context; `rows[i]` names the context row question i asks. Without `raw`, each is wrapped
-        as the official query turn (question ‖ template postfix). The context is left as it was."""
+    def _start(self, params, questions, rows, max_new_tokens, stop_token_ids, raw):
+        """Check every input, lay the questions out as rows of a working cache and prefill them:
+        (first logits, working cache, stop ids)."""
+        if self._streaming:
+            raise RuntimeError("a stream from this compressed context is still open: finish it or close() it first")
         if not len(questions):
             raise ValueError("no questions given")
         question_rows = self.question_rows(len(questions), rows)
@@ -311,10 +303,61 @@ class CompressedContext:
         check_token_ids(np.array(stops, np.int64), self.config, "stop token id")
         work = self._working_cache(question_rows, needed)
         logits, work = _append(params, jnp.asarray(tokens), work, jnp.asarray(lengths), config=self.config)
+        return logits, work, stops
+
+    def ask(
+        self,
+        params: nnx.State,
+        questions: Sequence[Sequence[int]],
+        *,
+        rows: Sequence[int] | None = None,
+        max_new_tokens: int = 64,
+        sampling: SamplingConfig = DEFAULT_SAMPLING,
+        stop_token_ids: Sequence[int] | None = None,
+        seed: int = 0,
+        raw: bool = False,
+    ) -> GenerationResult:
+        """Answer questions (token ids) in one batched decode: by default one per context row, or any number
+        on a single context; `rows[i]` names the context row question i asks. Without `raw`, each is wrapped
+        as the official query turn (question ‖ template postfix). The context is left as it was."""
+        logits, work, stops = self._start(params, questions, rows, max_new_tokens, stop_token_ids, raw)
         result = continue_generation(params, self.config, logits, work, max_new_tokens=max_new_tokens,
                                      sampling=sampling, stop_token_ids=stops, seed=seed)
         self._keep_pool(result.cache)
         return dataclasses.replace(result, cache=self.cache)
+
+    def stream(
+        self,
+        params: nnx.State,
+        question: Sequence[int],
+        *,
+        row: int = 0,
+        max_new_tokens: int = 64,
+        sampling: SamplingConfig = DEFAULT_SAMPLING,
+        stop_token_ids: Sequence[int] | None = None,
+        seed: int = 0,
+        raw: bool = False,
+    ) -> Iterator[int]:
+        """One question on context row `row`, its answer token by token as it is generated (the same tokens as
+        `ask`; the stop token, when reached, is the last one). Until the iterator is exhausted or closed, the
+        context cannot be asked again."""
+        logits, work, stops = self._start(params, [question], [row], max_new_tokens, stop_token_ids, raw)
+        steps = TokenStream(params, self.config, logits, work, max_new_tokens=max_new_tokens, sampling=sampling,
+                            stop_token_ids=stops, seed=seed)
+        self._keep_pool(work)  # valid until the first step donates it; restored from the stream at the end
+        self._streaming = True
+
+        def tokens():
+            try:
+                for step in steps:
+                    if step[0] is None:
+                        return
+                    yield step[0]
+            finally:
+                self._keep_pool(steps.cache)
+                self._streaming = False
+
+        return tokens()
 
     def logits(self, params: nnx.State, tokens: Sequence[Sequence[int]]) -> np.ndarray:
         """Logits [B, T, V] of appending `tokens` (equal lengths, one row per context) to the compressed

@@ -22,10 +22,10 @@ The `kvzip-jax` CLI uses the helpers below (prompt resolution, context scoring, 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-from kvzip_jax.generate import DEFAULT_SAMPLING, GenerationResult, SamplingConfig
+from kvzip_jax.generate import DEFAULT_SAMPLING, GenerationResult, SamplingConfig, stream_text
 from kvzip_jax.kvzip import compressor
 from kvzip_jax.kvzip.baselines import BASELINES
 from kvzip_jax.kvzip.compact import DEFAULT_PAGE_SIZE
@@ -183,6 +183,15 @@ class TextContext:
         questions are independent and can be asked in any order, any number of times."""
         result = self.ask_result(questions, max_new_tokens, rows=rows, sampling=sampling, seed=seed)
         return [decode(self.lm, t) for t in result.tokens]
+
+    def stream(self, question: str, max_new_tokens: int = 64, *, row: int = 0,
+               sampling: SamplingConfig = DEFAULT_SAMPLING, seed: int = 0) -> Iterator[str]:
+        """One question on context row `row`; yields its answer's text as it is generated (the pieces join to
+        what `ask` returns): ``for piece in ctx.stream("Who wrote it?"): print(piece, end="", flush=True)``."""
+        turn = encode_questions(self.lm, self.prompt, question)[0]
+        tokens = self.compressed.stream(self.lm.params, turn, row=row, max_new_tokens=max_new_tokens,
+                                        sampling=sampling, stop_token_ids=stop_ids(self.lm), seed=seed, raw=True)
+        return stream_text(_tokenizer(self.lm), tokens)
 
 
 def compress_text(

@@ -122,3 +122,47 @@ def test_bad_input(lm, demo_text):
         text.compress_text(lm, [])
     with pytest.raises(ValueError, match="kvzip takes no method options"):
         text.compress_text(lm, demo_text, seed=3)
+
+
+def test_streaming_answers_equal_asked_ones(lm, demo_text):
+    """`TextContext.stream` yields the answer's text piece by piece: the pieces join to `ask`'s answer, token for
+    token the same (greedy and sampled with one seed); while a stream is open the context refuses other calls,
+    and closing it early gives the context back intact."""
+    from kvzip_jax.generate import SamplingConfig
+    from kvzip_jax.kvzip import text
+
+    ctx = text.compress_text(lm, demo_text, ratio=0.3, chunk_size=48, headroom=48)
+    q = QUESTIONS[0]
+    for sampling, seed in ((SamplingConfig(), 0), (SamplingConfig(temperature=1.2, top_p=0.9), 7)):
+        asked = ctx.ask_result(q, max_new_tokens=12, sampling=sampling, seed=seed).tokens[0]
+        pieces = list(ctx.stream(q, max_new_tokens=12, sampling=sampling, seed=seed))
+        assert "".join(pieces) == text.decode(lm, asked)
+        assert len(pieces) >= 2  # it really streamed
+        streamed = list(ctx.compressed.stream(lm.params, text.encode_questions(lm, ctx.prompt, q)[0], raw=True,
+                                              max_new_tokens=12, sampling=sampling, seed=seed,
+                                              stop_token_ids=text.stop_ids(lm)))
+        assert streamed == asked
+    open_stream = ctx.stream(q, max_new_tokens=12)
+    next(open_stream)
+    with pytest.raises(RuntimeError, match="a stream from this compressed context is still open"):
+        ctx.ask(q, max_new_tokens=4)
+    open_stream.close()
+    greedy = ctx.ask_result(q, max_new_tokens=12).tokens[0]
+    assert ctx.ask(q, max_new_tokens=12) == [text.decode(lm, greedy)]
+
+
+def test_language_model_streams_what_it_generates_and_refuses_empty_input(lm):
+    prompt = "Tell me about caches."
+    full = lm.generate([prompt], chat=True, max_new_tokens=10)[0]
+    pieces = list(lm.stream(prompt, chat=True, max_new_tokens=10))
+    assert "".join(pieces) == full and len(pieces) >= 2
+    ids = lm.encode(prompt, chat=True)
+    assert list(lm.stream(ids, max_new_tokens=10)) == lm.generate([ids], max_new_tokens=10)[0]
+    with pytest.raises(ValueError, match="no prompts given"):
+        lm.generate([])
+    with pytest.raises(TypeError, match=r"generate takes a list of prompts: generate\(\[prompt\]\)"):
+        lm.generate(prompt)
+    with pytest.raises(ValueError, match="prompt #2 is empty"):
+        lm.generate([[1, 2], []])
+    with pytest.raises(ValueError, match="stream takes one prompt"):
+        lm.stream([[1, 2]])
