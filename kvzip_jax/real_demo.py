@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 
 DOCUMENTS_DIR = os.path.join(os.path.dirname(__file__), "assets", "documents")
-QUESTIONS_FILE = os.path.join(DOCUMENTS_DIR, "questions.json")
+QA_SET_DIR = os.path.join(os.path.dirname(__file__), "assets", "qa_set")  # the evaluation set: 20 documents, 100 q
 MAX_NEW_TOKENS = 32  # the reference answers are a few words; greedy answers get a sentence to state them
 
 
@@ -43,13 +43,15 @@ class Document:
     questions: tuple[QA, ...]
 
 
-def load_documents(docs: int | None = None, questions: int | None = None) -> list[Document]:
-    """The shipped documents with their questions (the first `docs` documents, the first `questions` of each)."""
-    with open(QUESTIONS_FILE, encoding="utf-8") as f:
+def load_documents(docs: int | None = None, questions: int | None = None, folder: str = DOCUMENTS_DIR
+                   ) -> list[Document]:
+    """The shipped documents with their questions (the first `docs` documents, the first `questions` of each):
+    the demo's (`DOCUMENTS_DIR`) or the evaluation set's (`QA_SET_DIR`); a folder holds questions.json."""
+    with open(os.path.join(folder, "questions.json"), encoding="utf-8") as f:
         spec = json.load(f)
     out = []
     for entry in spec["documents"][:docs]:
-        with open(os.path.join(DOCUMENTS_DIR, entry["file"]), encoding="utf-8") as f:
+        with open(os.path.join(folder, entry["file"]), encoding="utf-8") as f:
             text = f.read()
         qa = tuple(QA(q["question"], q["answer"]) for q in entry["questions"][:questions])
         out.append(Document(entry["name"], text, qa))
@@ -74,14 +76,13 @@ def _mib(n: int) -> str:
 
 
 def _ask_all(ctx, documents: Sequence[Document], max_new_tokens: int) -> list[list[str]]:
-    """Answers [document][question]; one question per document row per call (the cache is rolled back after
-    each call). A document with fewer questions re-asks its last one, and that answer is dropped."""
-    answers: list[list[str]] = [[""] * len(d.questions) for d in documents]
-    for q in range(max(len(d.questions) for d in documents)):
-        asked = [d.questions[min(q, len(d.questions) - 1)].question for d in documents]
-        for row, answer in enumerate(ctx.ask(asked, max_new_tokens=max_new_tokens)):
-            if q < len(documents[row].questions):
-                answers[row][q] = answer.strip()
+    """Answers [document][question], all in one batched decode: every question is a row on its document's
+    shared compressed pages (`TextContext.ask(rows=...)`)."""
+    rows = [row for row, d in enumerate(documents) for _ in d.questions]
+    flat = ctx.ask([qa.question for d in documents for qa in d.questions], max_new_tokens=max_new_tokens, rows=rows)
+    answers, it = [], iter(flat)
+    for d in documents:
+        answers.append([next(it).strip() for _ in d.questions])
     return answers
 
 

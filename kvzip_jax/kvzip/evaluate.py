@@ -2,11 +2,12 @@
 
 For each method the contexts are prefilled and scored once; for each ratio the same scoring is compressed and
 every question of every context is answered from that one compressed cache (rolled back between questions), as in
-the official ``eval.py``. Two query-aware SnapKV references (paper Fig. 2) are run the same way:
+the official ``eval.py`` (all of them in one batched decode, every question a row on its context's shared pages).
+Two query-aware SnapKV references (paper Fig. 2) are run the same way:
 ``snapkv-query`` rescored with each question in its observation window, and ``snapkv-reuse`` scored with the first
 question and reused for the others. Exact-match accuracy on greedy answers.
 
-Contexts are batch rows; rows with fewer questions repeat their last one and the repeats are not counted. Every
+Contexts are batch rows of the scoring; a context may have any number of questions. Every
 compression is padded to the full cache's pool shape (`compact.pad_to`), so the sweep compiles the decode once:
 accuracy is unaffected (padding pages are never referenced), memory is not what this measures.
 """
@@ -67,7 +68,7 @@ class Evaluator:
         self.ratios = tuple(ratios)
         self.rounds = max(len(c.questions) for c in self.contexts)
         tok = lm.tokenizer
-        # Question turns per round, one per row (rows out of questions repeat their last, uncounted).
+        # Question turns per round, one per context row (a row out of questions repeats its last; never asked).
         self.turns = [[encode_question(tok, prompt, c.questions[min(q, len(c.questions) - 1)]) for c in self.contexts]
                       for q in range(self.rounds)]
         self.stops = sorted(set(lm.config.eos_token_ids) | {tok.eos_token_id})
@@ -101,11 +102,14 @@ class Evaluator:
         return BASELINES[base](self.lm.params, self.lm.config, self.prompt, self.context_ids, **kwargs)
 
     def _answers(self, compressed, rounds: Sequence[int]) -> dict[int, list[str]]:
-        out = {}
-        for q in rounds:
-            result = compressed.ask(self.lm.params, self.turns[q], max_new_tokens=self.max_new_tokens,
-                                    stop_token_ids=self.stops, raw=True)
-            out[q] = [self.lm.tokenizer.decode(list(t), skip_special_tokens=True) for t in result.tokens]
+        """Every question of `rounds` in one batched decode: each is a row on its context's shared pages."""
+        asked = [(q, row) for q in rounds for row, c in enumerate(self.contexts) if q < len(c.questions)]
+        result = compressed.ask(self.lm.params, [self.turns[q][row] for q, row in asked],
+                                rows=[row for _, row in asked], max_new_tokens=self.max_new_tokens,
+                                stop_token_ids=self.stops, raw=True)
+        out = {q: [""] * len(self.contexts) for q in rounds}
+        for (q, row), tokens in zip(asked, result.tokens, strict=True):
+            out[q][row] = self.lm.tokenizer.decode(list(tokens), skip_special_tokens=True)
         return out
 
     def _outcomes(self, method: str, ratio: float, answers: dict[int, list[str]], kept: float) -> list[Outcome]:
