@@ -56,8 +56,8 @@ class DenseKVCache:
 class PagedKVCache:
     """Head-wise paged cache: every (layer, row, kv head) is its own ragged sequence read through its page table.
 
-    Memory is proportional to the pairs kept (plus page rounding and a preallocated decode headroom per head):
-    the pool holds exactly the pages that the tables reference. Positions are never renumbered: each stored pair
+    Memory is proportional to the pairs kept (plus page rounding): the pool holds the pages that the tables
+    reference, and possibly free pages after them that questions borrow (`kvzip.question_pages`). Positions are never renumbered: each stored pair
     keeps its original RoPE position in `pos_pages`, which also drives causal and sliding-window masks.
     """
 
@@ -81,7 +81,7 @@ class PagedKVCache:
         return self.next_position
 
     def nbytes(self) -> int:
-        """K and V bytes of the pool (what the compressed context really occupies, headroom included)."""
+        """K and V bytes of the pool (free pages included)."""
         return self.k_pages.nbytes + self.v_pages.nbytes
 
     def metadata_nbytes(self) -> int:

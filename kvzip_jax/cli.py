@@ -82,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------------------------ helpers
 def _resolve_model(name: str) -> str:
     """The checkpoint path `--model` names (the `smollm2` alias resolved), checked before anything is loaded."""
-    if name == DEFAULT_MODEL:
+    if name == DEFAULT_MODEL and not os.path.exists(name):
         from kvzip_jax.smollm2 import SmolLM2NotInstalled, smollm2_gguf
 
         try:

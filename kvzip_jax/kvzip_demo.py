@@ -97,7 +97,7 @@ def main(argv=None) -> None:
               f"{np.mean(report.kept_ratio):>8.2f}{compress_s:>14.1f}s{ask_s:>9.1f}s")
     full = results["full cache"][0]
     print(f"\ndense KV cache of these contexts: {_mib(full.dense_kv_bytes)}; KVzip keeps "
-          f"{_mib(results[runs[1][0]][0].kept_kv_bytes)} of pairs (+ page rounding, decode headroom and page tables "
+          f"{_mib(results[runs[1][0]][0].kept_kv_bytes)} of pairs (+ page rounding and page tables "
           f"in the paged cache above). Times include compilation on first use.")
 
 

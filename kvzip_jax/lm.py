@@ -23,6 +23,7 @@ from kvzip_jax.config import ModelConfig
 from kvzip_jax.generate import DEFAULT_CHUNK, DEFAULT_SAMPLING, SamplingConfig, generate, stream_text
 from kvzip_jax.models.gguf_io import find_gguf, hf_config_dict, load_gguf, open_gguf
 from kvzip_jax.models.hf_io import load_params, save_params
+from kvzip_jax.smollm2 import smollm2_gguf
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -70,8 +71,19 @@ def load_tokenizer(path: str | os.PathLike, gguf_file: str | None = None):
     return tokenizer
 
 
+DEFAULT_MODEL = "smollm2"
+
+
+def resolve_model_path(path: str | os.PathLike) -> str | os.PathLike:
+    """`path` itself, or for ``"smollm2"`` (when no such file or folder exists) the installed SmolLM2 GGUF."""
+    if os.fspath(path) == DEFAULT_MODEL and not os.path.exists(path):
+        return smollm2_gguf()
+    return path
+
+
 def load_config(path: str | os.PathLike) -> ModelConfig:
     """The ModelConfig of a checkpoint directory or GGUF file, without reading any weights."""
+    path = resolve_model_path(path)
     gguf_file = find_gguf(path)
     if gguf_file is not None:
         return ModelConfig.from_hf_dict(hf_config_dict(open_gguf(gguf_file), gguf_file))
@@ -86,6 +98,7 @@ def pretrained_tokenizer(path: str | os.PathLike):
     missing (what `LanguageModel.from_pretrained` attaches)."""
     if not _transformers_available():
         return None
+    path = resolve_model_path(path)
     gguf_file = find_gguf(path)
     if gguf_file is not None:
         return load_tokenizer(path, gguf_file) if "tokenizer.ggml.model" in open_gguf(gguf_file).fields else None
@@ -107,13 +120,15 @@ class LanguageModel:
     def from_pretrained(
         cls, path: str | os.PathLike, *, dtype=None, mesh: Mesh | None = None, tokenizer: Any = True
     ) -> LanguageModel:
-        """Load an HF checkpoint directory, a .gguf file, or a directory holding exactly one .gguf file.
+        """Load an HF checkpoint directory, a .gguf file, a directory holding exactly one .gguf file, or
+        ``"smollm2"``: the SmolLM2-135M-Instruct GGUF that `make setup` installs (`kvzip_jax.smollm2`).
 
         GGUF weights are dequantized to float32 (then cast to dtype if given). A GGUF tokenizer is built from the
         file's metadata by transformers; without transformers installed the model loads with no tokenizer.
         ``tokenizer``: True loads the checkpoint's own (`pretrained_tokenizer`), False none, anything else is
         used as the tokenizer (one already loaded, e.g. to check inputs before the weights are read).
         """
+        path = resolve_model_path(path)
         gguf_file = find_gguf(path)
         if gguf_file is not None:
             loaded = load_gguf(gguf_file, dtype=dtype, mesh=mesh)

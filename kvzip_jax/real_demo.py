@@ -172,7 +172,7 @@ def main(argv=None, *, documents: Sequence[Document] | None = None, lm=None) -> 
               f"{np.mean(report.kept_ratio):>7.2f}{build_s[name]:>8.1f}s{ask_s[name]:>8.1f}s")
     full = caches["full cache"].report
     print(f"\naccuracy: the reference answer appears in the answer (case-insensitive). KV memory: the paged pool "
-          f"(kept pairs + page rounding + decode headroom); dense K+V of the "
+          f"(kept pairs + page rounding); dense K+V of the "
           f"documents: {_mib(full.dense_kv_bytes)}; kept pairs alone: "
           + ", ".join(f"{n} {_mib(caches[n].report.kept_kv_bytes)}" for n in names[1:]) + ".")
     print(f"build: full cache = prefill; {kvzip_name} = prefill + reconstruction scoring (shared with the full "

