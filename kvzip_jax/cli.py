@@ -234,7 +234,7 @@ def cmd_compress(args) -> int:
         "n_ctx": len(ids),
         "ratio": args.ratio,
         "level": args.level,
-        "kept_ratio": r.kept_ratio[0],
+        "kept_ratio": r.kept_ratio,
         "dense_kv_bytes": r.dense_kv_bytes,
         "compressed_kv_bytes": r.compressed_kv_bytes,
         "kept_kv_bytes": r.kept_kv_bytes,
@@ -251,7 +251,7 @@ def cmd_compress(args) -> int:
         t = report["times"]
         print(f"compressed {len(ids)} context tokens (+{prompt.n_sys} always-kept prompt tokens, template {template}, "
               f"reconstruction chunks of {scored.chunk_size} tokens)")
-        print(f"  kept ratio: {r.kept_ratio[0]:.3f} (requested {args.ratio}, level {args.level})")
+        print(f"  kept ratio: {r.kept_ratio:.3f} (requested {args.ratio}, level {args.level})")
         print(f"  KV bytes:   dense {_mib(r.dense_kv_bytes)} -> compressed {_mib(r.compressed_kv_bytes)} "
               f"({report['compression_factor']:.2f}x; kept pairs alone {_mib(r.kept_kv_bytes)}, "
               f"+{args.headroom} headroom slots per head) + metadata {_mib(r.metadata_bytes)}")
@@ -327,7 +327,7 @@ def cmd_ask(args) -> int:
             "compressed": os.path.abspath(args.compressed),
             "ratio": ctx.ratio,
             "level": ctx.level,
-            "kept_ratio": r.kept_ratio[0],
+            "kept_ratio": r.kept_ratio,
             "dense_kv_bytes": r.dense_kv_bytes,
             "compressed_kv_bytes": r.compressed_kv_bytes,
             "load_s": load_s,

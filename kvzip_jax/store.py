@@ -140,7 +140,7 @@ def save_compressed(
         "headroom": int(ctx.headroom),
         "ratio": float(ctx.ratio),
         "level": ctx.level,
-        "report": {**ctx.report.as_dict(), "kept_ratio": list(ctx.report.kept_ratio)},
+        "report": {**ctx.report.as_dict(), "kept_ratios": list(ctx.report.kept_ratios)},
         "arrays": {k: {"shape": list(v.shape), "dtype": v.dtype.name} for k, v in tree.items()},
         "model_fingerprint": model_fingerprint,
     }
@@ -222,7 +222,10 @@ def load_compressed(
     report = MemoryReport(
         dense_kv_bytes=int(r["dense_kv_bytes"]), compressed_kv_bytes=int(r["compressed_kv_bytes"]),
         kept_kv_bytes=int(r["kept_kv_bytes"]), metadata_bytes=int(r["metadata_bytes"]),
-        kept_ratio=tuple(float(x) for x in r["kept_ratio"]), times={k: float(v) for k, v in r["times"].items()},
+        # Contexts saved before kept_ratios existed stored the per-row list as kept_ratio (and no batch ratio).
+        kept_ratios=tuple(float(x) for x in r.get("kept_ratios", r["kept_ratio"])),
+        kept_ratio=float(np.mean(r["kept_ratio"])) if isinstance(r["kept_ratio"], list) else float(r["kept_ratio"]),
+        times={k: float(v) for k, v in r["times"].items()},
     )
     prompt = KVzipPrompt(**{k: tuple(int(i) for i in v) for k, v in meta["prompt"].items()})
     return CompressedContext(

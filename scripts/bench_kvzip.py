@@ -115,7 +115,7 @@ def bench_one(params, config, n_ctx, args):
                extra_memory_over_kv=temp / kv_bytes, scoring_over_prefill_temp=temp / prefill_temp)
     full = scored.compress(1.0, headroom=args.decode_steps + 1)
     ctx = scored.compress(args.ratio, headroom=args.decode_steps + 1)
-    row.update(ratio=args.ratio, kept_ratio=ctx.report.kept_ratio[0], dense_kv_bytes=ctx.report.dense_kv_bytes,
+    row.update(ratio=args.ratio, kept_ratio=ctx.report.kept_ratio, dense_kv_bytes=ctx.report.dense_kv_bytes,
                compressed_kv_bytes=ctx.report.compressed_kv_bytes, kept_kv_bytes=ctx.report.kept_kv_bytes,
                compact_s=ctx.report.times["compact_s"],
                memory_saving=ctx.report.dense_kv_bytes / ctx.report.compressed_kv_bytes)

@@ -60,7 +60,8 @@ class MemoryReport:
     compressed_kv_bytes: int  # K+V of the paged pool: kept pairs + page rounding (no decode headroom)
     kept_kv_bytes: int  # K+V of the kept pairs alone
     metadata_bytes: int  # positions, page tables, lengths
-    kept_ratio: tuple[float, ...]  # real fraction of evictable context pairs kept, per row
+    kept_ratios: tuple[float, ...]  # real fraction of evictable context pairs kept, per row
+    kept_ratio: float  # the same over the whole batch (a single context: its own)
     times: dict[str, float]
 
     def as_dict(self) -> dict:
@@ -135,7 +136,8 @@ class ScoredContext:
             compressed_kv_bytes=int(paged.nbytes()),
             kept_kv_bytes=int(keep.sum() * per_pair),
             metadata_bytes=int(paged.metadata_nbytes()),
-            kept_ratio=tuple(float(r) for r in selection.kept_ratio),
+            kept_ratios=tuple(float(r) for r in selection.kept_ratio),
+            kept_ratio=float(np.average(selection.kept_ratio, weights=self.n_ctx)),
             times=times,
         )
         return CompressedContext(self.config, self.prompt, paged, np.asarray(paged.lengths),

@@ -152,7 +152,7 @@ def totals():
 def test_ratio_one_equals_full_cache(name, scored):
     config, params, ctxs, sc = scored(name)
     cc = sc.compress(1.0, headroom=HEADROOM)
-    assert cc.report.kept_ratio == (1.0, 1.0)
+    assert cc.report.kept_ratios == (1.0, 1.0) and cc.report.kept_ratio == 1.0
     got = cc.logits(params, QUESTIONS)
     rows = [list(PROMPT.prefix_ids) + c + list(q) for c, q in zip(ctxs, QUESTIONS, strict=True)]
     for b, ref in enumerate(dense_logits(params, config, rows)):
@@ -208,7 +208,7 @@ def test_nested_protected_positions_and_bit_identical(scored):
         for b, n in enumerate(CTX_LENS):
             n_pairs = L * H * n
             kept = sum(len(stored[layer, b, h][0]) - N_SYS for layer in range(L) for h in range(H))
-            assert cc.report.kept_ratio[b] == pytest.approx(kept / n_pairs, abs=1e-12)
+            assert cc.report.kept_ratios[b] == pytest.approx(kept / n_pairs, abs=1e-12)
             assert kept / n_pairs <= r
             s = sc.scores[:, b, :, :n]
             if np.unique(s).size == s.size:  # no ties: exactly int(N r) - 1 pairs (official off-by-one, P4)
@@ -321,8 +321,8 @@ def test_head_level_whole_rows_and_file_round_trip(scored, tmp_path):
         n_ctx_kept = [len(stored[layer, b, h][0]) - N_SYS for layer in range(L) for h in range(H)]
         assert set(n_ctx_kept) <= {0, n}, f"row {b}: heads keep part of their context: {n_ctx_kept}"
         assert 0 < sum(n_ctx_kept) < L * H * n
-        assert cc.report.kept_ratio[b] * L * H == pytest.approx(round(cc.report.kept_ratio[b] * L * H))
-        assert cc.report.kept_ratio[b] <= r
+        assert cc.report.kept_ratios[b] * L * H == pytest.approx(round(cc.report.kept_ratios[b] * L * H))
+        assert cc.report.kept_ratios[b] <= r
     valid = np.arange(max(CTX_LENS))[None, :] < np.array(CTX_LENS)[:, None]
     hs = head_scores_from(sc.scores, valid)
     path = str(tmp_path / "heads.npz")
@@ -375,6 +375,8 @@ def test_memory_is_kept_pairs_plus_rounding_and_question_pages_come_on_demand(sc
     assert cc.report.compressed_kv_bytes == cc.cache.nbytes() == pages.sum() * page * per_pair
     assert cc.report.kept_kv_bytes == counts.sum() * per_pair
     assert cc.report.dense_kv_bytes == L * H * sum(totals()) * per_pair
+    # The batch's kept ratio weighs each row by its context length.
+    assert cc.report.kept_ratio == pytest.approx(np.average(cc.report.kept_ratios, weights=CTX_LENS))
     assert 0 <= cc.report.compressed_kv_bytes - cc.report.kept_kv_bytes < page * L * 2 * H * per_pair
     assert cc.report.compressed_kv_bytes < cc.report.dense_kv_bytes
 
@@ -421,7 +423,7 @@ def test_p15_gemma_sliding_layers_keep_their_window(scored):
                 assert (stored[layer, b, h][0][:N_SYS] == np.arange(N_SYS)).all()
         kept = sum(len(stored[layer, b, h][0]) - N_SYS for layer in full for h in range(config.num_kv_heads))
         n_pairs = len(full) * config.num_kv_heads * CTX_LENS[b]
-        assert kept / n_pairs == pytest.approx(cc.report.kept_ratio[b], abs=1e-12)
+        assert kept / n_pairs == pytest.approx(cc.report.kept_ratios[b], abs=1e-12)
         assert 0 < kept / n_pairs <= r
 
 

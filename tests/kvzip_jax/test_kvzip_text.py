@@ -54,7 +54,8 @@ def test_compress_and_ask(lm, demo_text):
     ctx = text.compress_text(lm, demo_text, ratio=0.3, chunk_size=48, headroom=48)
     assert isinstance(ctx, text.TextContext) and ctx.method == "kvzip" and ctx.template == "chat"
     assert ctx.compressed.ratio == 0.3 and ctx.report is ctx.compressed.report
-    assert 0 < ctx.report.kept_ratio[0] <= 0.3
+    assert isinstance(ctx.report.kept_ratio, float) and 0 < ctx.report.kept_ratio <= 0.3
+    assert ctx.report.kept_ratios == (ctx.report.kept_ratio,)
     assert ctx.report.compressed_kv_bytes < ctx.report.dense_kv_bytes
     answers = [ctx.ask(q, max_new_tokens=8)[0] for q in QUESTIONS]
     assert all(isinstance(a, str) for a in answers)
@@ -80,7 +81,7 @@ def test_compress_and_ask(lm, demo_text):
 def test_ratio_one_equals_generate_on_the_uncompressed_prompt(lm, demo_text, full):
     from kvzip_jax.kvzip import text
 
-    assert full.report.kept_ratio == (1.0,)
+    assert full.report.kept_ratio == 1.0 and full.report.kept_ratios == (1.0,)
     prompt = text.prompt_for(lm)
     ctx_ids = lm.tokenizer.encode(demo_text, add_special_tokens=False)
     assert full.context_ids == [list(ctx_ids)]
@@ -98,7 +99,7 @@ def test_baseline_by_name(lm, demo_text, full):
 
     ctx = text.compress_text(lm, demo_text, ratio=0.3, method="streaming_llm", headroom=48)
     assert ctx.method == "streaming_llm" and ctx.compressed.ratio == 0.3
-    assert 0 < ctx.report.kept_ratio[0] <= 0.3
+    assert 0 < ctx.report.kept_ratio <= 0.3
     # At ratio 1.0 every method keeps the same cache, so it answers like KVzip at 1.0.
     one = text.compress_text(lm, demo_text, ratio=1.0, method="streaming_llm", headroom=48)
     assert one.ask(QUESTIONS[0], max_new_tokens=8) == full.ask(QUESTIONS[0], max_new_tokens=8)
