@@ -57,8 +57,9 @@ class PagedKVCache:
     """Head-wise paged cache: every (layer, row, kv head) is its own ragged sequence read through its page table.
 
     Memory is proportional to the pairs kept (plus page rounding): the pool holds the pages that the tables
-    reference, and possibly free pages after them that questions borrow (`kvzip.question_pages`). Positions are never renumbered: each stored pair
-    keeps its original RoPE position in `pos_pages`, which also drives causal and sliding-window masks.
+    reference, and possibly free pages after them that questions borrow (`kvzip.question_pages`). Positions are
+    never renumbered: each stored pair keeps its original RoPE position in `pos_pages`, which also drives causal
+    and sliding-window masks.
     """
 
     k_pages: jax.Array  # [N_pages, page_size, D]

@@ -14,3 +14,17 @@ def grouped_logits(q: jax.Array, keys: jax.Array, *, scale: float, softcap: floa
     if softcap is not None:
         logits = jnp.tanh(logits / np.float32(softcap)) * np.float32(softcap)
     return logits
+
+
+def stable_softmax(logits: jax.Array) -> jax.Array:
+    """Softmax over the last axis, max-subtracted. Written out because XLA:CPU runs it ~4x faster than
+    `jax.nn.softmax` at decode shapes (measured: 0.16 vs 0.64 ms for [8, 3, 3, 1, 640])."""
+    e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    return e / jnp.sum(e, axis=-1, keepdims=True)
+
+
+def weighted_values(probs: jax.Array, values: jax.Array) -> jax.Array:
+    """probs [B, Hkv, G, T, S] x values [B, Hkv, S, D] -> [B, T, Hkv, G, D]. The product is taken in the
+    [B, Hkv, G, T, D] layout and transposed after: asking the dot for the transposed layout directly made
+    XLA:CPU 7x slower at decode shapes (2.1 vs 0.3 ms for B 8, S 640), the paged decode's largest cost."""
+    return jnp.einsum("bhgts,bhsd->bhgtd", probs, values).transpose(0, 3, 1, 2, 4)

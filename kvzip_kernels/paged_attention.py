@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kvzip_kernels.logits import grouped_logits
+from kvzip_kernels.logits import grouped_logits, stable_softmax, weighted_values
 
 
 def paged_attention_reference(
@@ -47,6 +47,6 @@ def paged_attention_reference(
         mask = mask & (qpos - kpos < window)
     logits = grouped_logits(q, keys, scale=scale, softcap=softcap)
     logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
+    probs = stable_softmax(logits).astype(values.dtype)
     values = jnp.where(stored[..., None], values, jnp.zeros((), values.dtype))
-    return jnp.einsum("bhgts,bhsd->bthgd", probs, values).astype(q.dtype)
+    return weighted_values(probs, values).astype(q.dtype)

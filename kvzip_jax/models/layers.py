@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 
 from kvzip_jax.config import ModelConfig
-from kvzip_kernels.logits import grouped_logits
+from kvzip_kernels.logits import grouped_logits, stable_softmax, weighted_values
 
 INIT_STD = 0.02
 
@@ -81,8 +81,8 @@ def attend(
     """
     logits = grouped_logits(q, k, scale=scale, softcap=softcap)
     logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bhgts,bhsd->bthgd", probs.astype(v.dtype), v)
+    probs = stable_softmax(logits)
+    out = weighted_values(probs.astype(v.dtype), v)
     return (out, probs) if return_probs else out
 
 

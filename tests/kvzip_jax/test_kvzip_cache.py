@@ -440,7 +440,8 @@ def test_bad_compress_and_ask_input(scored):
     with pytest.raises(ValueError, match=r"14 tokens.*max_new_tokens=4.*17 slots.*headroom is 16"):
         cc.ask(params, [list(range(20, 32))] * 2, max_new_tokens=4)
     cc.ask(params, [list(range(20, 29))] * 2, max_new_tokens=6)  # 9 + 2 + 6 - 1 = 16 slots: fits exactly
-    with pytest.raises(ValueError, match="1 questions for 2 compressed contexts: ask one question per context row, or pass rows="):
+    with pytest.raises(ValueError, match="1 questions for 2 compressed contexts: ask one question per context row, "
+                                         "or pass rows="):
         cc.ask(params, [[20, 21]], max_new_tokens=2)
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
         cc.ask(params, [[20], [21]], max_new_tokens=0)

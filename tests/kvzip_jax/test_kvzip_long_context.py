@@ -8,10 +8,10 @@ import itertools
 
 import numpy as np
 import pytest
+from kvzip_testutil import LLAMA, PROMPT, contexts, perturbed_params
 
 from kvzip_jax.kvzip import compressor
 from kvzip_jax.kvzip import prompts as P
-from kvzip_testutil import LLAMA, PROMPT, contexts, perturbed_params
 
 
 @pytest.mark.parametrize("anchor", [0, 3, 8])
