@@ -63,7 +63,7 @@ def test_compress_and_ask(lm, demo_text):
     # Several questions on the one context: one batched decode, the same answers as one at a time.
     assert ctx.ask(QUESTIONS, max_new_tokens=8) == answers
     assert ctx.ask(list(reversed(QUESTIONS)), max_new_tokens=8) == list(reversed(answers))
-    with pytest.raises(ValueError, match="context row 1 does not exist; this context has rows 0..0"):
+    with pytest.raises(ValueError, match=r"context row 1 does not exist; this context has rows 0\.\.0"):
         ctx.ask(QUESTIONS, rows=[0, 1])
     with pytest.raises(ValueError, match="no questions given"):
         ctx.ask([])
