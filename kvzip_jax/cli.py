@@ -373,6 +373,10 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse: usage errors exit 2, --help exits 0
         return int(e.code) if isinstance(e.code, int) else 2
     command = {"compress": cmd_compress, "ask": cmd_ask, "convert": cmd_convert}[args.command]
+    if args.command in ("compress", "ask"):
+        from kvzip_jax.lm import enable_compilation_cache
+
+        enable_compilation_cache()  # `ask` after `compress` (or a second `ask`) reuses compiled executables
     try:
         return command(args)
     except (ValueError, OSError) as e:  # bad input (files, values, model/context mismatch): one line, no traceback

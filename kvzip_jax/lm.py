@@ -36,6 +36,17 @@ def cache_dir() -> str:
     return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kvzip_jax")
 
 
+def enable_compilation_cache(path: str | None = None, min_compile_seconds: float = 1.0) -> str:
+    """Turn on JAX's persistent compilation cache (default folder: `cache_dir()`/xla), so that a later process
+    reuses the XLA executables this one compiled: the demo and the CLI call it, notebooks may. Executables that
+    took less than `min_compile_seconds` to compile are not worth a disk read and are not kept."""
+    folder = path or os.path.join(cache_dir(), "xla")
+    os.makedirs(folder, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_seconds))
+    return folder
+
+
 def _gguf_tokenizer_key(gguf_file: str) -> str:
     """Names one GGUF file version and the transformers that converted its tokenizer."""
     import transformers

@@ -105,10 +105,11 @@ def main(argv=None, *, documents: Sequence[Document] | None = None, lm=None) -> 
         resolve_prompt,
         score_ids,
     )
-    from kvzip_jax.lm import LanguageModel
+    from kvzip_jax.lm import LanguageModel, enable_compilation_cache
     from kvzip_jax.smollm2 import smollm2_gguf
 
     t_start = time.perf_counter()
+    enable_compilation_cache()  # a second run reuses the compiled prefill, scoring and decode
     if lm is None:
         lm = LanguageModel.from_pretrained(smollm2_gguf())
     c = lm.config

@@ -1,6 +1,8 @@
 """LanguageModel: tokenizer and chat template through AutoTokenizer, text generation equal to transformers,
 the input-embeddings path, and bf16."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -82,3 +84,20 @@ def test_bf16_close_to_fp32(chat_checkpoint):
     rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
     assert rel < 3e-2, rel
     assert (out.argmax(-1) == ref.argmax(-1)).mean() >= 0.8
+
+
+def test_enable_compilation_cache_writes_executables_a_later_process_can_reuse(tmp_path):
+    import jax
+    import jax.numpy as jnp
+
+    from kvzip_jax.lm import enable_compilation_cache
+
+    saved = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir",
+                                                 "jax_persistent_cache_min_compile_time_secs")}
+    try:
+        folder = enable_compilation_cache(str(tmp_path / "xla"), min_compile_seconds=0.0)
+        jax.jit(lambda x: jnp.cos(x) * 3.0 + x.sum())(jnp.arange(37.0)).block_until_ready()
+        assert any(name.endswith("-cache") for name in os.listdir(folder))
+    finally:
+        for k, v in saved.items():
+            jax.config.update(k, v)
