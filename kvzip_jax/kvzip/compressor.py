@@ -49,6 +49,7 @@ from kvzip_jax.kvzip.select import keep_mask
 from kvzip_jax.models.decoder import forward
 
 DEFAULT_HEADROOM = 256
+CAPACITY_MULTIPLE = 256  # dense working caches are this many slots long, rounded up (fewer compiled shapes)
 QUESTION_PAD = 16
 
 
@@ -148,6 +149,14 @@ def _kvzip_selector(scores, ratio, level, valid, layers, head_scores):
     return keep_mask(scores, ratio, level, valid=valid, layers=layers, head_scores=head_scores)
 
 
+def bucketed_capacity(slots: int, config: ModelConfig) -> int:
+    """`slots` rounded up to whole CAPACITY_MULTIPLE slots (not past the model's positions, unless `slots` is):
+    contexts of nearby lengths then share one compiled prefill and scoring; slots past a row's length are
+    masked, so the results do not depend on the rounding."""
+    rounded = -(-slots // CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE
+    return max(min(rounded, config.max_position_embeddings), slots)
+
+
 def prefill_contexts(
     params: nnx.State,
     config: ModelConfig,
@@ -168,7 +177,8 @@ def prefill_contexts(
     longest = max(len(r) for r in rows)
     # P16: what follows the context needs positions too.
     check_positions(longest + max(extra_slots, extra_positions) - 1, config)
-    cache = DenseKVCache.zeros(config, len(rows), longest + extra_slots, params["embed"][...].dtype)
+    cache = DenseKVCache.zeros(config, len(rows), bucketed_capacity(longest + extra_slots, config),
+                               params["embed"][...].dtype)
     t0 = time.perf_counter()
     _, cache = prefill(params, config, rows, cache, chunk_size=prefill_chunk)
     jax.block_until_ready(cache.k)

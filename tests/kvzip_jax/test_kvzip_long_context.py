@@ -74,3 +74,18 @@ def test_score_shrinks_the_chunk_for_a_long_context_and_scores_as_with_that_chun
     short = dataclasses.replace(config, max_position_embeddings=440)
     with pytest.raises(ValueError, match="a context of 300 tokens does not fit this model's 440 positions"):
         compressor.score(perturbed_params(short), short, PROMPT, ctxs, progress=False)
+
+
+def test_contexts_of_nearby_lengths_share_one_cache_shape():
+    """Dense working caches come in whole multiples of CAPACITY_MULTIPLE slots, capped at the model's positions
+    (never below what is needed): a new context length rarely means a new compiled prefill and scoring."""
+    big = dataclasses.replace(LLAMA, max_position_embeddings=4096)
+    assert compressor.bucketed_capacity(1, big) == compressor.CAPACITY_MULTIPLE
+    assert compressor.bucketed_capacity(300, big) == compressor.bucketed_capacity(500, big) == 512
+    assert compressor.bucketed_capacity(4000, big) == 4096
+    assert compressor.bucketed_capacity(250, LLAMA) == 256  # the 256-position model: capped at its limit
+    assert compressor.bucketed_capacity(300, LLAMA) == 300  # needed is never cut (the position check refuses it)
+    params = perturbed_params(big)
+    a = compressor.score(params, big, PROMPT, contexts(seed=1, lengths=(300,)), progress=False)
+    b = compressor.score(params, big, PROMPT, contexts(seed=2, lengths=(420,)), progress=False)
+    assert a.cache.k.shape == b.cache.k.shape
