@@ -9,7 +9,7 @@ import os
 import pytest
 
 from kvzip_jax import smollm2
-from kvzip_jax.real_demo import DOCUMENTS_DIR, QA, Document, load_documents, main
+from kvzip_jax.real_demo import DOCUMENTS_DIR, QA, QA_SET_DIR, Document, load_documents, main
 
 pytest.importorskip("transformers")  # the GGUF tokenizer is built by transformers
 
@@ -27,6 +27,20 @@ def test_documents_and_questions_load():
     assert [len(d.questions) for d in load_documents(docs=1, questions=2)] == [2]
 
 
+def test_the_evaluation_set_has_100_questions_over_20_documents_each_answer_stated_once_for_needles():
+    docs = load_documents(folder=QA_SET_DIR)
+    assert len(docs) == 20 and sum(len(d.questions) for d in docs) == 100
+    names = {d.name for d in docs}
+    assert len(names) == 20 and not names & {d.name for d in load_documents()}  # distinct from the demo's
+    for doc in docs:
+        assert 280 <= len(doc.text.split()) <= 450, doc.name
+        for qa in doc.questions:
+            assert qa.question.strip().endswith("?") and 1 <= len(qa.answer.split()) <= 4, qa
+            assert qa.answer.lower() in doc.text.lower(), f"{doc.name}: {qa.answer!r} is not in the document"
+        needle = doc.questions[-1].answer.lower()
+        assert doc.text.lower().count(needle) == 1, f"{doc.name}: the needle answer appears more than once"
+
+
 def test_documents_ship_as_package_data():
     # pyproject's package-data must cover every file in the folder, or an installed wheel has no documents.
     import tomllib
@@ -34,7 +48,7 @@ def test_documents_ship_as_package_data():
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     with open(os.path.join(root, "pyproject.toml"), "rb") as f:
         data = tomllib.load(f)["tool"]["setuptools"]["package-data"]["kvzip_jax"]
-    assert "assets/documents/*" in data
+    assert "assets/documents/*" in data and "assets/qa_set/*" in data
     assert os.path.isfile(os.path.join(DOCUMENTS_DIR, "questions.json"))
 
 
