@@ -125,8 +125,11 @@ def bench_one(params, config, n_ctx, args):
         dense = DenseKVCache(k=jnp.pad(scored.cache.k, pad), v=jnp.pad(scored.cache.v, pad),
                              length=scored.cache.length)
         row["decode_ms_dense"] = decode_ms(params, config, dense, args.decode_steps, args.repeats)
-        row["decode_ms_paged_full"] = decode_ms(params, config, full.cache, args.decode_steps, args.repeats)
-        row["decode_ms_paged_ratio"] = decode_ms(params, config, ctx.cache, args.decode_steps, args.repeats)
+        slots = args.decode_steps + 1
+        row["decode_ms_paged_full"] = decode_ms(params, config, full.decode_cache(slots), args.decode_steps,
+                                                args.repeats)
+        row["decode_ms_paged_ratio"] = decode_ms(params, config, ctx.decode_cache(slots), args.decode_steps,
+                                                 args.repeats)
         row["decode_speedup_vs_dense"] = row["decode_ms_dense"] / row["decode_ms_paged_ratio"]
     return row
 

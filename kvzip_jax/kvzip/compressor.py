@@ -285,6 +285,15 @@ class CompressedContext:
                               first_free=self._first_free, pool_pages=int(self.cache.k_pages.shape[0]))
         return working_cache(self.cache, plan, self.base_next_position[rows])
 
+    def decode_cache(self, slots: int, rows: Sequence[int] | None = None) -> PagedKVCache:
+        """A cache for token-level decoding loops (`generate.decode_step`, `continue_generation`): one row per
+        context row (or per entry of `rows`), each with room for `slots` appended tokens per head, over a copy of
+        the pool, so the caller may donate it. The context itself is unchanged."""
+        question_rows = self.question_rows(self.batch_size if rows is None else len(rows), rows)
+        work = self._working_cache(question_rows, slots)
+        self._keep_pool(work)
+        return jax.tree.map(jnp.copy, work)
+
     def _keep_pool(self, used: PagedKVCache) -> None:
         """Take back the (donated, maybe grown) pool; the context's own pages in it were never written."""
         self.cache = dataclasses.replace(self.cache, k_pages=used.k_pages, v_pages=used.v_pages,

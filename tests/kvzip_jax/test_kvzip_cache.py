@@ -489,3 +489,17 @@ def test_pad_to_reproduces_the_full_cache_shape_and_bad_compaction_input(scored)
     assert num_pages.tolist() == [[5, 2]] and table.shape == (1, 2, 5)
     with pytest.raises(ValueError, match="page_size must be >= 1, got 0"):
         plan_pages(np.array([[3]]), headroom=2, page_size=0)
+
+
+def test_decode_cache_is_a_donatable_copy_that_decodes_like_the_context(scored):
+    """`decode_cache` gives token-level loops a cache of their own: appending the questions to it gives the
+    logits `CompressedContext.logits` gives, and donating it leaves the context usable."""
+    config, params, _, sc = scored("llama")
+    cc = sc.compress(0.3, headroom=HEADROOM)
+    expected = cc.logits(params, QUESTIONS)
+    work = cc.decode_cache(len(QUESTIONS[0]))
+    toks = jnp.asarray(np.asarray(QUESTIONS, np.int32))
+    positions = work.next_position[:, None] + jnp.arange(toks.shape[1], dtype=jnp.int32)[None, :]
+    got, _ = compressor._logits_all(params, toks, positions, work, config=config)  # donates `work`
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(cc.logits(params, QUESTIONS), expected)
