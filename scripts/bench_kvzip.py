@@ -3,6 +3,8 @@ size, KV bytes before and after, and decode time per token on the full dense cac
 
 CPU (default): a small random Llama-shaped model, an 8K-token context.
     python scripts/bench_kvzip.py
+The real default model (30 layers), at the longest context its 8,192 positions score in 128-token multiples:
+    python scripts/bench_kvzip.py --preset smollm2 --context 7680
 GPU (H200): a Llama-3.1-8B-shaped random bf16 model at 32K-128K tokens.
     python scripts/bench_kvzip.py --preset llama3-8b --dtype bfloat16 --context 32768 131072
 
@@ -106,10 +108,11 @@ def bench_one(params, config, n_ctx, args):
     scored = score(params, config, PROMPT, [context], chunk_size=args.chunk, progress=True)  # compile + run
     scored = score(params, config, PROMPT, [context], chunk_size=args.chunk, progress=False)
     kv_bytes = scored.cache.k[:, :, :, : PROMPT.n_sys + n_ctx].nbytes * 2
-    temp = scoring_step_temp_bytes(params, config, scored.cache, repeat_width(args.chunk), args.chunk)
-    prefill_temp = prefill_step_temp_bytes(params, config, PROMPT.n_sys + n_ctx, repeat_width(args.chunk),
+    chunk = scored.chunk_size  # shrunk from --chunk when the context leaves too few positions
+    temp = scoring_step_temp_bytes(params, config, scored.cache, repeat_width(chunk), chunk)
+    prefill_temp = prefill_step_temp_bytes(params, config, PROMPT.n_sys + n_ctx, repeat_width(chunk),
                                            scored.cache.k.dtype)
-    row = dict(context=n_ctx, prefill_s=scored.times["prefill_s"], score_s=scored.times["score_s"],
+    row = dict(context=n_ctx, chunk=chunk, prefill_s=scored.times["prefill_s"], score_s=scored.times["score_s"],
                score_over_prefill=scored.times["score_s"] / scored.times["prefill_s"],
                scoring_temp_bytes=temp, prefill_step_temp_bytes=prefill_temp, kv_bytes=kv_bytes,
                extra_memory_over_kv=temp / kv_bytes, scoring_over_prefill_temp=temp / prefill_temp)
@@ -136,7 +139,8 @@ def bench_one(params, config, n_ctx, args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="llama-small", choices=sorted(PRESETS))
+    parser.add_argument("--preset", default="llama-small", choices=[*sorted(PRESETS), "smollm2"],
+                        help="a random model of this shape, or smollm2: the installed SmolLM2-135M-Instruct")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--context", type=int, nargs="+", default=[8192])
     parser.add_argument("--chunk", type=int, default=2000)
@@ -149,13 +153,21 @@ def main(argv=None):
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     if args.abstract:
+        if args.preset == "smollm2":
+            parser.error("--abstract compiles random-model shapes; pick a --preset other than smollm2")
         config = make_config(args.preset)
         for n in args.context:
             row = abstract_temp_bytes(config, jnp.dtype(args.dtype), n, args.chunk)
             print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         return
-    config = make_config(args.preset)
-    params = init_params(config, dtype=jnp.dtype(args.dtype))
+    if args.preset == "smollm2":  # the real default model: 30 layers, 9 / 3 heads, 8,192 positions
+        from kvzip_jax.lm import LanguageModel
+
+        lm = LanguageModel.from_pretrained("smollm2", dtype=jnp.dtype(args.dtype), tokenizer=False)
+        config, params = lm.config, lm.params
+    else:
+        config = make_config(args.preset)
+        params = init_params(config, dtype=jnp.dtype(args.dtype))
     meta = dict(date=datetime.date.today().isoformat(), machine=f"{platform.machine()} {os.cpu_count()} cores",
                 device=str(jax.devices()[0].device_kind), jax=jax.__version__, python=platform.python_version(),
                 preset=args.preset, dtype=args.dtype, chunk=args.chunk,
