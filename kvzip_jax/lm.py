@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import os
+import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
@@ -36,12 +37,17 @@ def cache_dir() -> str:
     return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kvzip_jax")
 
 
-def enable_compilation_cache(path: str | None = None, min_compile_seconds: float = 1.0) -> str:
+def enable_compilation_cache(path: str | None = None, min_compile_seconds: float = 1.0) -> str | None:
     """Turn on JAX's persistent compilation cache (default folder: `cache_dir()`/xla), so that a later process
     reuses the XLA executables this one compiled: the demo and the CLI call it, notebooks may. Executables that
-    took less than `min_compile_seconds` to compile are not worth a disk read and are not kept."""
+    took less than `min_compile_seconds` to compile are not worth a disk read and are not kept. Returns the
+    folder, or None (with a warning) when it cannot be created."""
     folder = path or os.path.join(cache_dir(), "xla")
-    os.makedirs(folder, exist_ok=True)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:  # a read-only or missing home costs compile time, never the run
+        warnings.warn(f"no persistent compilation cache ({folder}: {e})", stacklevel=2)
+        return None
     jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_seconds))
     return folder
@@ -72,12 +78,15 @@ def load_tokenizer(path: str | os.PathLike, gguf_file: str | None = None):
     if os.path.exists(os.path.join(cached, "tokenizer.json")):
         return AutoTokenizer.from_pretrained(cached)
     tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(gguf_file) or ".", gguf_file=os.path.basename(gguf_file))
+    scratch = None
     try:  # written to a scratch folder and renamed, so a concurrent or interrupted run never sees half a tokenizer
         os.makedirs(os.path.dirname(cached), exist_ok=True)
         scratch = tempfile.mkdtemp(dir=os.path.dirname(cached))
         tokenizer.save_pretrained(scratch)
         os.replace(scratch, cached)
     except OSError as e:  # a read-only or full cache only costs the conversion next time
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
         warnings.warn(f"could not cache the converted GGUF tokenizer in {cached}: {e}", stacklevel=2)
     return tokenizer
 

@@ -255,6 +255,7 @@ class CompressedContext:
     @property
     def context_cache(self) -> PagedKVCache:
         """The context alone: the pool without the free pages that questions borrowed (what `store` saves)."""
+        self._check_not_streaming()
         n = max(self._first_free, 1)
         if self.cache.k_pages.shape[0] == n:
             return self.cache
@@ -280,7 +281,12 @@ class CompressedContext:
             raise ValueError(f"rows: context row {int(bad[0])} does not exist; this context has rows 0..{batch - 1}")
         return out
 
+    def _check_not_streaming(self) -> None:
+        if self._streaming:  # the open stream's steps donate the pool that `self.cache` points at
+            raise RuntimeError("a stream from this compressed context is still open: finish it or close() it first")
+
     def _working_cache(self, rows: np.ndarray, slots: int) -> PagedKVCache:
+        self._check_not_streaming()
         plan = plan_questions(self._table, self.base_lengths, rows, slots, page_size=self.cache.page_size,
                               first_free=self._first_free, pool_pages=int(self.cache.k_pages.shape[0]))
         return working_cache(self.cache, plan, self.base_next_position[rows])
@@ -302,8 +308,7 @@ class CompressedContext:
     def _start(self, params, questions, rows, max_new_tokens, stop_token_ids, raw):
         """Check every input, lay the questions out as rows of a working cache and prefill them:
         (first logits, working cache, stop ids)."""
-        if self._streaming:
-            raise RuntimeError("a stream from this compressed context is still open: finish it or close() it first")
+        self._check_not_streaming()
         if not len(questions):
             raise ValueError("no questions given")
         question_rows = self.question_rows(len(questions), rows)
@@ -365,20 +370,9 @@ class CompressedContext:
         logits, work, stops = self._start(params, [question], [row], max_new_tokens, stop_token_ids, raw)
         steps = TokenStream(params, self.config, logits, work, max_new_tokens=max_new_tokens, sampling=sampling,
                             stop_token_ids=stops, seed=seed)
-        self._keep_pool(work)  # valid until the first step donates it; restored from the stream at the end
+        self._keep_pool(work)  # valid until the first step donates it; the stream gives the pool back at its end
         self._streaming = True
-
-        def tokens():
-            try:
-                for step in steps:
-                    if step[0] is None:
-                        return
-                    yield step[0]
-            finally:
-                self._keep_pool(steps.cache)
-                self._streaming = False
-
-        return tokens()
+        return _AnswerStream(self, steps)
 
     def logits(self, params: nnx.State, tokens: Sequence[Sequence[int]]) -> np.ndarray:
         """Logits [B, T, V] of appending `tokens` (equal lengths, one row per context) to the compressed
@@ -393,6 +387,39 @@ class CompressedContext:
         out, work = _logits_all(params, toks, positions, work, config=self.config)
         self._keep_pool(work)
         return np.asarray(out)
+
+
+class _AnswerStream:
+    """The tokens of one streamed answer (`CompressedContext.stream`). Gives the pool back to its context when
+    exhausted, closed, or dropped, started or not."""
+
+    def __init__(self, context: CompressedContext, steps: TokenStream):
+        self._context, self._steps, self._open = context, steps, True
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> int:
+        if not self._open:
+            raise StopIteration
+        try:
+            step = next(self._steps)
+        except BaseException:  # StopIteration included: the answer is complete
+            self.close()
+            raise
+        if step[0] is None:
+            self.close()
+            raise StopIteration
+        return step[0]
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            self._context._keep_pool(self._steps.cache)
+            self._context._streaming = False
+
+    def __del__(self):
+        self.close()
 
 
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))

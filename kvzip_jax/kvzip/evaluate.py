@@ -8,7 +8,7 @@ Two query-aware SnapKV references (paper Fig. 2) are run the same way:
 question and reused for the others. Exact-match accuracy on greedy answers.
 
 Contexts are batch rows of the scoring; a context may have any number of questions. Every
-compression is padded to the full cache's pool shape (`compact.pad_to`), so the sweep compiles the decode once:
+compression is padded to the full cache's pool shape (`compact.pad_to`), so the sweep compiles few decode shapes:
 accuracy is unaffected (padding pages are never referenced), memory is not what this measures.
 """
 
@@ -126,7 +126,7 @@ class Evaluator:
     def _compress(self, scored, method: str, ratio: float):
         level = {"kvzip-pair": "pair", "kvzip-pair-uniform": "pair-uniform", "kvzip-head": "head"}.get(method, "pair")
         head_scores = self.head_scores if method == "kvzip-head" else None
-        if self.pad_to is None:  # the full cache's shape: every ratio and method then reuses one compiled decode
+        if self.pad_to is None:  # the full cache's shape: ratios and methods then share few compiled decodes
             self.pad_to = shape_of(scored.compress(1.0, headroom=self.headroom).cache)
         return scored.compress(ratio, level, head_scores=head_scores, headroom=self.headroom, pad_to=self.pad_to)
 

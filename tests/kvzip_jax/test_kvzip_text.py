@@ -167,3 +167,27 @@ def test_language_model_streams_what_it_generates_and_refuses_empty_input(lm):
         lm.generate([[1, 2], []])
     with pytest.raises(ValueError, match="stream takes one prompt"):
         lm.stream([[1, 2]])
+
+
+def test_a_stream_never_started_or_dropped_gives_the_context_back(lm, demo_text):
+    """Closing or dropping a stream, started or not, gives the context back; while a stream is open, saving or
+    any other call on the context is refused with a clear error (the stream's steps own the pool)."""
+    from kvzip_jax.kvzip import text
+
+    ctx = text.compress_text(lm, demo_text, ratio=0.3, chunk_size=48, headroom=48)
+    q = QUESTIONS[0]
+    greedy = ctx.ask(q, max_new_tokens=6)
+    tokens = ctx.compressed.stream(lm.params, text.encode_questions(lm, ctx.prompt, q)[0], raw=True,
+                                   max_new_tokens=6)
+    tokens.close()  # never started
+    assert ctx.ask(q, max_new_tokens=6) == greedy
+    pieces = ctx.stream(q, max_new_tokens=6)
+    next(pieces), next(pieces)
+    with pytest.raises(RuntimeError, match="still open"):
+        ctx.compressed.logits(lm.params, [[5, 6]])
+    with pytest.raises(RuntimeError, match="still open"):
+        _ = ctx.compressed.context_cache
+    del pieces  # dropped mid-answer
+    assert ctx.ask(q, max_new_tokens=6) == greedy
+    ctx.stream(q, max_new_tokens=6)  # created and dropped at once
+    assert ctx.ask(q, max_new_tokens=6) == greedy
