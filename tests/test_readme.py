@@ -1,13 +1,15 @@
 """Every Python block of the README runs as written, so the README cannot drift from the code.
 
 Each ```python block runs in a fresh namespace inside a scratch folder. The one concession to test time: the
-session's already loaded SmolLM2 answers `LanguageModel.from_pretrained("smollm2")` calls without other arguments
-(loading it again would give the same model); every other call loads for real.
+session's already loaded SmolLM2 answers `LanguageModel.from_pretrained("smollm2")` (loading it again would give the
+same model; with `mesh=` its params are placed by `shard_params`, as the loader does); every other call loads for
+real.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import re
@@ -30,12 +32,18 @@ def test_the_readme_has_python_blocks():
 @pytest.mark.parametrize("line, code", python_blocks(), ids=lambda x: f"line{x}" if isinstance(x, int) else "")
 def test_readme_block_runs(line, code, smollm2_lm, tmp_path, monkeypatch):
     from kvzip_jax.lm import LanguageModel
+    from kvzip_jax.sharding import shard_params
 
     _, loaded = smollm2_lm
     real = LanguageModel.from_pretrained.__func__
 
     def from_pretrained(cls, path, **kwargs):
-        return loaded if path == "smollm2" and not kwargs else real(cls, path, **kwargs)
+        if path != "smollm2" or set(kwargs) - {"mesh"}:
+            return real(cls, path, **kwargs)
+        if kwargs.get("mesh") is None:
+            return loaded
+        # Loading onto a mesh places each tensor with `shard_params`' rules: the same arrays, sharded.
+        return dataclasses.replace(loaded, params=shard_params(loaded.params, kwargs["mesh"]))
 
     monkeypatch.setattr(LanguageModel, "from_pretrained", classmethod(from_pretrained))
     monkeypatch.chdir(tmp_path)

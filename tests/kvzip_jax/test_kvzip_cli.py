@@ -173,6 +173,6 @@ def test_the_default_model_is_smollm2_and_a_too_long_context_is_refused_before_i
         smollm2_gguf()
     except SmolLM2NotInstalled as e:
         pytest.skip(str(e))
-    (workdir / "very_long.txt").write_text((workdir / "context.txt").read_text() * 200)
+    (workdir / "very_long.txt").write_text((workdir / "context.txt").read_text() * 90)  # ~10K tokens
     _bad(["compress", "--context", str(workdir / "very_long.txt"), "--out", str(workdir / "u")],
          "does not fit this model's 8192 positions")
