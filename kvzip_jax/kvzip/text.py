@@ -3,7 +3,7 @@
     from kvzip_jax.lm import LanguageModel
     from kvzip_jax.kvzip.text import compress_text
 
-    lm = LanguageModel.from_pretrained("path/to/checkpoint")
+    lm = LanguageModel.from_pretrained("smollm2")                          # or a checkpoint path / .gguf file
     ctx = compress_text(lm, open("report.txt").read(), ratio=0.3)       # score once, keep 30% of the KV pairs
     ctx.ask("Who wrote the report?")                                     # -> ["..."]; ask as often as you like
     ctx.ask(["Who wrote it?", "When?", "Why?"])                          # several questions, one batched decode
