@@ -31,8 +31,10 @@ $(VENV)/.installed: $(LOCK) $(MODELS) pyproject.toml Makefile
 	$(UV) pip install -q --python $(PY) --no-deps --no-build-isolation -e .
 	touch $@
 
+# Two pytest workers (pytest-xdist), one per core, each taking whole test files so that module fixtures are
+# built once: XLA compiles on one thread, so two workers run the suite in ~0.8x the time of one (732 s vs 928 s).
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 # The main job: KVzip on a real model (SmolLM2-135M-Instruct, GGUF from PyPI) over the shipped English documents:
 # each compressed once to 30% without seeing the questions, every question answered from full, KVzip and SnapKV.
