@@ -20,6 +20,18 @@ from kvzip_jax.config import ModelConfig
 from kvzip_jax.models.decoder import forward
 
 DEFAULT_CHUNK = 512
+PREFILL_WIDTH_MULTIPLE = 128  # balanced prefill chunks are rounded up to this (powers of two below it)
+
+
+def balanced_chunk(length: int, chunk_size: int) -> int:
+    """The prefill chunk for `length` tokens: as many chunks as `chunk_size` needs, but of equal width, rounded up
+    to a few compiled shapes; 1,043 tokens take 3 x 384 slots of compute instead of 3 x 512."""
+    pieces = -(-length // chunk_size)
+    per = -(-length // pieces)
+    width = PREFILL_WIDTH_MULTIPLE
+    if per < width:
+        width = 1 << (per - 1).bit_length()  # short prompts: the next power of two, not a 128-token pad
+    return min(chunk_size, -(-per // width) * width)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +126,8 @@ def prefill(
 
     Returns the logits [B, V] at each row's last prompt token, and the cache (donated and returned).
     """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     tokens, lengths = pad_prompts(prompts)
     check_token_ids(tokens, config)
     start = np.asarray(jax.device_get(cache.length))
@@ -121,7 +135,7 @@ def prefill(
         raise ValueError(f"{len(lengths)} prompts for a cache of batch size {cache.batch_size}")
     check_capacity(int((start + lengths).max()), cache.capacity, "the prompt")
     check_positions(int((start + lengths).max()) - 1, config)
-    chunk = min(chunk_size, tokens.shape[1])
+    chunk = balanced_chunk(tokens.shape[1], chunk_size)
     tokens = np.pad(tokens, ((0, 0), (0, -tokens.shape[1] % chunk)))
     last_logits = None
     for begin in range(0, tokens.shape[1], chunk):

@@ -25,7 +25,9 @@ from kvzip_jax.kvzip.prompts import RepeatChunk
 from kvzip_jax.models.decoder import forward_scores
 from kvzip_jax.models.kv_attention import ScoreChunk
 
-STEP_WIDTH_MULTIPLE = 512
+# Step widths and the scored-key width are rounded up to this many tokens: a short context (or a context's last,
+# partial chunk) then computes on little padding, and a handful of shapes covers every length.
+STEP_WIDTH_MULTIPLE = 128
 
 
 @functools.partial(jax.jit, static_argnames=("config",))  # pragma: no mutate (jit: speed, not scores)
@@ -67,7 +69,7 @@ def score_context(
         # one: widths are rounded up to STEP_WIDTH_MULTIPLE, so at most a few shapes are ever compiled.
         longest = max(len(row[step].ids) for row in chunks if step < len(row))
         # Not mutated: the rounding only picks a compiled width >= longest, and n_valid masks the padding.
-        padded = -(-longest // STEP_WIDTH_MULTIPLE) * STEP_WIDTH_MULTIPLE  # pragma: no mutate
+        padded = _round_up(longest, STEP_WIDTH_MULTIPLE)  # pragma: no mutate
         tokens = np.zeros((batch, min(width, padded)), np.int32)
         n_valid, start, length = (np.zeros(batch, np.int32) for _ in range(3))
         for b, row in enumerate(chunks):
@@ -75,8 +77,11 @@ def score_context(
                 c = row[step]
                 tokens[b, : len(c.ids)] = c.ids
                 n_valid[b], start[b], length[b] = len(c.ids), c.start, c.length
+        # The scored keys span only this step's longest chunk, rounded up, not the whole chunk size: scoring a
+        # 1K context with the 2K default chunk then gathers and scores half the keys.
+        scored_width = min(chunk_size, _round_up(int(length.max()), STEP_WIDTH_MULTIPLE))
         spec = ScoreChunk(chunk_start=jnp.asarray(start), chunk_len=jnp.asarray(length), n_sys=n_sys,
-                          chunk_size=chunk_size)
+                          chunk_size=scored_width)
         chunk = _score_chunk(params, jnp.asarray(tokens), cache, jnp.asarray(n_valid), spec, config=config)
         chunk = np.asarray(chunk)
         for b in range(batch):
@@ -88,3 +93,7 @@ def score_context(
         if not (covered[b, :n] == 1).all():  # pragma: no mutate
             raise AssertionError(f"row {b}: context positions were not each scored exactly once")
     return scores, cache
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
