@@ -148,15 +148,16 @@ KEY_BLOCK = 512  # keys per block of the blockwise (online-softmax) attention
 
 def _online_softmax_step(q, kb, vb, ok, carry, *, scale: float, softcap: float | None, ok_score=None,
                          touches_score=True):
-    """One key block of an online softmax. q [B, T, Hkv, G, D]; kb, vb [B, Hkv, block, D]; ok broadcastable to
-    [B, Hkv, G, T, block]; carry (running max, denominator [B, Hkv, G, T], numerator [B, Hkv, G, T, D]).
+    """One key block of an online softmax. q [B, Hkv, G, T, D] (heads first); kb, vb [B, Hkv, block, D]; ok
+    broadcastable to [B, Hkv, G, T, block]; carry (running max, denominator [B, Hkv, G, T], numerator
+    [B, Hkv, G, T, D]).
 
     With `ok_score` (a subset of `ok`) the carry also holds those keys' share of the denominator, scaled by the
     same running max: a second softmax over a subset of the keys, for one masked sum. `touches_score` (a traced
     bool) skips that sum for blocks with no such key."""
     m, denom, acc = carry[:3]
     neg = jnp.finfo(jnp.float32).min
-    logits = jnp.where(ok, grouped_logits(q, kb, scale=scale, softcap=softcap), neg)
+    logits = jnp.where(ok, grouped_logits(q, kb, scale=scale, softcap=softcap, heads_first=True), neg)
     m_new = jnp.maximum(m, logits.max(axis=-1))
     p = jnp.where(ok, jnp.exp(logits - m_new[..., None]), 0.0)
     correction = jnp.exp(m - m_new)
@@ -228,6 +229,7 @@ def attend_blockwise(
     t = q.shape[1]
     cache_block = min(block, s)
     qp = q_slots[:, None, None, :, None]  # [B, 1, 1, T, 1]
+    q_heads_first = q.transpose(0, 2, 3, 1, 4)  # once, not in every block's dot
     visible_len = kv_len[:, None, None, None, None]
 
     def cache_step(j, carry):
@@ -246,7 +248,7 @@ def attend_blockwise(
             # Most cache blocks hold no system or chunk slot: they skip the score sum.
             chunk_lo, chunk_hi = n_sys + chunk_start, n_sys + chunk_start + chunk_len
             touches = (start < n_sys) | jnp.any((start < chunk_hi) & (start + cache_block > chunk_lo))
-        return _online_softmax_step(q, kb, vb, ok, carry, scale=scale, softcap=softcap, ok_score=ok_score,
+        return _online_softmax_step(q_heads_first, kb, vb, ok, carry, scale=scale, softcap=softcap, ok_score=ok_score,
                                     touches_score=touches)
 
     # Blocks past every row's visible slots (and every query) are never read.
@@ -265,7 +267,8 @@ def attend_blockwise(
             vb = jax.lax.dynamic_slice_in_dim(values, start, new_block, axis=2)
             ok = (kp <= rows) & (rows - kp < window) & (kp >= j * new_block)
             ok_score = None if score_set is None else ok
-            return _online_softmax_step(q, kb, vb, ok, carry, scale=scale, softcap=softcap, ok_score=ok_score)
+            return _online_softmax_step(q_heads_first, kb, vb, ok, carry, scale=scale, softcap=softcap,
+                                        ok_score=ok_score)
 
         carry = jax.lax.fori_loop(0, -(-t // new_block), new_step, carry)
     out = _online_softmax_output(carry, q)
