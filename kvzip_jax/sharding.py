@@ -58,8 +58,13 @@ def make_mesh(data: int = 1, model: int | None = None, devices: Sequence[jax.Dev
     return Mesh(grid, ("data", "model"), axis_types=auto)
 
 
-def logical_axes_for(path: str) -> tuple[str, ...]:
-    for pattern, axes in PARAM_LOGICAL_AXES:
+# A table of (param path pattern, logical axes): PARAM_LOGICAL_AXES for the decoder; each encoder and projector
+# family defines its own next to its module (their param paths differ), and passes it as `table`.
+AxesTable = tuple[tuple[str, tuple[str | None, ...]], ...]
+
+
+def logical_axes_for(path: str, table: AxesTable = PARAM_LOGICAL_AXES) -> tuple[str | None, ...]:
+    for pattern, axes in table:
         if re.search(pattern, path):
             return axes
     raise KeyError(f"no logical axes known for parameter {path!r}")
@@ -81,8 +86,13 @@ def spec_for(
     return PartitionSpec(*parts)
 
 
-def sharding_for(path: str, shape: Sequence[int], mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
-    return NamedSharding(mesh, spec_for(logical_axes_for(path), shape, mesh, rules))
+def sharding_for(
+    path: str, shape: Sequence[int], mesh: Mesh, rules=DEFAULT_RULES, table: AxesTable = PARAM_LOGICAL_AXES
+) -> NamedSharding:
+    axes = logical_axes_for(path, table)
+    if len(axes) != len(shape):  # a pattern written for a stacked param matched an unstacked one, or the reverse
+        raise ValueError(f"parameter {path!r} has shape {tuple(shape)} but its logical axes are {axes}")
+    return NamedSharding(mesh, spec_for(axes, shape, mesh, rules))
 
 
 def path_str(key_path) -> str:
@@ -96,10 +106,10 @@ def path_str(key_path) -> str:
     return "/".join(parts)
 
 
-def shard_params(params, mesh: Mesh, rules=DEFAULT_RULES):
-    """Place every param on the mesh by its logical axes."""
+def shard_params(params, mesh: Mesh, rules=DEFAULT_RULES, table: AxesTable = PARAM_LOGICAL_AXES):
+    """Place every param on the mesh by its logical axes (`table`: the model family's, the decoder's by default)."""
     return jax.tree_util.tree_map_with_path(
-        lambda p, x: jax.device_put(x, sharding_for(path_str(p), x.shape, mesh, rules)), params
+        lambda p, x: jax.device_put(x, sharding_for(path_str(p), x.shape, mesh, rules, table)), params
     )
 
 

@@ -12,28 +12,27 @@ from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
-from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from kvzip_jax.config import ModelConfig
 from kvzip_jax.models.decoder import abstract_params
+from kvzip_jax.models.safetensors_index import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    CheckpointError,
+    TensorIndex,
+    np_dtype,
+)
 from kvzip_jax.sharding import DEFAULT_RULES, path_str, sharding_for
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 # Tensors some checkpoints carry that the model recomputes.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # Prefixes seen on disk for the text decoder (multimodal wrappers save it under language_model).
 PREFIXES = ("model.", "language_model.model.", "model.language_model.")
 LM_HEAD_PREFIXES = ("", "language_model.")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be read as the config describes."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,55 +73,7 @@ def _lm_head_rule() -> _Rule:
     return _Rule("lm_head", "lm_head.weight", True)
 
 
-class _TensorIndex:
-    """Which file holds each tensor, with clear errors for missing or corrupt shards."""
-
-    def __init__(self, path: str):
-        self.path = path
-        index_path = os.path.join(path, INDEX_FILE)
-        single_path = os.path.join(path, SINGLE_FILE)
-        if os.path.exists(index_path):
-            try:
-                with open(index_path) as f:
-                    weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index_path} is not a valid safetensors index: {e}") from e
-        elif os.path.exists(single_path):
-            weight_map = {name: SINGLE_FILE for name in self._keys(single_path)}
-        else:
-            raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}")
-        for shard in sorted(set(weight_map.values())):
-            if not os.path.exists(os.path.join(path, shard)):
-                raise CheckpointError(f"shard {shard} named in {INDEX_FILE} is missing from {path}")
-        self.weight_map: dict[str, str] = weight_map
-        self._handles: dict[str, object] = {}
-
-    @staticmethod
-    def _keys(file: str) -> list[str]:
-        try:
-            with safe_open(file, framework="numpy") as f:
-                return list(f.keys())
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"cannot read safetensors file {file}: {e}") from e
-
-    def resolve(self, name: str, prefixes: tuple[str, ...]) -> str | None:
-        for prefix in prefixes:
-            if prefix + name in self.weight_map:
-                return prefix + name
-        return None
-
-    def get(self, full_name: str) -> np.ndarray:
-        shard = self.weight_map[full_name]
-        file = os.path.join(self.path, shard)
-        try:
-            if shard not in self._handles:
-                self._handles[shard] = safe_open(file, framework="numpy")
-            return self._handles[shard].get_tensor(full_name)
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"cannot read tensor {full_name} from shard {file}: {e}") from e
-
-
-def _iter_tensors(config: ModelConfig, index: _TensorIndex) -> Iterator[tuple[str, np.ndarray, list[str]]]:
+def _iter_tensors(config: ModelConfig, index: TensorIndex) -> Iterator[tuple[str, np.ndarray, list[str]]]:
     rules = _rules(config)
     if not config.tie_word_embeddings:
         rules.append(_lm_head_rule())
@@ -157,7 +108,7 @@ def load_params(
     """
     path = os.fspath(path)
     config = config or ModelConfig.from_pretrained(path)
-    return config, params_from_tensors(_TensorIndex(path), config, dtype=dtype, mesh=mesh, rules=rules)
+    return config, params_from_tensors(TensorIndex(path), config, dtype=dtype, mesh=mesh, rules=rules)
 
 
 def params_from_tensors(
@@ -166,7 +117,7 @@ def params_from_tensors(
     """HF-named tensors -> our param State: the one path every loader (safetensors, GGUF) goes through.
 
     index: anything with `path` (named in errors), `weight_map` (every HF tensor name it holds), `resolve(name,
-    prefixes)` and `get(full_name) -> np.ndarray`, like `_TensorIndex`.
+    prefixes)` and `get(full_name) -> np.ndarray`, like `TensorIndex`.
     """
     path = index.path
     loaded: dict[str, np.ndarray] = {}
@@ -195,16 +146,12 @@ def params_from_tensors(
             raise CheckpointError(
                 f"tensor for {name} has shape {tuple(array.shape)} but the config expects {tuple(leaf.shape)}"
             )
-        array = array.astype(_np_dtype(target_dtype))
+        array = array.astype(np_dtype(target_dtype))
         if mesh is None:
             return jnp.asarray(array)
         return jax.device_put(array, sharding_for(name, array.shape, mesh, rules))
 
     return jax.tree_util.tree_map_with_path(fill, abstract)
-
-
-def _np_dtype(dtype) -> np.dtype:
-    return np.dtype(ml_dtypes.bfloat16) if jnp.dtype(dtype) == jnp.bfloat16 else np.dtype(jnp.dtype(dtype).name)
 
 
 def save_params(
