@@ -126,22 +126,49 @@ def prefill(
 
     Returns the logits [B, V] at each row's last prompt token, and the cache (donated and returned).
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     tokens, lengths = pad_prompts(prompts)
     check_token_ids(tokens, config)
+    return _prefill_rows(params, config, tokens, lengths, cache, chunk_size)
+
+
+def prefill_embeddings(
+    params: nnx.State,
+    config: ModelConfig,
+    embeddings: jax.Array,
+    lengths: Sequence[int],
+    cache: DenseKVCache,
+    *,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> tuple[jax.Array, DenseKVCache]:
+    """`prefill` from input embeddings [B, T, H] instead of token ids: the path a multimodal prompt takes once its
+    image or audio features are spliced into the text embeddings. Row b's first `lengths[b]` entries count (right
+    padding). Returns the logits [B, V] at each row's last entry, and the cache (donated and returned)."""
+    lengths = np.asarray(lengths, np.int64)
+    if embeddings.ndim != 3 or embeddings.shape[2] != config.hidden_size:
+        raise ValueError(f"embeddings must be [batch, length, {config.hidden_size}], got {tuple(embeddings.shape)}")
+    if lengths.shape != (embeddings.shape[0],) or (lengths < 1).any() or (lengths > embeddings.shape[1]).any():
+        raise ValueError(f"lengths {lengths.tolist()} must give each of the {embeddings.shape[0]} rows 1.."
+                         f"{embeddings.shape[1]} entries")
+    return _prefill_rows(params, config, embeddings, lengths, cache, chunk_size)
+
+
+def _prefill_rows(params, config: ModelConfig, inputs, lengths: np.ndarray, cache: DenseKVCache, chunk_size: int):
+    """Append right-padded rows (token ids [B, T] or embeddings [B, T, H]) to the cache in balanced chunks."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     start = np.asarray(jax.device_get(cache.length))
     if len(lengths) != cache.batch_size:
         raise ValueError(f"{len(lengths)} prompts for a cache of batch size {cache.batch_size}")
     check_capacity(int((start + lengths).max()), cache.capacity, "the prompt")
     check_positions(int((start + lengths).max()) - 1, config)
-    chunk = balanced_chunk(tokens.shape[1], chunk_size)
-    tokens = np.pad(tokens, ((0, 0), (0, -tokens.shape[1] % chunk)))
+    chunk = balanced_chunk(inputs.shape[1], chunk_size)
+    pad = [(0, 0), (0, -inputs.shape[1] % chunk)] + [(0, 0)] * (inputs.ndim - 2)
+    inputs = np.pad(inputs, pad) if isinstance(inputs, np.ndarray) else jnp.pad(inputs, pad)
     last_logits = None
-    for begin in range(0, tokens.shape[1], chunk):
+    for begin in range(0, inputs.shape[1], chunk):
         n_valid = np.clip(lengths - begin, 0, chunk).astype(np.int32)
         logits, cache = _prefill_chunk(
-            params, jnp.asarray(tokens[:, begin : begin + chunk]), cache, jnp.asarray(n_valid), config=config
+            params, jnp.asarray(inputs[:, begin : begin + chunk]), cache, jnp.asarray(n_valid), config=config
         )
         has_end = jnp.asarray((n_valid > 0)[:, None])
         last_logits = logits if last_logits is None else jnp.where(has_end, logits, last_logits)
