@@ -33,9 +33,9 @@ from kvzip_jax.generate import (
     pad_prompts,
     prefill_embeddings,
 )
-from kvzip_jax.models import llava
+from kvzip_jax.models import audio, llava, projector, vision
 from kvzip_jax.models.decoder import embed, forward
-from kvzip_jax.preprocess import ImageProcessor
+from kvzip_jax.preprocess import ImageProcessor, WhisperFeatureExtractor
 
 MODALITY_ORDER = ("image", "audio")  # the order placeholders are expanded and features spliced
 
@@ -97,14 +97,8 @@ class MultimodalLM:
         config, params = llava.load_llava(path, dtype=dtype, mesh=mesh)
         processor_file = os.path.join(os.fspath(path), "preprocessor_config.json")
         processor = ImageProcessor.from_pretrained(processor_file) if os.path.exists(processor_file) else None
-        image = Modality(
-            name="image",
-            token_id=config.image_token_id,
-            tokens_per_item=config.tokens_per_image,
-            encode=functools.partial(_llava_image_embeddings, {"vision": params["vision"],
-                                                               "projector": params["projector"]}, config=config),
-            prepare=functools.partial(_image_pixels, processor, config),
-        )
+        image = image_modality(config.vision, params["vision"], config.projector, params["projector"],
+                               token_id=config.image_token_id, processor=processor)
         if tokenizer is True:
             tokenizer = pretrained_tokenizer(path)
         return cls(config.text, params["text"], {"image": image}, None if tokenizer is False else tokenizer)
@@ -202,6 +196,41 @@ class MultimodalLM:
         return sorted(stops)
 
 
+# --------------------------------------------------------------------------------------------- modality builders
+def image_modality(
+    vision_config: vision.VisionConfig, vision_params: nnx.State, projector_config: projector.ProjectorConfig,
+    projector_params: nnx.State, *, token_id: int, processor: ImageProcessor | None = None,
+) -> Modality:
+    """Images through a CLIP / SigLIP tower (LLaVA's feature layer and selection) and a projector. Pictures are
+    preprocessed by `processor`; float [C, H, W] arrays are taken as preprocessed pixels."""
+    config = llava.ImageEncoderConfig(vision_config, projector_config)
+    return Modality(
+        name="image", token_id=token_id, tokens_per_item=config.tokens_per_image,
+        encode=functools.partial(_image_embeddings, {"vision": vision_params, "projector": projector_params},
+                                 config=config),
+        prepare=functools.partial(_image_pixels, processor, vision_config),
+    )
+
+
+def audio_modality(
+    whisper_config: audio.WhisperEncoderConfig, whisper_params: nnx.State,
+    projector_config: projector.ProjectorConfig, projector_params: nnx.State, *, token_id: int,
+    feature_extractor: WhisperFeatureExtractor | None = None,
+) -> Modality:
+    """Speech through Whisper's encoder and a projector (MokA's audio branch; one 30 s window per item, longer
+    audio is an error of the feature extractor). Waveforms (1-D float arrays at the extractor's sampling rate) go
+    through `feature_extractor`; 2-D [mel, frames] arrays are taken as log-mel features."""
+    if projector_config.in_features != whisper_config.hidden_size:
+        raise ValueError(f"the audio projector takes {projector_config.in_features} features but Whisper outputs "
+                         f"{whisper_config.hidden_size}")
+    return Modality(
+        name="audio", token_id=token_id, tokens_per_item=whisper_config.max_source_positions,
+        encode=functools.partial(_audio_embeddings, {"encoder": whisper_params, "projector": projector_params},
+                                 whisper=whisper_config, proj=projector_config),
+        prepare=functools.partial(_audio_features, feature_extractor, whisper_config),
+    )
+
+
 # ----------------------------------------------------------------------------------------------- jitted pieces
 @functools.partial(jax.jit, static_argnames=("config",))
 def _embed_tokens(params, tokens, *, config):
@@ -220,21 +249,41 @@ def _all_logits(params, embeddings, positions, *, config):
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def _llava_image_embeddings(params, pixel_values, *, config):
+def _image_embeddings(params, pixel_values, *, config):
     return llava.image_embeddings(params, pixel_values, config=config)
 
 
-def _image_pixels(processor: ImageProcessor | None, config: llava.LlavaConfig, item) -> np.ndarray:
+@functools.partial(jax.jit, static_argnames=("whisper", "proj"))
+def _audio_embeddings(params, features, *, whisper, proj):
+    return projector.project(params["projector"], audio.encode_whisper(params["encoder"], features, config=whisper),
+                             config=proj)
+
+
+def _image_pixels(processor: ImageProcessor | None, config: vision.VisionConfig, item) -> np.ndarray:
     """One image -> its [C, H, W] float32 pixels: a float array is taken as preprocessed, anything else goes
-    through the checkpoint's image processor."""
+    through the image processor."""
+    expected = (config.num_channels, config.image_size, config.image_size)
     if isinstance(item, np.ndarray) and np.issubdtype(item.dtype, np.floating):
         pixels = item
     elif processor is None:
-        raise ValueError("this checkpoint has no preprocessor_config.json: pass preprocessed float32 pixels "
-                         f"[{config.vision.num_channels}, {config.vision.image_size}, {config.vision.image_size}]")
+        raise ValueError(f"no image processor (the checkpoint has no preprocessor_config.json): pass preprocessed "
+                         f"float32 pixels {expected}")
     else:
         pixels = processor.preprocess_one(item)
-    expected = (config.vision.num_channels, config.vision.image_size, config.vision.image_size)
     if pixels.shape != expected:
         raise ValueError(f"an image's pixels have shape {tuple(pixels.shape)}; this model takes {expected} (C, H, W)")
     return pixels
+
+
+def _audio_features(extractor: WhisperFeatureExtractor | None, config: audio.WhisperEncoderConfig, item):
+    """One clip -> its [mel, frames] log-mel features: 2-D arrays are taken as features, 1-D ones are waveforms."""
+    item = np.asarray(item)
+    if item.ndim == 1:
+        if extractor is None:
+            raise ValueError(f"no feature extractor: pass log-mel features [{config.num_mel_bins}, "
+                             f"{config.num_frames}] instead of a waveform")
+        item = extractor(item, sampling_rate=extractor.sampling_rate)[0]
+    expected = (config.num_mel_bins, config.num_frames)
+    if item.shape != expected:
+        raise ValueError(f"a clip's features have shape {item.shape}; this model takes {expected} (mel, frames)")
+    return item

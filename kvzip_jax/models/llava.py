@@ -58,8 +58,7 @@ class LlavaConfig:
 
     @property
     def tokens_per_image(self) -> int:
-        """Embeddings one image contributes: the tower's tokens, less the class token the "default" strategy drops."""
-        return self.vision.num_positions - int(self.projector.feature_select_strategy == "default")
+        return ImageEncoderConfig(self.vision, self.projector).tokens_per_image
 
     @classmethod
     def from_hf_dict(cls, hf: Mapping[str, Any]) -> LlavaConfig:
@@ -98,7 +97,22 @@ def load_llava(
     return config, {"text": text, "vision": tower, "projector": proj}
 
 
-def image_embeddings(params: Mapping[str, nnx.State], pixel_values: jax.Array, *, config: LlavaConfig) -> jax.Array:
+@dataclasses.dataclass(frozen=True)
+class ImageEncoderConfig:
+    """A vision tower and its projector: what `image_embeddings` needs (a LlavaConfig works too)."""
+
+    vision: vision.VisionConfig
+    projector: projector.ProjectorConfig
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Embeddings one image contributes: the tower's tokens, less the class token the "default" strategy drops."""
+        return self.vision.num_positions - int(self.projector.feature_select_strategy == "default")
+
+
+def image_embeddings(
+    params: Mapping[str, nnx.State], pixel_values: jax.Array, *, config: ImageEncoderConfig | LlavaConfig
+) -> jax.Array:
     """pixel_values NCHW [N, C, H, W] -> [N, tokens_per_image, text hidden]: tower, feature selection, projector
     (transformers' `get_image_features`). Traceable; jit it with config static."""
     p = config.projector
