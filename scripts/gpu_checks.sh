@@ -8,13 +8,15 @@
 #                        attention  `scripts/bench_attention.py` (copy bandwidth, decode kernel, baselines, scoring)
 #                        generate   `scripts/bench_generate.py --preset llama3-8b --dtype bfloat16`
 #                        kvzip      `scripts/bench_kvzip.py --preset llama3-8b --dtype bfloat16 --context 32768`
+#                        encoders   `scripts/bench_encoders.py --preset vit-l14-336 --dtype bfloat16 --batch 32
+#                                   --no-torch` (only when named: the LLaVA-1.5 tower against its FLOP floor)
 #                        layerscan  `scripts/bench_layer_scan.py --no-hf` (only when named: does XLA:GPU read the
 #                                   scanned layers' weight slices in place? per-layer / scanned near 1 says yes)
 # Each step runs under `timeout`, capped by its own limit and by what is left of the whole budget
 # (GPU_CHECKS_BUDGET_S, default 570 s: the device allows 600 s per command). A failing or timed-out step is recorded
 # and the next one still runs; a step with under 30 s left is skipped. A summary table ends the log.
 # Files under $OUT (at most 8 come back, none deeper than 2 folders): gpu_checks.log, summary.txt,
-# bench_attention.json, bench_attention.csv, bench_8b.json, bench_kvzip.json, layer_scan.json.
+# bench_attention.json, bench_attention.csv, bench_8b.json, bench_kvzip.json, layer_scan.json, bench_encoders.json.
 set -u
 
 cd "$(dirname "$0")/.." || exit 2
@@ -93,12 +95,16 @@ for step in "$@"; do
       run_step kvzip 240 "$PY" scripts/bench_kvzip.py --preset llama3-8b --dtype bfloat16 --context 32768 \
         --json "$OUT/bench_kvzip.json"
       ;;
+    encoders)
+      run_step encoders 120 "$PY" scripts/bench_encoders.py --preset vit-l14-336 --dtype bfloat16 --batch 32 \
+        --no-torch --no-whisper --json "$OUT/bench_encoders.json"
+      ;;
     layerscan)
       run_step layerscan 120 "$PY" scripts/bench_layer_scan.py --no-hf --json "$OUT/layer_scan.json"
       ;;
     *)
       NAMES+=("$step")
-      RESULTS+=("unknown step (choose pytest, attention, generate, kvzip, layerscan)")
+      RESULTS+=("unknown step (choose pytest, attention, generate, kvzip, encoders, layerscan)")
       ;;
   esac
 done

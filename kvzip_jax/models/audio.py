@@ -24,11 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from kvzip_jax.config import UnsupportedModelError
 from kvzip_jax.models.layers import _normal
 from kvzip_jax.models.safetensors_index import TensorRule, find_prefix, load_tensors, open_index, transposed
-from kvzip_jax.models.vision import ACTIVATIONS, EncoderLayer, LayerNorm, check_activation
+from kvzip_jax.models.vision import ACTIVATIONS, VISION_LOGICAL_AXES, EncoderLayer, LayerNorm, check_activation
+from kvzip_jax.sharding import DEFAULT_RULES, AxesTable
 
 WHISPER = "whisper"
 AST = "audio-spectrogram-transformer"
@@ -542,9 +544,21 @@ def _ast_rules(legacy: bool) -> list[TensorRule]:
     ]
 
 
-def _load(index, config: AudioConfig, rules, prefix: str, probe: str, owned, dtype) -> nnx.State:
+# Param path -> logical axes (kvzip_jax.sharding): the stacked layers as the vision towers', plus the stems.
+AUDIO_LOGICAL_AXES: AxesTable = (
+    (r"^conv[12]/kernel$", (None, None, "embed")),
+    (r"^patch_embed/kernel$", (None, None, None, "embed")),
+    (r"^(conv[12]/bias|patch_embed/bias|cls_token|distill_token)$", ("embed",)),
+    (r"^pos_embed$", (None, "embed")),
+    *(rule for rule in VISION_LOGICAL_AXES if rule[0].startswith("^layers/")),
+    (r"^post_norm/(scale|bias)$", ("norm",)),
+)
+
+
+def _load(index, config: AudioConfig, rules, prefix: str, probe: str, owned, dtype, mesh, mesh_rules) -> nnx.State:
     abstract = abstract_params(config, dtype if dtype is not None else index.get(prefix + probe).dtype)
-    return load_tensors(index, rules, abstract, prefix=prefix, num_layers=config.num_layers, owned=owned)
+    return load_tensors(index, rules, abstract, prefix=prefix, num_layers=config.num_layers, owned=owned,
+                        mesh=mesh, axes=AUDIO_LOGICAL_AXES, mesh_rules=mesh_rules)
 
 
 def load_whisper_encoder_params(
@@ -553,16 +567,19 @@ def load_whisper_encoder_params(
     *,
     prefix: str | None = None,
     dtype=None,
+    mesh: Mesh | None = None,
+    rules=DEFAULT_RULES,
 ) -> tuple[WhisperEncoderConfig, nnx.State]:
     """Read Whisper's encoder from an HF safetensors checkpoint (a directory, or a file in it).
 
     prefix: where the encoder's tensors sit; None finds it among WHISPER_PREFIXES. config None reads config.json.
     dtype: None keeps the checkpoint's dtype; otherwise every tensor is cast. Decoder tensors are left alone.
+    mesh: each tensor goes straight onto its sharding (AUDIO_LOGICAL_AXES through `rules`).
     """
     directory, index = open_index(path)
     config = config or WhisperEncoderConfig.from_pretrained(directory)
     prefix = find_prefix(index, prefix, WHISPER_PREFIXES, _WHISPER_PROBE)
-    return config, _load(index, config, _whisper_rules(), prefix, _WHISPER_PROBE, _WHISPER_PARTS, dtype)
+    return config, _load(index, config, _whisper_rules(), prefix, _WHISPER_PROBE, _WHISPER_PARTS, dtype, mesh, rules)
 
 
 def load_ast_params(
@@ -571,15 +588,18 @@ def load_ast_params(
     *,
     prefix: str | None = None,
     dtype=None,
+    mesh: Mesh | None = None,
+    rules=DEFAULT_RULES,
 ) -> tuple[ASTConfig, nnx.State]:
     """Read an Audio Spectrogram Transformer from an HF safetensors checkpoint (a directory, or a file in it), in
     either naming (hub / transformers 4 `encoder.layer.N...`, or transformers 5 `layers.N...`).
 
     prefix: where the encoder's tensors sit; None finds it among AST_PREFIXES. config None reads config.json.
     dtype: None keeps the checkpoint's dtype; otherwise every tensor is cast. The classifier head is left alone.
+    mesh: each tensor goes straight onto its sharding (AUDIO_LOGICAL_AXES through `rules`).
     """
     directory, index = open_index(path)
     config = config or ASTConfig.from_pretrained(directory)
     prefix = find_prefix(index, prefix, AST_PREFIXES, _AST_PROBE)
     legacy = any(name.startswith(prefix + "encoder.layer.") for name in index.weight_map)
-    return config, _load(index, config, _ast_rules(legacy), prefix, _AST_PROBE, _AST_PARTS, dtype)
+    return config, _load(index, config, _ast_rules(legacy), prefix, _AST_PROBE, _AST_PARTS, dtype, mesh, rules)

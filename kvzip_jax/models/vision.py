@@ -226,14 +226,16 @@ class Attention(nnx.Module):
         context = x if context is None else context
         b, t, h = x.shape
         n = self.num_heads
-        q = self.q_proj(x).reshape(b, t, n, h // n)
-        k = self.k_proj(context).reshape(b, context.shape[1], n, h // n)
-        v = self.v_proj(context).reshape(b, context.shape[1], n, h // n)
-        logits = jnp.einsum("btnd,bsnd->bnts", q, k, preferred_element_type=jnp.float32) * np.float32((h // n) ** -0.5)
+        # Heads-first [B, N, T, D] before the two dots: plain batched matmuls. Contracting in the [B, T, N, D]
+        # layout directly ran ~6x slower on XLA:CPU (ViT-B/16 attention, batch 8: 117 vs 20 ms per layer).
+        q = self.q_proj(x).reshape(b, t, n, h // n).transpose(0, 2, 1, 3)
+        k = self.k_proj(context).reshape(b, context.shape[1], n, h // n).transpose(0, 2, 1, 3)
+        v = self.v_proj(context).reshape(b, context.shape[1], n, h // n).transpose(0, 2, 1, 3)
+        logits = jnp.einsum("bntd,bnsd->bnts", q, k, preferred_element_type=jnp.float32) * np.float32((h // n) ** -0.5)
         if mask is not None:
             logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bnts,bsnd->btnd", probs, v)
+        out = jnp.einsum("bnts,bnsd->bntd", probs, v).transpose(0, 2, 1, 3)
         return self.out_proj(out.reshape(b, t, h))
 
 

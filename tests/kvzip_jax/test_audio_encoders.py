@@ -286,3 +286,23 @@ def test_checkpoint_errors(whisper, ast):
     longer = audio.ASTConfig.from_hf_dict({**ast_config.to_hf_dict(), "max_length": 47})
     with pytest.raises(CheckpointError, match=r"pos_embed has shape \(8, 32\) but the config expects \(10, 32\)"):
         audio.load_ast_params(ast_paths["model"], longer)
+
+
+def test_encoders_on_a_mesh(whisper, ast):
+    """Loaded straight onto a 2 x 4 mesh (heads and MLP over "model"), both encoders give one device's output."""
+    from kvzip_jax.sharding import make_mesh
+
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices (tests/conftest.py sets 8 host devices)")
+    mesh = make_mesh(data=2, model=4)
+    cases = [
+        (whisper, audio.load_whisper_encoder_params, _encode_whisper, _whisper_features(), "generation"),
+        (ast, audio.load_ast_params, _encode_ast, _spectrogram(), "classification"),
+    ]
+    for (_, paths, config, params), load, encode, inputs, which in cases:
+        _, sharded = load(paths[which], mesh=mesh)
+        fc1 = sharded["layers"]["mlp"]["fc1"]["kernel"][...]
+        assert fc1.sharding.spec == jax.sharding.PartitionSpec(None, None, "model")
+        for a, b in zip(jax.tree.leaves(encode(sharded, inputs, config=config)),
+                        jax.tree.leaves(encode(params, inputs, config=config)), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
