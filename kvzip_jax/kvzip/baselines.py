@@ -28,7 +28,7 @@ from flax import nnx
 
 from kvzip_jax.cache import DenseKVCache
 from kvzip_jax.config import ModelConfig
-from kvzip_jax.generate import DEFAULT_CHUNK, check_token_ids, pad_prompts
+from kvzip_jax.generate import DEFAULT_CHUNK, balanced_chunk, check_token_ids, pad_prompts
 from kvzip_jax.kvzip.compressor import ScoredContext, bucketed_capacity, prefill_contexts
 from kvzip_jax.kvzip.prompts import KVzipPrompt, context_ids, question_ids
 from kvzip_jax.kvzip.select import SelectionResult, check_ratio, keep_mask, keep_mask_pair
@@ -182,7 +182,7 @@ def h2o(
     t0 = time.perf_counter()
     cache = DenseKVCache.zeros(config, len(rows), bucketed_capacity(tokens.shape[1] + 1, config),
                                params["embed"][...].dtype)
-    chunk = min(prefill_chunk, tokens.shape[1])
+    chunk = balanced_chunk(tokens.shape[1], prefill_chunk)  # `prefill`'s chunks: the same K/V, bit for bit
     tokens = np.pad(tokens, ((0, 0), (0, -tokens.shape[1] % chunk)))
     received = None
     for begin in range(0, tokens.shape[1], chunk):

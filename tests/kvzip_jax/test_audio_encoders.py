@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hf_testutil import perturbed
 from safetensors import safe_open
 
 from kvzip_jax.config import UnsupportedModelError
@@ -56,15 +57,6 @@ _encode_whisper = jax.jit(audio.encode_whisper, static_argnames=("config",))
 _encode_ast = jax.jit(audio.encode_ast, static_argnames=("config",))
 
 
-def _perturbed(model, seed: int = 0, scale: float = 0.1):
-    """Every parameter (norms, biases and Whisper's stored position table included) moved off its init."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn_like(p))
-    return model.eval()
-
-
 def _inputs(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
@@ -101,7 +93,7 @@ def whisper(tmp_path_factory):
     config = transformers.WhisperConfig(**WHISPER_CFG)
     config._attn_implementation = "eager"
     torch.manual_seed(0)
-    model = _perturbed(transformers.WhisperForConditionalGeneration(config))
+    model = perturbed(transformers.WhisperForConditionalGeneration(config))
     paths = {}
     for name, part in [("generation", model), ("model", model.model), ("encoder", model.model.encoder)]:
         paths[name] = str(tmp_path_factory.mktemp(f"whisper_{name}"))
@@ -117,7 +109,7 @@ def ast(tmp_path_factory):
     config = transformers.ASTConfig(**AST_CFG)
     config._attn_implementation = "eager"
     torch.manual_seed(0)
-    model = _perturbed(transformers.ASTForAudioClassification(config))
+    model = perturbed(transformers.ASTForAudioClassification(config))
     paths = {"classification": str(tmp_path_factory.mktemp("ast_classification"))}
     model.save_pretrained(paths["classification"])
     paths["model"] = str(tmp_path_factory.mktemp("ast_model"))

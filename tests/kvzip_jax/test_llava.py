@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hf_testutil import perturbed
 
 from kvzip_jax.models import llava
 from kvzip_jax.multimodal_lm import MultimodalLM
@@ -32,14 +33,6 @@ VARIANTS = {
 }
 
 
-def _perturbed(model, seed: int = 0, scale: float = 0.1):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn_like(p))
-    return model.eval()
-
-
 def _build(variant: str, path, **save_kwargs):
     tower, strategy, text = VARIANTS[variant]
     vision_cfg = (transformers.CLIPVisionConfig if tower == "clip" else transformers.SiglipVisionConfig)(
@@ -50,7 +43,7 @@ def _build(variant: str, path, **save_kwargs):
                                       vision_feature_select_strategy=strategy)
     config._attn_implementation = "eager"
     torch.manual_seed(0)
-    model = _perturbed(transformers.LlavaForConditionalGeneration(config))
+    model = perturbed(transformers.LlavaForConditionalGeneration(config))
     model.save_pretrained(path, **save_kwargs)
     return model
 

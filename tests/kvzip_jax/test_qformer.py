@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hf_testutil import perturbed
 
 from kvzip_jax.config import UnsupportedModelError
 from kvzip_jax.models import CheckpointError, qformer
@@ -52,15 +53,6 @@ def _encode_project(params, image_embeds, *, config):
     return qformer.encode(params, image_embeds, config=config), qformer.project(params, image_embeds, config=config)
 
 
-def _perturbed(model, seed: int = 0, scale: float = 0.1):
-    """Every parameter (norm weights and biases, BLIP-2's zero-initialised query tokens) moved off its init."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn_like(p))
-    return model.eval()
-
-
 def _features(seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((BATCH, TOKENS, 24)).astype(np.float32)
 
@@ -78,7 +70,7 @@ def _standalone(tmp_path_factory, **overrides):
     config = transformers.Blip2QFormerConfig(**{**QFORMER_CFG, **overrides})
     config._attn_implementation = "eager"
     torch.manual_seed(0)
-    model = _perturbed(transformers.Blip2QFormerModel(config))
+    model = perturbed(transformers.Blip2QFormerModel(config))
     path = tmp_path_factory.mktemp("qformer")
     model.save_pretrained(path)
     return model, str(path)
@@ -152,7 +144,7 @@ def blip2(tmp_path_factory):
     )
     config._attn_implementation = "eager"
     torch.manual_seed(0)
-    model = _perturbed(transformers.Blip2ForConditionalGeneration(config))
+    model = perturbed(transformers.Blip2ForConditionalGeneration(config))
     path = tmp_path_factory.mktemp("blip2")
     model.save_pretrained(path)
     config, params = qformer.load_qformer_params(path)  # prefix "qformer.", query_tokens, language_projection

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hf_testutil import perturbed
 from safetensors.numpy import load_file, save_file
 
 from kvzip_jax.config import UnsupportedModelError
@@ -38,15 +39,6 @@ TEXT_CFG = dict(
 CLIP_LAYERS = (0, 1, -2)  # hidden_states compared besides last_hidden_state and the pooled output
 
 
-def _perturbed(model, seed: int = 0, scale: float = 0.1):
-    """Every parameter (norm weights and biases included) moved off its init, as the decoder parity tests do."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn_like(p))
-    return model.eval()
-
-
 def _pixels(config, seed: int = 0) -> np.ndarray:
     size = config["image_size"]
     return np.random.default_rng(seed).standard_normal((BATCH, 3, size, size)).astype(np.float32)
@@ -60,7 +52,7 @@ def _hf_vision(kind: str, tmp_path_factory, **overrides):
     config = cls_config(**{**(CLIP_CFG if kind == "clip" else SIGLIP_CFG), **overrides})
     config._attn_implementation = "eager"
     torch.manual_seed(0)
-    model = _perturbed(cls_model(config))
+    model = perturbed(cls_model(config))
     path = tmp_path_factory.mktemp(kind)
     model.save_pretrained(path)
     return model, str(path)
@@ -148,7 +140,7 @@ def llava(tmp_path_factory):
     )
     config._attn_implementation = "eager"
     torch.manual_seed(0)
-    model = _perturbed(transformers.LlavaForConditionalGeneration(config))
+    model = perturbed(transformers.LlavaForConditionalGeneration(config))
     path = tmp_path_factory.mktemp("llava")
     model.save_pretrained(path)
     return model, str(path)
