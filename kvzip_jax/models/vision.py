@@ -231,12 +231,40 @@ class Attention(nnx.Module):
         q = self.q_proj(x).reshape(b, t, n, h // n).transpose(0, 2, 1, 3)
         k = self.k_proj(context).reshape(b, context.shape[1], n, h // n).transpose(0, 2, 1, 3)
         v = self.v_proj(context).reshape(b, context.shape[1], n, h // n).transpose(0, 2, 1, 3)
-        logits = jnp.einsum("bntd,bnsd->bnts", q, k, preferred_element_type=jnp.float32) * np.float32((h // n) ** -0.5)
-        if mask is not None:
-            logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bnts,bnsd->bntd", probs, v).transpose(0, 2, 1, 3)
+        out = _attend(q, k, v, mask, np.float32((h // n) ** -0.5)).transpose(0, 2, 1, 3)
         return self.out_proj(out.reshape(b, t, h))
+
+
+# Above this many queries the attention runs in query tiles of this size (Whisper's 1,500 frames): each tile's
+# [tile, keys] exponentials stay small enough to reuse from cache, ~1.7x faster on XLA:CPU than one softmax over
+# [1500, 1500] (measured 290 -> 175 ms per Whisper-base layer, batch 2). ViT-sized inputs run in one piece.
+QUERY_TILE = 256
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: np.float32) -> jax.Array:
+    """Softmax attention, heads first: q [B, N, T, D], k, v [B, N, S, D], mask [B, S] -> [B, N, T, D]. Logits and
+    softmax in float32."""
+
+    def logits_of(queries):
+        logits = jnp.einsum("bntd,bnsd->bnts", queries, k, preferred_element_type=jnp.float32) * scale
+        return logits if mask is None else jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+
+    t = q.shape[2]
+    if t <= QUERY_TILE:
+        probs = jax.nn.softmax(logits_of(q), axis=-1).astype(v.dtype)
+        return jnp.einsum("bnts,bnsd->bntd", probs, v)
+
+    def tile(queries):  # normalised after the value product: one pass less over the [tile, S] exponentials
+        logits = logits_of(queries)
+        e = jnp.exp(logits - logits.max(axis=-1, keepdims=True))
+        out = jnp.einsum("bnts,bnsd->bntd", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return (out / e.sum(axis=-1)[..., None]).astype(v.dtype)
+
+    b, n, _, d = q.shape
+    tiles = -(-t // QUERY_TILE)
+    padded = jnp.pad(q, ((0, 0), (0, 0), (0, tiles * QUERY_TILE - t), (0, 0)))
+    out = jax.lax.map(tile, padded.reshape(b, n, tiles, QUERY_TILE, d).transpose(2, 0, 1, 3, 4))
+    return out.transpose(1, 2, 0, 3, 4).reshape(b, n, tiles * QUERY_TILE, d)[:, :, :t]
 
 
 class MLP(nnx.Module):
