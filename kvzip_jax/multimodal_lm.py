@@ -29,6 +29,7 @@ from kvzip_jax.generate import (
     DEFAULT_SAMPLING,
     SamplingConfig,
     check_positions,
+    check_token_ids,
     continue_generation,
     pad_prompts,
     prefill_embeddings,
@@ -37,7 +38,7 @@ from kvzip_jax.models import audio, llava, projector, vision
 from kvzip_jax.models.decoder import embed, forward
 from kvzip_jax.preprocess import ImageProcessor, WhisperFeatureExtractor
 
-MODALITY_ORDER = ("image", "audio")  # the order placeholders are expanded and features spliced
+MODALITY_ORDER = ("image", "audio")  # the non-text modalities a model may take
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +141,7 @@ class MultimodalLM:
             raise ValueError(f"prompt #{empty[0] + 1} is empty (0 tokens)")
         check_positions(max(len(r) for r in rows) - 1, self.config)
         tokens, lengths = pad_prompts(rows)
+        check_token_ids(tokens, self.config)  # an embedding lookup would clamp an out-of-range id silently
         embeddings = _embed_tokens(self.params, jnp.asarray(tokens), config=self.config)
         for name, modality in self.modalities.items():
             flat = [item for row in given.get(name) or [] for item in row]

@@ -96,6 +96,8 @@ def test_assembly_input_errors(model):
         mm.logits([[AUDIO_ID]], audio=[[mels[0][:, :10]]])
     with pytest.raises(ValueError, match=r"no feature extractor: pass log-mel features \[8, 12\]"):
         mm.logits([[AUDIO_ID]], audio=[[np.zeros(16000, np.float32)]])
+    with pytest.raises(ValueError, match=r"token id 48 is out of range: the vocabulary size is 48"):
+        mm.logits([[7, 48]])
     with pytest.raises(ValueError, match=r"1 rows of image items for 2 prompts"):
         mm.logits([[IMAGE_ID], [IMAGE_ID]], images=[[pixels[0]]])
     with pytest.raises(ValueError, match=r"audio projector takes 24 features but Whisper outputs 16"):
