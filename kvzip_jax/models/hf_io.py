@@ -24,9 +24,9 @@ from kvzip_jax.models.safetensors_index import (
     SINGLE_FILE,
     CheckpointError,
     TensorIndex,
-    np_dtype,
+    place_tensors,
 )
-from kvzip_jax.sharding import DEFAULT_RULES, path_str, sharding_for
+from kvzip_jax.sharding import DEFAULT_RULES, PARAM_LOGICAL_AXES, path_str
 
 # Tensors some checkpoints carry that the model recomputes.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -137,21 +137,7 @@ def params_from_tensors(
     target_dtype = jnp.dtype(dtype) if dtype is not None else jnp.dtype(loaded["embed"].dtype)
     abstract = abstract_params(config, target_dtype)
 
-    def fill(key_path, leaf):
-        name = path_str(key_path)
-        if name not in loaded:
-            raise CheckpointError(f"no checkpoint tensor maps to parameter {name}")
-        array = loaded[name]
-        if tuple(array.shape) != tuple(leaf.shape):
-            raise CheckpointError(
-                f"tensor for {name} has shape {tuple(array.shape)} but the config expects {tuple(leaf.shape)}"
-            )
-        array = array.astype(np_dtype(target_dtype))
-        if mesh is None:
-            return jnp.asarray(array)
-        return jax.device_put(array, sharding_for(name, array.shape, mesh, rules))
-
-    return jax.tree_util.tree_map_with_path(fill, abstract)
+    return place_tensors(loaded, abstract, mesh=mesh, axes=PARAM_LOGICAL_AXES, mesh_rules=rules)
 
 
 def save_params(

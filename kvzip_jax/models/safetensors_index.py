@@ -167,6 +167,17 @@ def load_tensors(
             " (is config.json the one saved with these weights?)"
         )
 
+    return place_tensors(loaded, abstract, mesh=mesh, axes=axes, mesh_rules=mesh_rules)
+
+
+def place_tensors(
+    loaded: dict[str, np.ndarray], abstract: nnx.State, *, mesh: Mesh | None = None, axes: AxesTable | None = None,
+    mesh_rules=DEFAULT_RULES,
+) -> nnx.State:
+    """`abstract` filled from `loaded` (our param path -> array), each cast to the leaf's dtype and, with a mesh,
+    put straight onto its sharding (`axes`: the model family's logical-axes table). A param with no tensor, or a
+    tensor of the wrong shape, raises CheckpointError naming it."""
+
     def fill(key_path, leaf):
         name = path_str(key_path)
         if name not in loaded:
