@@ -35,14 +35,15 @@ class DecoderLayer(nnx.Module):
         self.attn_out_norm = norm() if c.gemma_norms else None
         self.mlp_out_norm = norm() if c.gemma_norms else None
 
-    def __call__(self, x, cos, sin, kv_attend):
-        """x [B, T, H]. `kv_attend(q, k, v)` writes the new K/V into this layer's cache and attends over it."""
-        q, k, v = self.attn.project_qkv(self.attn_in_norm(x), cos, sin)
-        h = self.attn.output(kv_attend(q, k, v))
+    def __call__(self, x, cos, sin, kv_attend, adapter_context=None):
+        """x [B, T, H]. `kv_attend(q, k, v)` writes the new K/V into this layer's cache and attends over it.
+        `adapter_context` reaches every linear of the layer (adapters read it, base linears ignore it)."""
+        q, k, v = self.attn.project_qkv(self.attn_in_norm(x), cos, sin, adapter_context)
+        h = self.attn.output(kv_attend(q, k, v), adapter_context)
         if self.attn_out_norm is not None:
             h = self.attn_out_norm(h)
         x = x + h
-        h = self.mlp(self.mlp_in_norm(x))
+        h = self.mlp(self.mlp_in_norm(x), adapter_context)
         if self.mlp_out_norm is not None:
             h = self.mlp_out_norm(h)
         return x + h
@@ -93,6 +94,8 @@ class Transformer(nnx.Module):
         logits_at: Literal["all", "last", "none"] = "all",
         score: ScoreChunk | None = None,
         observe: str | None = None,
+        adapter_context=None,
+        remat: bool = False,
     ) -> DecoderOutput:
         """inputs: token ids [B, T] or embeddings [B, T, H]; positions [B, T] (RoPE positions).
 
@@ -103,6 +106,10 @@ class Transformer(nnx.Module):
         `score` (dense cache only) also returns KVzip scores [L, B, Hkv, chunk_size] of that context chunk and
         leaves the cache as it was (the tokens attend as if appended, nothing is written);
         `observe` ("mean" | "max", dense only) the attention each cache slot received: [L, B, Hkv, S_cap].
+
+        `adapter_context` (None: no adapter input) is per-token data for adapted linears (MokA: modality ids and
+        the question-key mask): any pytree with `at_layer(layer) -> what that layer's linears receive`.
+        `remat` (no-cache training forward only) recomputes each layer's activations in the backward pass.
         """
         c = self.config
         x = self.embed_tokens(inputs) if inputs.ndim == 2 else inputs.astype(self.embed[...].dtype)
@@ -116,6 +123,9 @@ class Transformer(nnx.Module):
         layer_kind = jnp.asarray(c.sliding_layers.astype(np.int32))
         layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
 
+        def layer_context(layer):
+            return None if adapter_context is None else adapter_context.at_layer(layer)
+
         def pick(options, kind):
             return options[0] if len(options) == 1 else jnp.where(kind == 1, options[1], options[0])
 
@@ -126,16 +136,19 @@ class Transformer(nnx.Module):
                 raise ValueError("scoring and observing need a dense cache")
 
             def body(h, xs):
-                state, kind = xs
+                state, layer, kind = xs
 
                 def kv_attend(q, k, v):
                     return causal_self_attend(
                         q, k, v, pick(windows, kind), scale=c.attn_scale, softcap=c.attn_logit_softcap
                     )
 
-                return nnx.merge(layer_graph, state)(h, pick(cos, kind), pick(sin, kind), kv_attend), None
+                layer_module = nnx.merge(layer_graph, state)
+                return layer_module(h, pick(cos, kind), pick(sin, kind), kv_attend, layer_context(layer)), None
 
-            x, _ = jax.lax.scan(body, x, (layer_state, layer_kind))
+            if remat:
+                body = jax.checkpoint(body)
+            x, _ = jax.lax.scan(body, x, (layer_state, layer_ids, layer_kind))
             new_cache, scores = None, None
         elif isinstance(cache, DenseKVCache) and score is not None:
             if observe is not None:
@@ -153,7 +166,7 @@ class Transformer(nnx.Module):
                     )
                     return out
 
-                h = nnx.merge(layer_graph, state)(h, pick(cos, kind), pick(sin, kind), kv_attend)
+                h = nnx.merge(layer_graph, state)(h, pick(cos, kind), pick(sin, kind), kv_attend, layer_context(layer))
                 return h, box["scores"]
 
             x, scores = jax.lax.scan(body, x, (layer_state, layer_ids, layer_kind))
@@ -172,7 +185,7 @@ class Transformer(nnx.Module):
                     )
                     return out
 
-                h = nnx.merge(layer_graph, state)(h, pick(cos, kind), pick(sin, kind), kv_attend)
+                h = nnx.merge(layer_graph, state)(h, pick(cos, kind), pick(sin, kind), kv_attend, layer_context(layer))
                 return (h, box["k"], box["v"]), box["scores"]
 
             (x, new_k, new_v), scores = jax.lax.scan(
@@ -185,7 +198,7 @@ class Transformer(nnx.Module):
 
             def body(carry, xs):
                 h, pages = carry
-                state, kind, table, num_pages, lengths = xs
+                state, layer, kind, table, num_pages, lengths = xs
                 box = {}
 
                 def kv_attend(q, k, v):
@@ -194,11 +207,11 @@ class Transformer(nnx.Module):
                     )
                     return out
 
-                h = nnx.merge(layer_graph, state)(h, pick(cos, kind), pick(sin, kind), kv_attend)
+                h = nnx.merge(layer_graph, state)(h, pick(cos, kind), pick(sin, kind), kv_attend, layer_context(layer))
                 return (h, box["pages"]), box["lengths"]
 
             pages = (cache.k_pages, cache.v_pages, cache.pos_pages)
-            xs = (layer_state, layer_kind, cache.page_table, cache.num_pages, cache.lengths)
+            xs = (layer_state, layer_ids, layer_kind, cache.page_table, cache.num_pages, cache.lengths)
             (x, (k_pages, v_pages, pos_pages)), lengths = jax.lax.scan(body, (x, pages), xs)
             new_cache = dataclasses.replace(
                 cache, k_pages=k_pages, v_pages=v_pages, pos_pages=pos_pages, lengths=lengths,

@@ -22,14 +22,16 @@ def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype) -> jax.Array:
 class Linear(nnx.Module):
     """y = x @ kernel (+ bias); kernel is [in, out] (the transpose of torch's Linear.weight).
 
-    A class of our own (not nnx.Linear) so adapters (MokA) can wrap it and read per-token modality ids later.
+    A class of our own (not nnx.Linear) so adapters can subclass it: every call site passes the forward's
+    `adapter_context` (per-token data such as MokA's modality ids and question-key mask); the base layer ignores it.
     """
 
     def __init__(self, d_in: int, d_out: int, *, bias: bool, dtype, rngs: nnx.Rngs):
         self.kernel = nnx.Param(_normal(rngs, (d_in, d_out), dtype))
         self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, adapter_context=None) -> jax.Array:
+        del adapter_context  # read by adapter subclasses only
         y = jnp.einsum("...i,io->...o", x, self.kernel[...])
         if self.bias is not None:
             y = y + self.bias[...]
@@ -112,21 +114,21 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def project_qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
+    def project_qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array, adapter_context=None):
         """x [B, T, H] -> q [B, T, Hkv, G, D], k and v [B, T, Hkv, D] with norms and RoPE applied."""
         c = self.config
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, c.num_heads, c.head_dim)
-        k = self.k_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
-        v = self.v_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
+        q = self.q_proj(x, adapter_context).reshape(b, t, c.num_heads, c.head_dim)
+        k = self.k_proj(x, adapter_context).reshape(b, t, c.num_kv_heads, c.head_dim)
+        v = self.v_proj(x, adapter_context).reshape(b, t, c.num_kv_heads, c.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q.reshape(b, t, c.num_kv_heads, c.num_groups, c.head_dim), k, v
 
-    def output(self, attn_out: jax.Array) -> jax.Array:
+    def output(self, attn_out: jax.Array, adapter_context=None) -> jax.Array:
         b, t = attn_out.shape[:2]
-        return self.o_proj(attn_out.reshape(b, t, -1))
+        return self.o_proj(attn_out.reshape(b, t, -1), adapter_context)
 
 
 class MLP(nnx.Module):
@@ -137,10 +139,10 @@ class MLP(nnx.Module):
         self.up_proj = Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias, dtype=dtype, rngs=rngs)
         self.down_proj = Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        gate = self.gate_proj(x)
+    def __call__(self, x: jax.Array, adapter_context=None) -> jax.Array:
+        gate = self.gate_proj(x, adapter_context)
         gate = jax.nn.gelu(gate, approximate=True) if self.gelu else jax.nn.silu(gate)
-        return self.down_proj(gate * self.up_proj(x))
+        return self.down_proj(gate * self.up_proj(x, adapter_context), adapter_context)
 
 
 KEY_BLOCK = 512  # keys per block of the blockwise (online-softmax) attention
