@@ -22,10 +22,16 @@ from flax import nnx
 from kvzip_jax.config import ModelConfig
 from kvzip_jax.models.decoder import Transformer, abstract_params, graphdef_for
 from kvzip_jax.models.layers import Linear
-from kvzip_jax.sharding import path_str
+from kvzip_jax.sharding import PARAM_LOGICAL_AXES, AxesTable, path_str
 from moka_jax.adapter import adapter_delta, text_path_weight
 from moka_jax.config import MokAConfig
 from moka_jax.context import MokAContext
+
+# Adapters are a few MB even on a 7B model: replicated, the base kernels keep their own shardings.
+MOKA_LOGICAL_AXES: AxesTable = (
+    (r"/lora_(a|b)$", ("layers", None, None, None)),
+    *PARAM_LOGICAL_AXES,
+)
 
 
 class MokAParam(nnx.LoRAParam):
@@ -111,8 +117,15 @@ def apply_moka(params: nnx.State, config: ModelConfig, moka: MokAConfig, *, seed
     """Base decoder params -> adapted params: every target linear gains its adapter (A initialised as PEFT does,
     B zero, so the adapted model equals the base model until it is trained). Adapters are float32 by default
     whatever the base dtype."""
+    return _apply_moka(params, jax.random.key(seed), config=config, moka=moka,
+                       param_dtype_name=jnp.dtype(param_dtype).name)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "moka", "param_dtype_name"))
+def _apply_moka(params, key, *, config: ModelConfig, moka: MokAConfig, param_dtype_name: str):
+    # One compiled call per (config, adapter config): eager initialisers would compile once per weight shape.
     model = nnx.merge(graphdef_for(config, _dtype_name(params)), params)
-    _adapt(model, moka, jax.random.key(seed), jnp.dtype(param_dtype))
+    _adapt(model, moka, key, jnp.dtype(param_dtype_name))
     return nnx.state(model)
 
 
@@ -204,3 +217,14 @@ def _as_plain(state: nnx.State, config: ModelConfig) -> nnx.State:
 def adapter_param_count(params: nnx.State) -> int:
     """Number of adapter weights in adapted params."""
     return sum(int(np.prod(x.shape)) for path, x in _flat(params).items() if path.endswith(("/lora_a", "/lora_b")))
+
+
+def adapter_param_count_for(config: ModelConfig, moka: MokAConfig) -> int:
+    """Adapter weights `apply_moka` would add to a model of `config`, from shapes alone (no memory is used):
+    how a 7B configuration is checked against the paper's counts without its weights."""
+
+    def build():
+        model = Transformer(config, dtype=jnp.float32, rngs=nnx.Rngs(0))
+        return nnx.state(_adapt(model, moka, jax.random.key(0), jnp.float32), MokAParam)
+
+    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(jax.eval_shape(build)))
