@@ -129,7 +129,8 @@ def _apply_moka(params, key, *, config: ModelConfig, moka: MokAConfig, param_dty
     return nnx.state(model)
 
 
-def _graphdef_of(params: nnx.State, config: ModelConfig, moka: MokAConfig) -> nnx.GraphDef:
+def adapted_graphdef_of(params: nnx.State, config: ModelConfig, moka: MokAConfig) -> nnx.GraphDef:
+    """The graphdef that matches adapted `params` (their base and adapter dtypes)."""
     lora_dtype = next(str(leaf.dtype) for path, leaf in _flat(params).items() if path.endswith("/lora_a"))
     return adapted_graphdef(config, moka, _dtype_name(params), lora_dtype)
 
@@ -156,14 +157,14 @@ def forward(
 
     `context` None treats every token as text (the decode path: A_text and B only). With cache=None the tokens
     attend only to themselves (training). Traceable; jit it."""
-    model = nnx.merge(_graphdef_of(params, config, moka), params)
+    model = nnx.merge(adapted_graphdef_of(params, config, moka), params)
     out = model(inputs, positions, cache, n_valid=n_valid, logits_at=logits_at, adapter_context=context, remat=remat)
     return out.logits, out.cache
 
 
 def split_adapter(params: nnx.State, config: ModelConfig, moka: MokAConfig) -> tuple[nnx.State, nnx.State]:
     """(adapter weights, everything else): the two groups training and checkpoints treat differently."""
-    model = nnx.merge(_graphdef_of(params, config, moka), params)
+    model = nnx.merge(adapted_graphdef_of(params, config, moka), params)
     return nnx.state(model, MokAParam), nnx.state(model, nnx.Not(MokAParam))
 
 
