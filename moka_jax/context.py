@@ -54,6 +54,12 @@ class MokAContext:
     def num_keys(self) -> jax.Array:
         return self.key_valid.sum(axis=-1)
 
+    @property
+    def key_select(self) -> jax.Array:
+        """bool [B, K, T]: row k picks key k's position (all False for padded key slots)."""
+        t = self.slot.shape[1]
+        return (self.key_index[..., None] == jnp.arange(t, dtype=self.key_index.dtype)) & self.key_valid[..., None]
+
 
 def make_context(
     config: MokAConfig,

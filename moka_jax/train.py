@@ -58,16 +58,22 @@ class AdaptedMultimodalLM(nnx.Module):
                 raise ValueError(f"projector {name!r} is not a non-text modality of {sorted(MODALITY_IDS)}")
         self.projectors = Projectors(projectors, rngs=nnx.Rngs(params=seed))
 
-    def __call__(self, tokens: jax.Array, modality_ids: jax.Array, features: Mapping[str, jax.Array],
-                 context: MokAContext | None, *, remat: bool = False) -> jax.Array:
-        """tokens, modality_ids [B, T]; features[m] [B, N_m, d_m] (row b's N_m placeholders of modality m, in
-        order). Returns logits [B, T, V]."""
+    def embed(self, tokens: jax.Array, modality_ids: jax.Array, features: Mapping[str, jax.Array]) -> jax.Array:
+        """The decoder's input embeddings [B, T, H]: token embeddings, with each modality's projected features
+        spliced in at its placeholder positions (the prefill input of a generation)."""
         x = self.decoder.embed_tokens(tokens)
         for name, feats in features.items():
             projected = getattr(self.projectors, name)(feats).astype(x.dtype)  # [B, N, H]
             at = modality_ids == MODALITY_IDS[name]
             index = jnp.clip(jnp.cumsum(at, axis=1) - 1, 0, projected.shape[1] - 1)
             x = jnp.where(at[..., None], jnp.take_along_axis(projected, index[..., None], axis=1), x)
+        return x
+
+    def __call__(self, tokens: jax.Array, modality_ids: jax.Array, features: Mapping[str, jax.Array],
+                 context: MokAContext | None, *, remat: bool = False) -> jax.Array:
+        """tokens, modality_ids [B, T]; features[m] [B, N_m, d_m] (row b's N_m placeholders of modality m, in
+        order). Returns logits [B, T, V]."""
+        x = self.embed(tokens, modality_ids, features)
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         return self.decoder(x, positions, None, adapter_context=context, remat=remat).logits
 
@@ -117,9 +123,9 @@ def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     )
 
 
-def split_trainable(model: AdaptedMultimodalLM):
-    """(graphdef, trainable state, frozen state)."""
-    return nnx.split(model, TRAINABLE, ...)
+def split_trainable(model: AdaptedMultimodalLM, trainable=TRAINABLE):
+    """(graphdef, trainable state, frozen state); `trainable` is an NNX filter (stage 1: `PROJECTOR_PARAMS`)."""
+    return nnx.split(model, trainable, ...)
 
 
 def weighted_loss(logits: jax.Array, tokens: jax.Array, weights: jax.Array):

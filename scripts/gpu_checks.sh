@@ -12,11 +12,14 @@
 #                                   --no-torch` (only when named: the LLaVA-1.5 tower against its FLOP floor)
 #                        layerscan  `scripts/bench_layer_scan.py --no-hf` (only when named: does XLA:GPU read the
 #                                   scanned layers' weight slices in place? per-layer / scanned near 1 says yes)
+#                        moka       `scripts/bench_moka.py --gpu-shape` (only when named: MokA's training step
+#                                   against LoRA at the LLaMA-2-7B shape, bf16, 1 x 1024 tokens)
 # Each step runs under `timeout`, capped by its own limit and by what is left of the whole budget
 # (GPU_CHECKS_BUDGET_S, default 570 s: the device allows 600 s per command). A failing or timed-out step is recorded
 # and the next one still runs; a step with under 30 s left is skipped. A summary table ends the log.
 # Files under $OUT (at most 8 come back, none deeper than 2 folders): gpu_checks.log, summary.txt,
-# bench_attention.json, bench_attention.csv, bench_8b.json, bench_kvzip.json, layer_scan.json, bench_encoders.json.
+# bench_attention.json, bench_attention.csv, bench_8b.json, bench_kvzip.json, layer_scan.json, bench_encoders.json,
+# bench_moka_gpu.json.
 set -u
 
 cd "$(dirname "$0")/.." || exit 2
@@ -102,9 +105,12 @@ for step in "$@"; do
     layerscan)
       run_step layerscan 120 "$PY" scripts/bench_layer_scan.py --no-hf --json "$OUT/layer_scan.json"
       ;;
+    moka)
+      run_step moka 300 "$PY" scripts/bench_moka.py --gpu-shape --no-progress --json "$OUT/bench_moka_gpu.json"
+      ;;
     *)
       NAMES+=("$step")
-      RESULTS+=("unknown step (choose pytest, attention, generate, kvzip, encoders, layerscan)")
+      RESULTS+=("unknown step (choose pytest, attention, generate, kvzip, encoders, layerscan, moka)")
       ;;
   esac
 done
