@@ -64,13 +64,26 @@ def _flat(state) -> dict[str, np.ndarray]:
     return {path_str(p): np.asarray(jax.device_get(x)) for p, x in jax.tree_util.tree_leaves_with_path(state)}
 
 
-def save_adapter(directory: str, trainable: nnx.State, moka: MokAConfig, **extra) -> None:
-    """Write the trainable tensors and the adapter config (plus `extra` JSON-able facts, e.g. the base model)."""
+def save_state(path: str, state) -> None:
+    """A param State as one safetensors file (tensors named by param path)."""
     from safetensors.numpy import save_file
 
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    save_file(_flat(state), path)
+
+
+def load_state(path: str, target):
+    """`target` (a State of the right structure) filled from `save_state`'s file; a mismatch names the tensor."""
+    from safetensors.numpy import load_file
+
+    return place_tensors(load_file(path), target)
+
+
+def save_adapter(directory: str, trainable: nnx.State, moka: MokAConfig, **extra) -> None:
+    """Write the trainable tensors and the adapter config (plus `extra` JSON-able facts, e.g. the base model)."""
     os.makedirs(directory, exist_ok=True)
     tensors = _flat(trainable)
-    save_file(tensors, os.path.join(directory, ADAPTER_WEIGHTS))
+    save_state(os.path.join(directory, ADAPTER_WEIGHTS), trainable)
     config = {"moka": dataclasses.asdict(moka), "shapes": {k: list(v.shape) for k, v in tensors.items()}, **extra}
     with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
         json.dump(config, f, indent=2)

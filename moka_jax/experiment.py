@@ -23,9 +23,10 @@ import numpy as np
 from flax import nnx
 
 from kvzip_jax.kvzip_demo import DEMO_MODEL_DIR
+from kvzip_jax.models import audio, vision
 from kvzip_jax.models.hf_io import load_params
 from kvzip_jax.models.projector import ProjectorConfig
-from moka_jax import avqa, avqa_model, data
+from moka_jax import avqa, avqa_model, checkpoint, data
 from moka_jax import generate as moka_generate
 from moka_jax.config import MokAConfig
 from moka_jax.context import make_context
@@ -49,11 +50,11 @@ ACTIVE = {"all": None, "image only": ("image",), "audio only": ("audio",)}  # th
 class ExperimentConfig:
     encoder: avqa_model.EncoderTraining = dataclasses.field(default_factory=avqa_model.EncoderTraining)
     align_steps: int = 300
-    tune_steps: int = 500
-    batch_size: int = 32
+    tune_steps: int = 250
+    batch_size: int = 16
     learning_rate: float = 2e-3
     train_samples: int = 16_000
-    test_samples: int = 360
+    test_samples: int = 240
     methods: tuple[str, ...] = METHODS
     seeds: tuple[int, ...] = (0, 1, 2)
     rank: int = 4
@@ -94,9 +95,12 @@ def model_inputs(batch: dict, encoders: dict) -> dict:
 
 
 def train_stage(model: AdaptedMultimodalLM, moka: MokAConfig, encoders: dict, *, kind: str, steps: int,
-                cfg: ExperimentConfig, seed: int, trainable=TRAINABLE, log: Callable[[dict], None] | None = None):
+                cfg: ExperimentConfig, seed: int, trainable=TRAINABLE, log: Callable[[dict], None] | None = None,
+                checkpoint_dir: str | None = None, checkpoint_every: int = 100):
     """Train `model`'s `trainable` group for `steps` on `kind` ("qa" | "caption") batches; the model is updated
-    in place. Returns the per-step losses."""
+    in place. Returns the losses of the steps taken. With `checkpoint_dir`, the trainable state, the optimizer
+    state and the data iterator are saved every `checkpoint_every` steps, and a run finds its latest checkpoint
+    there and resumes from it (taking exactly the steps an uninterrupted run takes)."""
     tokenizer = data.load_demo_tokenizer()
     seq_len = data.max_example_length(tokenizer, n_image_tokens=avqa_model.N_IMAGE_TOKENS,
                                       n_audio_tokens=avqa_model.N_AUDIO_TOKENS, kind=kind)
@@ -105,14 +109,19 @@ def train_stage(model: AdaptedMultimodalLM, moka: MokAConfig, encoders: dict, *,
                                 seq_len=seq_len, n_image_tokens=avqa_model.N_IMAGE_TOKENS,
                                 n_audio_tokens=avqa_model.N_AUDIO_TOKENS, kind=kind, num_epochs=None,
                                 data_seed=cfg.data_seed)
-    train_cfg = TrainConfig(steps=steps, learning_rate=cfg.learning_rate, seed=seed)
+    # No remat: at this size activations are small, and recomputing them would cost a quarter of the step.
+    train_cfg = TrainConfig(steps=steps, learning_rate=cfg.learning_rate, seed=seed, remat=False)
     tx = optimizer(train_cfg)
     graphdef, params, frozen = split_trainable(model, trainable)
     opt_state = tx.init(params)
     step_fn = make_train_step(graphdef, tx, train_cfg)
     losses = []
     iterator = iter(dataset)
-    for i in range(steps):
+    start = 0
+    if checkpoint_dir is not None and checkpoint.latest_step(checkpoint_dir) is not None:
+        start, params, opt_state, data_state = checkpoint.restore_training(checkpoint_dir, params, opt_state)
+        iterator.set_state(data_state)
+    for i in range(start, steps):
         batch = next(iterator)
         ctx = make_context(moka, batch["modality_ids"], batch["key_mask"], max_keys=MAX_KEYS)
         params, opt_state, loss, acc = step_fn(params, opt_state, frozen, model_inputs(batch, encoders), ctx,
@@ -120,8 +129,46 @@ def train_stage(model: AdaptedMultimodalLM, moka: MokAConfig, encoders: dict, *,
         losses.append(float(loss))
         if log is not None:
             log({"step": i + 1, "loss": losses[-1], "token_accuracy": float(acc)})
+        if checkpoint_dir is not None and ((i + 1) % checkpoint_every == 0 or i + 1 == steps):
+            checkpoint.save_training(checkpoint_dir, i + 1, params, opt_state, iterator.get_state())
     nnx.update(model, params)
     return losses
+
+
+def encoder_target() -> dict:
+    return {"image": vision.abstract_params(avqa_model.VISION), "audio": audio.abstract_params(avqa_model.AUDIO)}
+
+
+def prepare(cfg: ExperimentConfig, base_dir: str, llm, *, progress: Callable[[str], None] = print):
+    """Stages 0 and 1, shared by every method and seed: the frozen encoders and the aligned projectors, loaded
+    from `base_dir` when an earlier run saved them there (with the same configuration), else trained and saved."""
+    os.makedirs(base_dir, exist_ok=True)
+    saved_cfg = os.path.join(base_dir, "stages.json")
+    stages = {"encoder": dataclasses.asdict(cfg.encoder), "align_steps": cfg.align_steps,
+              "learning_rate": cfg.learning_rate, "batch_size": cfg.batch_size, "data_seed": cfg.data_seed}
+    encoders_file, projectors_file = (os.path.join(base_dir, f) for f in ("encoders.safetensors",
+                                                                          "projectors.safetensors"))
+    if os.path.exists(saved_cfg) and json.load(open(saved_cfg)) != stages:
+        raise ValueError(f"{base_dir} holds encoders and projectors trained with other settings: "
+                         f"{json.load(open(saved_cfg))} (requested {stages}); use another directory")
+    aligned = build_model(llm, cfg.moka("lora"), seed=0)
+    if os.path.exists(encoders_file) and os.path.exists(projectors_file):
+        encoders = checkpoint.load_state(encoders_file, encoder_target())
+        return encoders, checkpoint.load_state(projectors_file, nnx.state(aligned.projectors))
+    t0 = time.perf_counter()
+    encoders, enc_acc = avqa_model.pretrain_encoders(cfg.encoder, data_seed=cfg.data_seed)
+    progress(f"encoders: train accuracy image {enc_acc['image']:.3f} audio {enc_acc['audio']:.3f} "
+             f"({time.perf_counter() - t0:.0f} s)")
+    losses = train_stage(aligned, cfg.moka("lora"), encoders, kind="caption", steps=cfg.align_steps, cfg=cfg,
+                         seed=0, trainable=PROJECTOR_PARAMS)
+    progress(f"alignment: caption loss {losses[0]:.3f} -> {np.mean(losses[-20:]):.3f} "
+             f"({time.perf_counter() - t0:.0f} s)")
+    projectors = nnx.state(aligned.projectors)
+    checkpoint.save_state(encoders_file, encoders)
+    checkpoint.save_state(projectors_file, projectors)
+    with open(saved_cfg, "w") as f:
+        json.dump(stages, f, indent=2)
+    return encoders, projectors
 
 
 def test_prompts(cfg: ExperimentConfig) -> tuple[dict, list[avqa.AVQASample]]:
@@ -166,16 +213,8 @@ def run(cfg: ExperimentConfig, out_dir: str, *, progress: Callable[[str], None] 
     """All stages; writes `out_dir`/results.jsonl (one row per method and seed) and returns the rows."""
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
-    encoders, enc_acc = avqa_model.pretrain_encoders(cfg.encoder, data_seed=cfg.data_seed)
-    progress(f"encoders: train accuracy image {enc_acc['image']:.3f} audio {enc_acc['audio']:.3f} "
-             f"({time.perf_counter() - t0:.0f} s)")
     llm = load_llm()
-    aligned = build_model(llm, cfg.moka("lora"), seed=0)
-    align_losses = train_stage(aligned, cfg.moka("lora"), encoders, kind="caption", steps=cfg.align_steps, cfg=cfg,
-                               seed=0, trainable=PROJECTOR_PARAMS)
-    projectors = nnx.state(aligned.projectors)
-    progress(f"alignment: caption loss {align_losses[0]:.3f} -> {np.mean(align_losses[-20:]):.3f} "
-             f"({time.perf_counter() - t0:.0f} s)")
+    encoders, projectors = prepare(cfg, os.path.join(out_dir, "base"), llm, progress=progress)
     prompts, samples = test_prompts(cfg)
     rows = []
     with open(os.path.join(out_dir, "results.jsonl"), "w") as out:

@@ -1,0 +1,185 @@
+"""`moka-jax`: fine-tune the shipped demo LLM on the synthetic audio-visual QA task with MokA or a baseline.
+
+    moka-jax train  --work DIR [--method moka] [--seed 0] [--steps 250] [...]   stages 0-2, resumable
+    moka-jax eval   --work DIR [--method moka] [--seed 0] [--samples 240] [--json]
+    moka-jax export --work DIR [--method moka] [--seed 0] --out OUT_DIR
+
+`DIR/base` holds the encoders and aligned projectors (stages 0-1, trained once and shared by every run);
+`DIR/<method>-seed<k>` one instruction-tuning run: Orbax checkpoints (an interrupted `train` resumes where it
+stopped), `metrics.jsonl`, `training.png` and the exported adapter (`adapter/`: safetensors + JSON).
+Bad input prints one line to stderr and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+METHODS = ("lora", "multi_lora", "unimodal_lora", "moka_no_ca", "ca_only", "moka")  # == moka_jax.config.METHODS
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moka-jax", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("train", "eval", "export"):
+        p = sub.add_parser(name)
+        p.add_argument("--work", required=True, help="the experiment directory")
+        p.add_argument("--method", default="moka", choices=METHODS)
+        p.add_argument("--seed", type=int, default=0)
+        if name == "train":
+            p.add_argument("--steps", type=int, default=250, help="instruction-tuning steps")
+            p.add_argument("--encoder-steps", type=int, default=400)
+            p.add_argument("--align-steps", type=int, default=300)
+            p.add_argument("--batch-size", type=int, default=16)
+            p.add_argument("--lr", type=float, default=2e-3)
+            p.add_argument("--checkpoint-every", type=int, default=100)
+        if name == "eval":
+            p.add_argument("--samples", type=int, default=240, help="held-out questions")
+            p.add_argument("--json", action="store_true")
+        if name == "export":
+            p.add_argument("--out", required=True)
+    return parser
+
+
+def _check(args) -> None:
+    for name in ("steps", "encoder_steps", "align_steps", "batch_size", "checkpoint_every", "samples"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if getattr(args, "lr", 1.0) <= 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    if args.command in ("eval", "export") and not os.path.isdir(_run_dir(args)):
+        raise ValueError(f"no run at {_run_dir(args)}: train it first (moka-jax train --work {args.work} "
+                         f"--method {args.method} --seed {args.seed})")
+
+
+def _run_dir(args) -> str:
+    return os.path.join(args.work, f"{args.method}-seed{args.seed}")
+
+
+def _config(args):
+    from moka_jax import avqa_model, experiment
+
+    return experiment.ExperimentConfig(
+        encoder=avqa_model.EncoderTraining(steps=getattr(args, "encoder_steps", 400)),
+        align_steps=getattr(args, "align_steps", 300), tune_steps=getattr(args, "steps", 250),
+        batch_size=getattr(args, "batch_size", 16), learning_rate=getattr(args, "lr", 2e-3),
+        test_samples=getattr(args, "samples", 240))
+
+
+def _train(args) -> None:
+    from tqdm import tqdm
+
+    from moka_jax import checkpoint, experiment
+    from moka_jax.train import split_trainable
+
+    cfg = _config(args)
+    run_dir = _run_dir(args)
+    os.makedirs(run_dir, exist_ok=True)
+    llm = experiment.load_llm()
+    encoders, projectors = experiment.prepare(cfg, os.path.join(args.work, "base"), llm, progress=print)
+    moka = cfg.moka(args.method)
+    model = experiment.build_model(llm, moka, seed=args.seed, projectors=projectors)
+    checkpoints = os.path.join(run_dir, "checkpoints")
+    done = checkpoint.latest_step(checkpoints) or 0
+    bar = tqdm(total=cfg.tune_steps, initial=done, desc=f"{args.method} seed {args.seed}", unit="step")
+    t0 = time.perf_counter()
+    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as metrics:
+        def log(row):
+            row["elapsed_s"] = round(time.perf_counter() - t0, 3)
+            metrics.write(json.dumps(row) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", token_acc=f"{row['token_accuracy']:.3f}")
+
+        experiment.train_stage(model, moka, encoders, kind="qa", steps=cfg.tune_steps, cfg=cfg, seed=args.seed,
+                               log=log, checkpoint_dir=checkpoints, checkpoint_every=args.checkpoint_every)
+    bar.close()
+    plot_metrics(os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "training.png"))
+    _, trainable, _ = split_trainable(model)
+    checkpoint.save_adapter(os.path.join(run_dir, "adapter"), trainable, moka, base_model="kvzip_jax demo_model",
+                            seed=args.seed, steps=cfg.tune_steps)
+    print(f"adapter: {os.path.join(run_dir, 'adapter')}")
+
+
+def _load_trained(args):
+    from flax import nnx
+
+    from moka_jax import checkpoint, experiment
+    from moka_jax.train import split_trainable
+
+    cfg = _config(args)
+    adapter_dir = os.path.join(_run_dir(args), "adapter")
+    moka = checkpoint.load_adapter_config(adapter_dir)
+    llm = experiment.load_llm()
+    encoders = checkpoint.load_state(os.path.join(args.work, "base", "encoders.safetensors"),
+                                     experiment.encoder_target())
+    model = experiment.build_model(llm, moka, seed=args.seed)
+    _, target, _ = split_trainable(model)
+    nnx.update(model, checkpoint.load_adapter(adapter_dir, target, moka))
+    return cfg, moka, model, encoders
+
+
+def _eval(args) -> None:
+    from moka_jax import experiment
+
+    cfg, moka, model, encoders = _load_trained(args)
+    prompts, samples = experiment.test_prompts(cfg)
+    result = {"method": args.method, "seed": args.seed, "samples": len(samples)}
+    for name, active in experiment.ACTIVE.items():
+        scores = experiment.evaluate(model, moka, encoders, prompts, samples, active=active)
+        result.update(scores if name == "all" else {f"accuracy ({name})": scores["accuracy"]})
+    print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+
+
+def _export(args) -> None:
+    """The latest training checkpoint's adapter + projectors as safetensors + JSON (also mid-run)."""
+    from moka_jax import checkpoint, experiment
+    from moka_jax.train import TrainConfig, optimizer, split_trainable
+
+    cfg = _config(args)
+    moka = cfg.moka(args.method)
+    model = experiment.build_model(experiment.load_llm(), moka, seed=args.seed)
+    _, trainable, _ = split_trainable(model)
+    opt_state = optimizer(TrainConfig(steps=cfg.tune_steps)).init(trainable)
+    step, trainable, _, _ = checkpoint.restore_training(os.path.join(_run_dir(args), "checkpoints"), trainable,
+                                                        opt_state)
+    checkpoint.save_adapter(args.out, trainable, moka, base_model="kvzip_jax demo_model", seed=args.seed, steps=step)
+    print(f"adapter of step {step}: {args.out}")
+
+
+def plot_metrics(log_path: str, png_path: str) -> None:
+    """Training loss and answer-token accuracy against step, from the JSONL metrics log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in open(log_path)]
+    steps = [r["step"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    ax1.plot(steps, [r["loss"] for r in rows], lw=0.8)
+    ax1.set(xlabel="step", ylabel="answer loss", yscale="log")
+    ax2.plot(steps, [r["token_accuracy"] for r in rows], lw=0.8)
+    ax2.set(xlabel="step", ylabel="answer token accuracy (teacher-forced)", ylim=(0, 1))
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        _check(args)
+        {"train": _train, "eval": _eval, "export": _export}[args.command](args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"moka-jax: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
