@@ -288,6 +288,7 @@ def test_query_tiled_attention_matches_transformers(clip, monkeypatch):
     runs 4 tiles, the last one padded, and still equals transformers."""
     model, _, config, params = clip
     monkeypatch.setattr(vision, "QUERY_TILE", 5)
+    monkeypatch.setattr(vision, "UNTILED_QUERIES", 4)
     pixels = _pixels(CLIP_CFG, seed=3)
     ours = vision.encode(params, pixels, config=config)  # not jitted: traced afresh with the small tile
     diffs: dict[str, float] = {}

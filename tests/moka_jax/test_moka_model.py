@@ -63,12 +63,13 @@ def test_fresh_adapters_leave_the_model_unchanged(method):
     adapted = apply_moka(BASE, CONFIG, moka, seed=3)
     base = np.asarray(base_forward(BASE, x, positions(ids), None, config=CONFIG)[0])
     np.testing.assert_array_equal(logits_of(adapted, moka, x, ids, keys), base)
-    np.testing.assert_array_equal(logits_of(adapted, moka, x, ids, keys, dropout_key=jax.random.key(0)), base)
+    if method == "moka":  # dropout on (training mode): still the base model while B = 0
+        np.testing.assert_array_equal(logits_of(adapted, moka, x, ids, keys, dropout_key=jax.random.key(0)), base)
 
 
 def cross_entropy(params, moka, x, ids, keys, targets, dropout_key=None):
     ctx = make_context(moka, ids, keys, dropout_key=dropout_key)
-    logits = forward(params, x, positions(ids), None, config=CONFIG, moka=moka, context=ctx, remat=True)[0]
+    logits = forward(params, x, positions(ids), None, config=CONFIG, moka=moka, context=ctx)[0]
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
 
