@@ -153,21 +153,10 @@ def _export(args) -> None:
 
 def plot_metrics(log_path: str, png_path: str) -> None:
     """Training loss and answer-token accuracy against step, from the JSONL metrics log."""
-    import matplotlib
+    from kvzip_jax.train.trainer import plot_log
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in open(log_path)]
-    steps = [r["step"] for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
-    ax1.plot(steps, [r["loss"] for r in rows], lw=0.8)
-    ax1.set(xlabel="step", ylabel="answer loss", yscale="log")
-    ax2.plot(steps, [r["token_accuracy"] for r in rows], lw=0.8)
-    ax2.set(xlabel="step", ylabel="answer token accuracy (teacher-forced)", ylim=(0, 1))
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
-    plt.close(fig)
+    plot_log(log_path, png_path, accuracy_key="token_accuracy", loss_label="answer loss",
+             accuracy_label="answer token accuracy (teacher-forced)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -229,8 +229,9 @@ def train(out_dir: str, cfg: TrainConfig, *, log_every: int = 10) -> str:
     return model_dir
 
 
-def plot_log(log_path: str, png_path: str) -> None:
-    """Loss and teacher-forced answer/copy token accuracy against step, from the JSONL log."""
+def plot_log(log_path: str, png_path: str, *, accuracy_key: str = "answer_token_acc",
+             loss_label: str = "weighted loss", accuracy_label: str = "answer / copy token accuracy") -> None:
+    """Loss and teacher-forced token accuracy (`accuracy_key` of each row) against step, from a JSONL log."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -240,9 +241,9 @@ def plot_log(log_path: str, png_path: str) -> None:
     steps = [r["step"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
     ax1.plot(steps, [r["loss"] for r in rows], lw=0.8)
-    ax1.set(xlabel="step", ylabel="weighted loss", yscale="log")
-    ax2.plot(steps, [r["answer_token_acc"] for r in rows], lw=0.8)
-    ax2.set(xlabel="step", ylabel="answer / copy token accuracy", ylim=(0, 1))
+    ax1.set(xlabel="step", ylabel=loss_label, yscale="log")
+    ax2.plot(steps, [r[accuracy_key] for r in rows], lw=0.8)
+    ax2.set(xlabel="step", ylabel=accuracy_label, ylim=(0, 1))
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
     fig.tight_layout()
