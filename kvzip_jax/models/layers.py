@@ -21,15 +21,18 @@ def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype) -> jax.Array:
 
 # XLA:CPU (jaxlib 0.10) runs fp32 dots through YNNPACK, which sums each output over the whole contraction in one
 # sequential pass: over down_proj's 1,536 inputs that rounds 3-6x worse than torch's blocked sgemm, and SmolLM2's
-# logits drift 1.3e-4 from transformers'. Contracting in blocks of this many inputs and adding the partial sums
-# brings them to 7e-5 for a few percent of forward time. Other backends block their dots themselves.
+# logits drift 1.3e-4 from transformers'. Contractions longer than CPU_BLOCKED_ABOVE inputs run in blocks of
+# CPU_CONTRACTION_BLOCK and add the partial sums. Shorter ones stay one dot: blocking every linear of ViT-B/16 cost
+# 14% of its forward on a quiet machine, blocking only the long ones ~nothing. Other backends block dots themselves.
 CPU_CONTRACTION_BLOCK = 256
+CPU_BLOCKED_ABOVE = 1024
 
 
 def contract_in_blocks(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """x [..., in] @ kernel [in, out], in blocks of CPU_CONTRACTION_BLOCK inputs on CPU (see above)."""
+    """x [..., in] @ kernel [in, out]; on CPU, in blocks of CPU_CONTRACTION_BLOCK inputs when `in` is longer than
+    CPU_BLOCKED_ABOVE (see above)."""
     d_in = kernel.shape[0]
-    if d_in <= CPU_CONTRACTION_BLOCK or jax.default_backend() != "cpu":
+    if d_in <= max(CPU_BLOCKED_ABOVE, CPU_CONTRACTION_BLOCK) or jax.default_backend() != "cpu":
         return jnp.einsum("...i,io->...o", x, kernel)
     y = None
     for start in range(0, d_in, CPU_CONTRACTION_BLOCK):

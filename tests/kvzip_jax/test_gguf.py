@@ -204,7 +204,7 @@ def test_convert_cli_writes_an_hf_checkpoint(tmp_path, tiny_model, hf_logits, ou
 
 
 # ---------------------------------------------------------------------------------------------- real SmolLM2
-SMOL_ATOL = 1e-4  # the bar; measured 5.6e-5 since linears contract in blocks on CPU (layers.py)
+SMOL_ATOL = 1e-4  # the bar; measured 8.5e-5 since long contractions run in blocks on CPU (layers.py)
 
 
 @pytest.fixture(scope="module")
