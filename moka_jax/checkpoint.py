@@ -82,9 +82,9 @@ def load_state(path: str, target):
 def save_adapter(directory: str, trainable: nnx.State, moka: MokAConfig, **extra) -> None:
     """Write the trainable tensors and the adapter config (plus `extra` JSON-able facts, e.g. the base model)."""
     os.makedirs(directory, exist_ok=True)
-    tensors = _flat(trainable)
     save_state(os.path.join(directory, ADAPTER_WEIGHTS), trainable)
-    config = {"moka": dataclasses.asdict(moka), "shapes": {k: list(v.shape) for k, v in tensors.items()}, **extra}
+    shapes = {k: list(v) for k, v in _flat_shapes(trainable).items()}  # from the arrays' shapes: no second copy
+    config = {"moka": dataclasses.asdict(moka), "shapes": shapes, **extra}
     with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
         json.dump(config, f, indent=2)
 

@@ -30,7 +30,7 @@ from moka_jax import avqa, avqa_model, checkpoint, data
 from moka_jax import generate as moka_generate
 from moka_jax.config import MokAConfig
 from moka_jax.context import make_context
-from moka_jax.model import apply_moka
+from moka_jax.model import apply_moka, merge_text_path
 from moka_jax.train import (
     PROJECTOR_PARAMS,
     TRAINABLE,
@@ -191,6 +191,7 @@ def evaluate(model: AdaptedMultimodalLM, moka: MokAConfig, encoders: dict, promp
     tokenizer = data.load_demo_tokenizer()
     eot = data._special_id(tokenizer, "<|eot_id|>")
     decoder = nnx.state(model.decoder)
+    merged = merge_text_path(decoder, model.config, moka)  # the decode weights, once for every batch
     active_modalities = None if active is None else (moka.text_modality, *active)
     answers = []
     for begin in range(0, len(samples), batch_size):
@@ -200,7 +201,7 @@ def evaluate(model: AdaptedMultimodalLM, moka: MokAConfig, encoders: dict, promp
         ctx = make_context(moka, part["modality_ids"], part["key_mask"], max_keys=MAX_KEYS,
                            active_modalities=active_modalities)
         out = moka_generate.generate(decoder, model.config, moka, x, part["length"], ctx, max_new_tokens=6,
-                                     stop_token_ids=(eot,))
+                                     stop_token_ids=(eot,), merged=merged)
         answers += [tokenizer.decode([t for t in row if t != eot]).strip() for row in out.tokens]
     right = np.array([a == s.answer for a, s in zip(answers, samples, strict=True)])
     families = np.array([s.family for s in samples])

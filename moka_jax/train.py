@@ -25,6 +25,7 @@ from kvzip_jax.config import ModelConfig
 from kvzip_jax.models.decoder import Transformer
 from kvzip_jax.models.llava import MODALITY_IDS
 from kvzip_jax.models.projector import Projector, ProjectorConfig
+from kvzip_jax.sharding import path_str
 from moka_jax.config import MokAConfig
 from moka_jax.context import MokAContext
 from moka_jax.model import MokAParam, adapted_graphdef_of
@@ -107,8 +108,6 @@ def schedule(cfg: TrainConfig, scale: float = 1.0) -> optax.Schedule:
 
 def group_labels(trainable: nnx.State) -> nnx.State:
     """'adapter' or 'projector' for every trainable leaf (by its path)."""
-    from kvzip_jax.sharding import path_str
-
     return jax.tree_util.tree_map_with_path(
         lambda p, _: "projector" if path_str(p).startswith("projectors/") else "adapter", trainable)
 
