@@ -70,7 +70,8 @@ def main(argv=None) -> dict:
     print(f"SmolLM2-135M-Instruct Q4_1; {len(contexts)} documents ({min(lengths)}-{max(lengths)} tokens), "
           f"{n_questions} questions, ratios {', '.join(f'{r:g}' for r in args.ratios)}")
     evaluator = Evaluator(lm, prompt, contexts, chunk_size=2000, calibration=calibration,
-                          max_new_tokens=args.max_new_tokens, headroom=64, ratios=args.ratios, progress=tqdm)
+                          max_new_tokens=args.max_new_tokens, headroom=64, ratios=args.ratios, progress=tqdm,
+                          decode_full_once=True)
     kept = {}
     for method in tqdm(methods, desc="methods"):
         for o in evaluator.run(method):

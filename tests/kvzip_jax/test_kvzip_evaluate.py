@@ -37,6 +37,16 @@ def test_evaluator_ratio_one_is_the_full_cache_for_every_method(random_lm):
         assert accuracy(outcomes, method, 1.0) == 1.0, method
         half = [o.kept_ratio for o in outcomes if o.ratio == 0.5]
         assert half and 0.3 <= np.mean(half) <= 0.6, (method, half)
+    # decode_full_once: ratio 1.0 decoded for the first method only, reused after; other ratios unchanged.
+    once = Evaluator(lm, prompt, golden, calibration=[golden[0].context_ids], decode_full_once=True, **kw)
+    once.run("kvzip-pair")
+    once.run("kvzip-head")
+    assert once._score("kvzip-head") is once._score("kvzip-pair")  # one KVzip scoring serves every level
+    assert accuracy(once.run("snapkv"), "snapkv", 1.0) == 1.0
+    for key in (("kvzip-head", 1.0), ("snapkv", 1.0)):
+        assert once.predictions[key] == full
+    for key in (("kvzip-head", 0.5), ("snapkv", 0.5)):
+        assert once.predictions[key] == ev.predictions[key], key
     with pytest.raises(ValueError, match="unknown method"):
         ev.run("nope")
     with pytest.raises(ValueError, match="calibration"):
