@@ -235,12 +235,12 @@ class Attention(nnx.Module):
         return self.out_proj(out.reshape(b, t, h))
 
 
-# Above UNTILED_QUERIES queries the attention runs in equal query tiles of at most QUERY_TILE (Whisper's 1,500
-# frames: 8 tiles of 188, padded to 192): each tile's [tile, keys] exponentials stay small enough to reuse from
-# cache. On XLA:CPU one softmax over [1500, 1500] took 290 ms per Whisper-base layer (batch 2), tiles of 256 175 ms;
-# an A/B in one process (3 interleaved rounds) put Whisper-base at 2.89 s per call with tiles of 192 against 4.16 s
-# with 256 and 3.31 s with 150. ViT-sized inputs (197 tokens for ViT-B/16) run in one piece.
-QUERY_TILE = 192
+# Above UNTILED_QUERIES queries (Whisper's 1,500 frames; ViT-B/16's 197 tokens run in one piece) the attention
+# runs one (batch row, head) at a time, in equal query tiles of at most QUERY_TILE (1,500 -> 2 tiles of 752): each
+# step's [tile, keys] exponentials then stay a few MB instead of [B, N, tile, keys] for every head at once. On
+# XLA:CPU (Whisper-base shapes, batch 2, one layer): one softmax over all heads' [1500, 1500] took 290 ms, all heads
+# in query tiles of 192 158 ms, one head at a time in tiles of 750 95-108 ms (torch's fused SDPA: 86 ms).
+QUERY_TILE = 768
 UNTILED_QUERIES = 256
 
 
@@ -248,28 +248,35 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, sc
     """Softmax attention, heads first: q [B, N, T, D], k, v [B, N, S, D], mask [B, S] -> [B, N, T, D]. Logits and
     softmax in float32."""
 
-    def logits_of(queries):
-        logits = jnp.einsum("bntd,bnsd->bnts", queries, k, preferred_element_type=jnp.float32) * scale
-        return logits if mask is None else jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+    def logits_of(queries, keys, key_mask):
+        logits = jnp.einsum("...td,...sd->...ts", queries, keys, preferred_element_type=jnp.float32) * scale
+        return logits if key_mask is None else jnp.where(key_mask[..., None, :], logits, jnp.finfo(jnp.float32).min)
 
-    t = q.shape[2]
+    b, n, t, d = q.shape
     if t <= max(UNTILED_QUERIES, QUERY_TILE):
-        probs = jax.nn.softmax(logits_of(q), axis=-1).astype(v.dtype)
+        probs = jax.nn.softmax(logits_of(q, k, None if mask is None else mask[:, None]), axis=-1).astype(v.dtype)
         return jnp.einsum("bnts,bnsd->bntd", probs, v)
 
-    def tile(queries):  # normalised after the value product: one pass less over the [tile, S] exponentials
-        logits = logits_of(queries)
-        e = jnp.exp(logits - logits.max(axis=-1, keepdims=True))
-        out = jnp.einsum("bnts,bnsd->bntd", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        return (out / e.sum(axis=-1)[..., None]).astype(v.dtype)
-
-    b, n, _, d = q.shape
     tiles = -(-t // QUERY_TILE)
     size = -(-t // tiles)
     size = min(QUERY_TILE, -(-size // 8) * 8) if QUERY_TILE >= 8 else size  # balanced, rounded to 8 rows
-    padded = jnp.pad(q, ((0, 0), (0, 0), (0, tiles * size - t), (0, 0)))
-    out = jax.lax.map(tile, padded.reshape(b, n, tiles, size, d).transpose(2, 0, 1, 3, 4))
-    return out.transpose(1, 2, 0, 3, 4).reshape(b, n, tiles * size, d)[:, :, :t]
+    s = k.shape[2]
+
+    def one_head(args):
+        queries, keys, values, key_mask = args  # [tiles, size, D], [S, D], [S, D], [S] or None
+
+        def tile(rows):  # normalised after the value product: one pass less over the [tile, S] exponentials
+            logits = logits_of(rows, keys, key_mask)
+            e = jnp.exp(logits - logits.max(axis=-1, keepdims=True))
+            out = jnp.einsum("ts,sd->td", e.astype(values.dtype), values, preferred_element_type=jnp.float32)
+            return (out / e.sum(axis=-1)[:, None]).astype(values.dtype)
+
+        return jax.lax.map(tile, queries)
+
+    padded = jnp.pad(q, ((0, 0), (0, 0), (0, tiles * size - t), (0, 0))).reshape(b * n, tiles, size, d)
+    head_mask = None if mask is None else jnp.broadcast_to(mask[:, None], (b, n, s)).reshape(b * n, s)
+    out = jax.lax.map(one_head, (padded, k.reshape(b * n, s, d), v.reshape(b * n, s, d), head_mask))
+    return out.reshape(b, n, tiles * size, d)[:, :, :t]
 
 
 class MLP(nnx.Module):
