@@ -3,6 +3,7 @@
     moka-jax train  --work DIR [--method moka] [--seed 0] [--steps 250] [...]   stages 0-2, resumable
     moka-jax eval   --work DIR [--method moka] [--seed 0] [--samples 240] [--json]
     moka-jax export --work DIR [--method moka] [--seed 0] --out OUT_DIR
+    moka-jax demo   [--samples 12] [--model DIR]     the shipped trained demo model on held-out questions
 
 `DIR/base` holds the encoders and aligned projectors (stages 0-1, trained once and shared by every run);
 `DIR/<method>-seed<k>` one instruction-tuning run: Orbax checkpoints (an interrupted `train` resumes where it
@@ -42,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true")
         if name == "export":
             p.add_argument("--out", required=True)
+    p = sub.add_parser("demo", help="the shipped MokA demo model answering held-out questions")
+    p.add_argument("--samples", type=int, default=12, help="held-out questions to ask")
+    p.add_argument("--model", default=None, help="a demo directory (default: the shipped one)")
     return parser
 
 
@@ -52,6 +56,8 @@ def _check(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if getattr(args, "lr", 1.0) <= 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
+    if args.command == "demo" and args.model is not None and not os.path.isdir(args.model):
+        raise ValueError(f"--model {args.model} is not a directory")
     if args.command in ("eval", "export") and not os.path.isdir(_run_dir(args)):
         raise ValueError(f"no run at {_run_dir(args)}: train it first (moka-jax train --work {args.work} "
                          f"--method {args.method} --seed {args.seed})")
@@ -151,6 +157,22 @@ def _export(args) -> None:
     print(f"adapter of step {step}: {args.out}")
 
 
+def _demo(args) -> None:
+    """Held-out questions of every family, each answered by the shipped model from its picture and sound."""
+    from moka_jax import demo
+
+    model = demo.load_demo(args.model or demo.DEMO_DIR)
+    samples = demo.held_out_samples(args.samples)
+    answers = model.answer([s.image for s in samples], [s.audio for s in samples], [s.question for s in samples])
+    trained = model.manifest.get("training", {})
+    print(f"MokA demo ({trained.get('method', '?')}, {trained.get('steps', '?')} steps); held-out questions:")
+    for s, a in zip(samples, answers, strict=True):
+        print(f"  [{s.family:5}] {s.question:48} reference {s.answer!r:12} answer {a!r:12} "
+              f"{'ok' if a == s.answer else 'WRONG'}")
+    right = sum(a == s.answer for s, a in zip(samples, answers, strict=True))
+    print(f"{right}/{len(samples)} right; on the whole held-out split: {model.manifest.get('held_out', {})}")
+
+
 def plot_metrics(log_path: str, png_path: str) -> None:
     """Training loss and answer-token accuracy against step, from the JSONL metrics log."""
     from kvzip_jax.train.trainer import plot_log
@@ -163,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         _check(args)
-        {"train": _train, "eval": _eval, "export": _export}[args.command](args)
+        {"train": _train, "eval": _eval, "export": _export, "demo": _demo}[args.command](args)
     except (ValueError, FileNotFoundError) as e:
         print(f"moka-jax: error: {e}", file=sys.stderr)
         return 2

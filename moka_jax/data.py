@@ -105,16 +105,43 @@ def encode_example(
     generation starts), family int8 (index in avqa.FAMILIES; -1 for captions), sample_index int64.
     `include_answer=False` gives the generation prompt (no answer, no loss).
     """
+    question, answer = _target(sample, kind)
+    arrays = _token_arrays(tokenizer, kind, question, answer if include_answer else None, seq_len=seq_len,
+                           n_image_tokens=n_image_tokens, n_audio_tokens=n_audio_tokens,
+                           what=f"{kind} example of sample {sample.index}")
+    return {
+        **arrays,
+        "image": sample.image.astype(np.float32) / 255.0,
+        "audio": sample.audio.astype(np.float32),
+        "family": np.int8(avqa.FAMILIES.index(sample.family) if kind == "qa" else -1),
+        "sample_index": np.int64(sample.index),
+    }
+
+
+def encode_question(tokenizer, image: np.ndarray, audio: np.ndarray, question: str, *, seq_len: int,
+                    n_image_tokens: int, n_audio_tokens: int) -> dict[str, np.ndarray]:
+    """A generation prompt for any picture (float [H, W, 3] in [0, 1]), sound (float [n]) and question, laid out
+    exactly as the task's own prompts (`encode_example(..., include_answer=False)`); family and sample_index -1."""
+    if not question.strip():
+        raise ValueError("the question is empty")
+    arrays = _token_arrays(tokenizer, "qa", question, None, seq_len=seq_len, n_image_tokens=n_image_tokens,
+                           n_audio_tokens=n_audio_tokens, what=f"question {question!r}")
+    return {**arrays, "image": np.asarray(image, np.float32), "audio": np.asarray(audio, np.float32),
+            "family": np.int8(-1), "sample_index": np.int64(-1)}
+
+
+def _token_arrays(tokenizer, kind: str, question: str, answer: str | None, *, seq_len: int, n_image_tokens: int,
+                  n_audio_tokens: int, what: str) -> dict[str, np.ndarray]:
+    """The token-side arrays of one example: tokens, modality_ids, key_mask, loss_weights, length, prompt_length."""
     if n_image_tokens < 1 or n_audio_tokens < 1:
         raise ValueError(f"n_image_tokens={n_image_tokens} and n_audio_tokens={n_audio_tokens} must be >= 1")
-    question, answer = _target(sample, kind)
     pad_id = _special_id(tokenizer, "<|pad|>")
     tokens: list[int] = []
     modality: list[int] = []
     keys: list[bool] = []
     weights: list[float] = []
     prompt_length = None
-    for role, value in _segments(kind, question, answer if include_answer else None, n_image_tokens, n_audio_tokens):
+    for role, value in _segments(kind, question, answer, n_image_tokens, n_audio_tokens):
         if role in ("image", "audio"):
             ids = [pad_id] * int(value)
             tag = IMAGE if role == "image" else AUDIO
@@ -129,19 +156,15 @@ def encode_example(
         weights += [1.0 if role in ("answer", "eos") else 0.0] * len(ids)
     length = len(tokens)
     if length > seq_len:
-        raise ValueError(f"{kind} example of sample {sample.index} needs {length} tokens, more than seq_len={seq_len}")
+        raise ValueError(f"{what} needs {length} tokens, more than seq_len={seq_len}")
     pad = seq_len - length
     return {
         "tokens": np.asarray(tokens + [pad_id] * pad, np.int32),
         "modality_ids": np.asarray(modality + [PAD] * pad, np.int8),
         "key_mask": np.asarray(keys + [False] * pad, bool),
         "loss_weights": np.asarray(weights + [0.0] * pad, np.float32),
-        "image": sample.image.astype(np.float32) / 255.0,
-        "audio": sample.audio.astype(np.float32),
         "length": np.int32(length),
         "prompt_length": np.int32(length if prompt_length is None else prompt_length),
-        "family": np.int8(avqa.FAMILIES.index(sample.family) if kind == "qa" else -1),
-        "sample_index": np.int64(sample.index),
     }
 
 

@@ -183,26 +183,34 @@ def test_prompts(cfg: ExperimentConfig) -> tuple[dict, list[avqa.AVQASample]]:
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}, samples
 
 
-def evaluate(model: AdaptedMultimodalLM, moka: MokAConfig, encoders: dict, prompts: dict,
-             samples: Sequence[avqa.AVQASample], *, batch_size: int = 60,
-             active: Sequence[str] | None = None) -> dict[str, float]:
-    """Exact-match accuracy of greedy answers, overall and per family. `active`: the non-text modalities whose
-    tokens take the adapter path (None: all; text always does)."""
+def generate_answers(model: AdaptedMultimodalLM, moka: MokAConfig, encoders: dict, prompts: dict, *,
+                     batch_size: int = 60, active: Sequence[str] | None = None, max_new_tokens: int = 6) -> list[str]:
+    """Greedy answers to stacked generation prompts (`data.encode_example(..., include_answer=False)` or
+    `data.encode_question` rows). `active`: the non-text modalities whose tokens take the adapter path (None: all;
+    text always does)."""
     tokenizer = data.load_demo_tokenizer()
     eot = data._special_id(tokenizer, "<|eot_id|>")
     decoder = nnx.state(model.decoder)
     merged = merge_text_path(decoder, model.config, moka)  # the decode weights, once for every batch
     active_modalities = None if active is None else (moka.text_modality, *active)
     answers = []
-    for begin in range(0, len(samples), batch_size):
+    for begin in range(0, len(prompts["tokens"]), batch_size):
         part = {k: v[begin : begin + batch_size] for k, v in prompts.items()}
         inputs = model_inputs(part, encoders)
         x = model.embed(inputs["tokens"], inputs["modality_ids"], inputs["features"])
         ctx = make_context(moka, part["modality_ids"], part["key_mask"], max_keys=MAX_KEYS,
                            active_modalities=active_modalities)
-        out = moka_generate.generate(decoder, model.config, moka, x, part["length"], ctx, max_new_tokens=6,
-                                     stop_token_ids=(eot,), merged=merged)
+        out = moka_generate.generate(decoder, model.config, moka, x, part["length"], ctx,
+                                     max_new_tokens=max_new_tokens, stop_token_ids=(eot,), merged=merged)
         answers += [tokenizer.decode([t for t in row if t != eot]).strip() for row in out.tokens]
+    return answers
+
+
+def evaluate(model: AdaptedMultimodalLM, moka: MokAConfig, encoders: dict, prompts: dict,
+             samples: Sequence[avqa.AVQASample], *, batch_size: int = 60,
+             active: Sequence[str] | None = None) -> dict[str, float]:
+    """Exact-match accuracy of greedy answers, overall and per family (`active` as in `generate_answers`)."""
+    answers = generate_answers(model, moka, encoders, prompts, batch_size=batch_size, active=active)
     right = np.array([a == s.answer for a, s in zip(answers, samples, strict=True)])
     families = np.array([s.family for s in samples])
     scores = {"accuracy": float(right.mean())}
