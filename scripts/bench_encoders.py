@@ -7,8 +7,10 @@ shaped encoder (80 mels, 30 s windows, 6 layers) in clips/s, random weights (thr
 GPU: the ViT-L/14-336 tower in bf16 at batch 32 against its FLOP floor (FLOPs / the device's peak bf16 rate).
     python scripts/bench_encoders.py --preset vit-l14-336 --dtype bfloat16 --batch 32 --no-torch --no-whisper
 
-Every number is the median of --repeats timed calls after one warm-up call; torch runs with as many threads as the
-machine has cores, as XLA does. Compile time: the jitted encode's lower + compile for 2 and for 12 layers (layers
+Ours and torch alternate, one timed call each per round, for --repeats rounds after one warm-up call each (this
+VM's speed drifts by tens of percent over minutes, so back-to-back blocks of calls compare different machines);
+the throughputs are medians over rounds and the ratio the median of the per-round ratios. torch runs with as many
+threads as the machine has cores, as XLA does. Compile time: the jitted encode's lower + compile for 2 and for 12 layers (layers
 are scanned, so depth should barely change it).
 """
 
@@ -20,12 +22,12 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_generate import median_time  # same folder: one timing rule for every benchmark
 
 from kvzip_jax.models import audio, vision
 
@@ -49,6 +51,22 @@ def vision_flops(c: vision.VisionConfig, batch: int) -> float:
     return batch * (c.num_layers * per_layer + patch)
 
 
+def interleaved(ours, theirs, repeats: int) -> dict:
+    """Alternate one timed call of each per round; medians of the times and of the per-round ratios."""
+    ours_s, theirs_s = [], []
+    for _ in range(repeats):
+        for fn, times in ((ours, ours_s), (theirs, theirs_s)):
+            if fn is not None:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+    out = {"ours_s": statistics.median(ours_s)}
+    if theirs is not None:
+        out["theirs_s"] = statistics.median(theirs_s)
+        out["ratio"] = statistics.median(t / o for o, t in zip(ours_s, theirs_s, strict=True))  # ours/theirs speed
+    return out
+
+
 def bench_vision(args) -> dict:
     config = vision.VisionConfig(**VISION_PRESETS[args.preset])
     dtype = jnp.dtype(args.dtype)
@@ -61,8 +79,12 @@ def bench_vision(args) -> dict:
         jax.block_until_ready(encode(params, pixels, config=config))
 
     ours()
-    ours_s = median_time(ours, args.repeats)
-    row = dict(model=args.preset, batch=args.batch, dtype=args.dtype, ours_items_per_s=args.batch / ours_s)
+    theirs = None if args.no_torch else torch_vision_call(config, np.asarray(pixels))
+    timed = interleaved(ours, theirs, args.repeats)
+    row = dict(model=args.preset, batch=args.batch, dtype=args.dtype, ours_items_per_s=args.batch / timed["ours_s"])
+    if theirs is not None:
+        row["torch_items_per_s"] = args.batch / timed["theirs_s"]
+        row["ratio"] = timed["ratio"]
     row["compile_s"] = {n: compile_seconds(dataclasses.replace(config, num_layers=n), dtype, pixels)
                         for n in (2, 12)}
     device = jax.devices()[0]
@@ -70,10 +92,7 @@ def bench_vision(args) -> dict:
         peak = next((v for k, v in PEAK_BF16.items() if k in device.device_kind), None)
         if peak:
             row["floor_s"] = vision_flops(config, args.batch) / peak
-            row["ours_over_floor"] = ours_s / row["floor_s"]
-    if not args.no_torch:
-        row["torch_items_per_s"] = args.batch / torch_vision_seconds(config, np.asarray(pixels), args)
-        row["ratio"] = row["ours_items_per_s"] / row["torch_items_per_s"]
+            row["ours_over_floor"] = timed["ours_s"] / row["floor_s"]
     return row
 
 
@@ -86,7 +105,8 @@ def compile_seconds(config: vision.VisionConfig, dtype, pixels) -> float:
     return time.perf_counter() - t0
 
 
-def torch_vision_seconds(config: vision.VisionConfig, pixels: np.ndarray, args) -> float:
+def torch_vision_call(config: vision.VisionConfig, pixels: np.ndarray):
+    """transformers' CLIP tower on the same input: a warmed-up callable."""
     import torch
     import transformers
 
@@ -100,7 +120,27 @@ def torch_vision_seconds(config: vision.VisionConfig, pixels: np.ndarray, args) 
             model(pixel_values=x)
 
     run()
-    return median_time(run, args.repeats)
+    return run
+
+
+def torch_whisper_call(feats: np.ndarray):
+    """transformers' Whisper-base encoder on the same input: a warmed-up callable."""
+    import torch
+    import transformers
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    hf = transformers.WhisperConfig(d_model=512, encoder_layers=6, encoder_attention_heads=8, encoder_ffn_dim=2048,
+                                    num_mel_bins=80, max_source_positions=1500, decoder_layers=1,
+                                    decoder_attention_heads=8, decoder_ffn_dim=2048)
+    model = transformers.WhisperModel(hf).get_encoder().eval()
+    x = torch.as_tensor(feats)
+
+    def run():
+        with torch.no_grad():
+            model(x)
+
+    run()
+    return run
 
 
 def bench_whisper(args) -> dict:
@@ -114,25 +154,13 @@ def bench_whisper(args) -> dict:
         jax.block_until_ready(encode(params, feats, config=config))
 
     ours()
+    theirs = None if args.no_torch else torch_whisper_call(np.asarray(feats))
+    timed = interleaved(ours, theirs, args.repeats)
     row = dict(model="whisper-base-encoder", batch=args.clips, dtype="float32",
-               ours_items_per_s=args.clips / median_time(ours, args.repeats))
-    if not args.no_torch:
-        import torch
-        import transformers
-
-        hf = transformers.WhisperConfig(d_model=512, encoder_layers=6, encoder_attention_heads=8,
-                                        encoder_ffn_dim=2048, num_mel_bins=80, max_source_positions=1500,
-                                        decoder_layers=1, decoder_attention_heads=8, decoder_ffn_dim=2048)
-        model = transformers.WhisperModel(hf).get_encoder().eval()
-        x = torch.as_tensor(np.asarray(feats))
-
-        def run():
-            with torch.no_grad():
-                model(x)
-
-        run()
-        row["torch_items_per_s"] = args.clips / median_time(run, args.repeats)
-        row["ratio"] = row["ours_items_per_s"] / row["torch_items_per_s"]
+               ours_items_per_s=args.clips / timed["ours_s"])
+    if theirs is not None:
+        row["torch_items_per_s"] = args.clips / timed["theirs_s"]
+        row["ratio"] = timed["ratio"]
     return row
 
 
@@ -141,7 +169,7 @@ def main(argv=None) -> None:
     parser.add_argument("--preset", default="vit-b16", choices=sorted(VISION_PRESETS))
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds")
     parser.add_argument("--clips", type=int, default=2, help="30 s clips per Whisper call")
     parser.add_argument("--no-whisper", action="store_true")
     parser.add_argument("--no-torch", action="store_true", help="skip the transformers baseline (GPU floor runs)")
