@@ -4,13 +4,15 @@
   python scripts/simulate.py --policy elasticmm --arrival mmpp --dataset sharegpt4o --rate 20 --duration 300
   python scripts/simulate.py --matrix --quick          # CSVs + figures in docs/ in a few minutes
   python scripts/simulate.py --matrix                  # the full matrix (tens of minutes on 2 cores)
+  python scripts/simulate.py --robustness --jobs 2     # elastic vs the best baseline on a seeded family of loads
 
-The logic lives in serving/ (experiments.py, matrix.py); this file only parses arguments and prints.
+The logic lives in serving/ (experiments.py, matrix.py, robustness.py); this file only parses arguments and prints.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -23,6 +25,9 @@ from serving.costmodel import CostModel, load_profile
 from serving.matrix import FULL, QUICK, environment, measure_overheads, run_matrix, targets, write_csv
 from serving.metrics import summarize
 from serving.policies import POLICIES, make_policy
+from serving.robustness import FULL as ROBUSTNESS_FULL
+from serving.robustness import QUICK as ROBUSTNESS_QUICK
+from serving.robustness import markdown, run_robustness, verdict, write_outputs
 from serving.simulator import SimConfig, simulate
 from serving.workloads import ARRIVALS, DATASETS, WorkloadSpec, generate
 
@@ -30,9 +35,12 @@ from serving.workloads import ARRIVALS, DATASETS, WorkloadSpec, generate
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--matrix", action="store_true", help="run the experiment matrix and write docs/")
-    p.add_argument("--quick", action="store_true", help="small matrix (short traces, coarse rate grid)")
+    p.add_argument("--robustness", action="store_true",
+                   help="elastic vs coupled and the best static PD / EPD splits on a seeded family of loads")
+    p.add_argument("--quick", action="store_true", help="small matrix or robustness family (short traces)")
     p.add_argument("--overheads", action="store_true", help="only measure decision time and simulation speed")
-    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes for the matrix")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                   help="worker processes for the matrix and the robustness runs")
     p.add_argument("--out", default="docs", help="output folder for CSVs and figures")
     p.add_argument("--bench-md", default="docs/benchmarks.md", help="markdown file the results append to")
     p.add_argument("--policy", default="elasticmm", help=f"one of {list(POLICIES)}")
@@ -49,7 +57,7 @@ def parse(argv=None):
     p.add_argument("--burst-gap", type=float, default=150.0, help="mmpp: mean gap between bursts (s)")
     p.add_argument("--instances", type=int, default=None, help="instances (default: the profile's)")
     p.add_argument("--profile", default="qwen2_5_vl_7b_a800x8", help="packaged profile name or a .json path")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="workload seed; with --robustness, the load family's seed")
     p.add_argument("--check", action="store_true", help="check the invariants at every event (slow)")
     return p.parse_args(argv)
 
@@ -140,9 +148,29 @@ def overheads(args):
         f.write(text)
 
 
+def robustness(args):
+    t0 = time.time()
+    family, sizing = ROBUSTNESS_QUICK if args.quick else ROBUSTNESS_FULL
+    family = dataclasses.replace(family, seed=args.seed)
+    rows = run_robustness(family, sizing, args.jobs)
+    csv_path, png_path = write_outputs(rows, Path(args.out))
+    env = environment()
+    v = verdict(rows)
+    cmd = "python scripts/simulate.py --robustness" + (" --quick" if args.quick else "") + \
+        f" --jobs {args.jobs} --seed {args.seed}"
+    header = "\n".join([
+        f"\n## ElasticMM robustness ({'quick' if args.quick else 'full'}, {v['loads']} loads)\n",
+        f"- command: `{cmd}` ({(time.time() - t0) / 60:.1f} min wall)",
+        f"- date: {env['date']}; machine: {env['machine']}; Python {env['python']}, numpy {env['numpy']}",
+        f"- CSV and figure: {csv_path}, {png_path}; prefix cache on for every policy\n"])
+    print(markdown(rows, header))
+
+
 def main(argv=None):
     args = parse(argv)
-    if args.matrix:
+    if args.robustness:
+        robustness(args)
+    elif args.matrix:
         matrix(args)
     elif args.overheads:
         overheads(args)

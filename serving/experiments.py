@@ -117,19 +117,25 @@ def goodput(runner: Runner, policy: str, kw: tuple, wl: WorkloadSpec, grid: list
     return out
 
 
-def best_static_pd(runner: Runner, wl: WorkloadSpec, n: int, probe_rates: list[float], scale: int = 3):
-    """static_pd split with the best attainment (then lowest mean normalised TTFT) at the probe rates."""
-    cands = [policy_kw(n_prefill=p) for p in range(1, n)]
-    return _best(runner, "static_pd", cands, wl, probe_rates, scale, "search static_pd")
+def best_static_pd(runner: Runner, wl: WorkloadSpec, n: int, probe_rates: list[float], scale: int = 3,
+                   num_instances: int | None = None, extra_kw: tuple = ()):
+    """static_pd splits ranked by attainment (then lowest mean normalised TTFT) at the probe rates, best first.
+
+    num_instances: run on this many instances (None: the profile's, which must then be n); extra_kw: keywords
+    every candidate gets (e.g. prefix_cache)."""
+    cands = [policy_kw(n_prefill=p, **dict(extra_kw)) for p in range(1, n)]
+    return _best(runner, "static_pd", cands, wl, probe_rates, scale, "search static_pd", num_instances)
 
 
-def best_static_epd(runner: Runner, wl: WorkloadSpec, n: int, probe_rates: list[float], scale: int = 3):
-    cands = [policy_kw(split=s) for s in all_epd_splits(n)]
-    return _best(runner, "static_epd", cands, wl, probe_rates, scale, "search static_epd")
+def best_static_epd(runner: Runner, wl: WorkloadSpec, n: int, probe_rates: list[float], scale: int = 3,
+                    num_instances: int | None = None, extra_kw: tuple = (), splits: list | None = None):
+    """static_epd splits ranked like best_static_pd; splits: the candidates (default every split of n)."""
+    cands = [policy_kw(split=s, **dict(extra_kw)) for s in (all_epd_splits(n) if splits is None else splits)]
+    return _best(runner, "static_epd", cands, wl, probe_rates, scale, "search static_epd", num_instances)
 
 
-def _best(runner, name, cands, wl, probe_rates, scale, desc):
-    specs = [RunSpec(name, kw, wl.with_rate(r)) for kw in cands for r in probe_rates]
+def _best(runner, name, cands, wl, probe_rates, scale, desc, num_instances=None):
+    specs = [RunSpec(name, kw, wl.with_rate(r), num_instances=num_instances) for kw in cands for r in probe_rates]
     rows = runner.many(specs, desc=desc)
     m = len(probe_rates)
     scored = []

@@ -51,6 +51,9 @@ class Coupled(Policy):
     name = "coupled"
     coupled = True
 
+    def __init__(self, prefix_cache: bool = False):
+        self.prefix_cache = prefix_cache  # on when compared with elasticmm: cache hits are not elasticity
+
     def layout(self, n, cost):
         return [(Group.ANY, Stage.COUPLED)] * n
 
@@ -64,8 +67,9 @@ class StaticPD(Policy):
 
     name = "static_pd"
 
-    def __init__(self, n_prefill: int):
+    def __init__(self, n_prefill: int, prefix_cache: bool = False):
         self.n_prefill = n_prefill
+        self.prefix_cache = prefix_cache
         self.name = f"static_pd[{n_prefill}P]"
 
     def layout(self, n, cost):
@@ -145,15 +149,16 @@ POLICIES = ("coupled", "static_pd", "static_epd", "elasticmm", "elasticmm_no_cac
 
 def make_policy(name: str, **kw) -> Policy:
     """Build a policy by name. static_pd takes n_prefill=; static_epd takes split= (preset name or 5-tuple);
-    the elasticmm family takes ElasticConfig fields as keywords."""
+    coupled, static_pd and static_epd take prefix_cache= (default off; elasticmm has it on); the elasticmm
+    family takes ElasticConfig fields as keywords."""
     from .elasticmm import ElasticConfig, ElasticMM
 
     if name == "coupled":
-        return Coupled()
+        return Coupled(prefix_cache=kw.get("prefix_cache", False))
     if name == "static_pd":
         if "n_prefill" not in kw:
             raise ValueError("static_pd needs n_prefill= (use experiments.best_static_pd to search it)")
-        return StaticPD(kw["n_prefill"])
+        return StaticPD(kw["n_prefill"], prefix_cache=kw.get("prefix_cache", False))
     if name == "static_epd":
         return StaticEPD(kw.get("split", "equal"), prefix_cache=kw.get("prefix_cache", False))
     variants = {"elasticmm": (True, True), "elasticmm_no_cache": (False, True),
