@@ -69,7 +69,8 @@ _TOKEN_ARRAYS = ("tokens", "modality_ids", "key_mask", "loss_weights")
 def _picture(i: int, image) -> np.ndarray:
     image = np.asarray(image)
     if image.shape != IMAGE_SHAPE:
-        raise ValueError(f"picture #{i + 1} has shape {image.shape}; the demo's encoder takes {IMAGE_SHAPE} (H, W, RGB)")
+        raise ValueError(f"picture #{i + 1} has shape {image.shape}; the demo's encoder takes {IMAGE_SHAPE} "
+                         "(H, W, RGB)")
     if image.dtype == np.uint8:
         return image.astype(np.float32) / 255.0
     if not np.issubdtype(image.dtype, np.floating) or image.min() < 0.0 or image.max() > 1.0:

@@ -10,8 +10,8 @@ GPU: the ViT-L/14-336 tower in bf16 at batch 32 against its FLOP floor (FLOPs / 
 Ours and torch alternate, one timed call each per round, for --repeats rounds after one warm-up call each (this
 VM's speed drifts by tens of percent over minutes, so back-to-back blocks of calls compare different machines);
 the throughputs are medians over rounds and the ratio the median of the per-round ratios. torch runs with as many
-threads as the machine has cores, as XLA does. Compile time: the jitted encode's lower + compile for 2 and for 12 layers (layers
-are scanned, so depth should barely change it).
+threads as the machine has cores, as XLA does. Compile time: the jitted encode's lower + compile for 2 and for 12
+layers (layers are scanned, so depth should barely change it).
 """
 
 from __future__ import annotations
