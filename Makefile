@@ -16,7 +16,7 @@ PIP_CONFIG_FIND_LINKS := $(shell $(PYTHON) -m pip config get global.find-links 2
 TORCH_FIND_LINKS ?= $(or $(PIP_FIND_LINKS),$(PIP_CONFIG_FIND_LINKS),https://download.pytorch.org/whl/cpu/torch/)
 FIND_LINKS := $(foreach link,$(TORCH_FIND_LINKS),--find-links $(link))
 COMPILE := pip compile -q --python-version 3.11 --annotation-style line --no-emit-find-links \
-	--custom-compile-command "make lock" --extra hf --extra test --extra train pyproject.toml requirements/dev.in
+	--custom-compile-command "make lock" --extra hf --extra test --extra train --extra serve pyproject.toml requirements/dev.in
 LATEST_VENV ?= .venv-latest
 
 .PHONY: setup test demo demo-synthetic parity-demo bench lock test-latest mutate clean

@@ -1,0 +1,597 @@
+"""The serving engine: instances on their own devices, one worker thread each, driven by a `serving` policy.
+
+The policy objects are the simulator's (`serving.policies.make_policy`): their `layout` places every instance in
+a (group, stage) role, `route` picks a request's modality group and, for coupled serving, `coupled_target` picks
+its instance. The engine carries the decisions out on real devices:
+
+- coupled instances prefill (prefill first, as vLLM) and decode their own requests;
+- prefill instances prefill, then hand each request's KV to a decode instance of its group: the source gathers
+  the pages, `jax.device_put` moves them to the destination's device, the destination scatters them into pages it
+  reserved; only after that insert completes does the request change owner and the source free its pages;
+- decode instances run continuous batching, `decode_steps` tokens per dispatch.
+
+State lives on the host under one lock (a `threading.Condition`); device work runs outside it, so the instances'
+steps overlap (JAX releases the GIL while a step runs). Each instance's pool arrays are touched only by its own
+worker. Page reservations make every admitted request finish without running out of pages: a request enters an
+instance only when its pages (prompt + max_tokens, or the prompt on a prefill instance) are there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+
+from kvzip_jax.config import ModelConfig
+from serving.costmodel import default_cost_model
+from serving.engine.detokenize import Detokenizer
+from serving.engine.executor import DecodeRow, ExecutorShape, InstanceExecutor, PrefillRow
+from serving.engine.pages import PagePool, SequenceKV
+from serving.engine.request import EngineRequest, Phase, RequestOutput
+from serving.engine.sampling import SamplingParams
+from serving.model import Group, InstState, Stage
+from serving.policies import Policy, make_policy
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    """Admission control: too many requests wait already. The client should retry later (HTTP 429)."""
+
+
+class EngineError(RuntimeError):
+    """The engine cannot run as configured, or was stopped."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    policy: str = "coupled"
+    policy_options: tuple[tuple[str, object], ...] = ()  # e.g. (("n_prefill", 1),) for static_pd
+    num_instances: int = 1
+    page_size: int = 16
+    pages_per_instance: int = 4096
+    decode_rows: int = 8  # continuous-batching slots per instance
+    decode_steps: int = 4  # decode steps per dispatch
+    prefill_rows: int = 4
+    prefill_chunk: int = 128
+    max_model_len: int | None = None  # prompt + max_tokens; default: the model's max_position_embeddings
+    max_waiting: int = 256  # queued requests beyond which submit answers QueueFull
+    warmup: bool = True  # compile every shape bucket at start-up
+    check_invariants: bool = False  # after every step (tests)
+
+    def __post_init__(self):
+        for name in ("num_instances", "page_size", "decode_rows", "decode_steps", "prefill_rows", "prefill_chunk"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.max_waiting < 0:
+            raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Migration:
+    request: EngineRequest
+    source: EngineInstance
+    target: EngineInstance
+    old_ids: np.ndarray
+    new_ids: np.ndarray
+    growth: int  # pages reserved on the target for the tokens still to come
+
+
+@dataclasses.dataclass(eq=False)
+class EngineInstance:
+    """An instance as policies see it (the simulator's read surface) plus its executor and page pool."""
+
+    iid: int
+    group: Group
+    stage: Stage
+    executor: InstanceExecutor
+    pool: PagePool
+    state: InstState = InstState.ACTIVE
+    pending_target: tuple | None = None
+    last_switch: float = -float("inf")
+    busy: bool = False
+    local_queue: deque = dataclasses.field(default_factory=deque)  # coupled: its own waiting requests
+    prefilling: list = dataclasses.field(default_factory=list)
+    running: dict = dataclasses.field(default_factory=dict)  # rid -> request in its decode batch
+    outgoing: deque = dataclasses.field(default_factory=deque)  # migrations whose pages it must send
+    incoming: deque = dataclasses.field(default_factory=deque)  # (migration, data) whose pages it must insert
+    in_flight: tuple | None = None  # (kind, payload) of the step running now
+    arriving: int = 0  # migrations towards it that hold a decode seat
+    reserved: int = 0  # pages promised to arriving requests' growth
+    steps: int = 0
+    thread: threading.Thread | None = None
+
+    @property
+    def kv_total(self) -> int:
+        return self.pool.num_pages - 1
+
+    @property
+    def kv_used(self) -> int:
+        return self.pool.used
+
+    @property
+    def kv_free(self) -> int:
+        return self.pool.free - self.reserved
+
+    @property
+    def pending(self) -> list:  # requests promised to its decode batch (the simulator's name)
+        return [m.request for m, _ in self.incoming]
+
+
+@dataclasses.dataclass
+class EngineStats:
+    submitted: int = 0
+    finished: int = 0
+    cancelled: int = 0
+    errors: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    migrations: int = 0
+    migrated_pages: int = 0
+    ttft: list = dataclasses.field(default_factory=list)  # seconds, per finished request
+    tpot: list = dataclasses.field(default_factory=list)  # seconds per output token after the first
+
+
+def _uses_ticks(policy: Policy) -> bool:
+    return type(policy).on_tick is not Policy.on_tick or getattr(policy, "tick_interval", None)
+
+
+class Engine:
+    def __init__(self, config: ModelConfig, params, tokenizer=None, engine_config: EngineConfig = EngineConfig(),
+                 *, devices: Sequence[jax.Device] | None = None, model_name: str = "model"):
+        ec = engine_config
+        self.config, self.tokenizer, self.engine_config, self.model_name = config, tokenizer, ec, model_name
+        devices = list(jax.devices() if devices is None else devices)
+        if ec.num_instances > len(devices):
+            raise ValueError(f"num_instances = {ec.num_instances} needs that many devices; {len(devices)} exist "
+                             f"({devices[0].platform})")
+        self.policy = make_policy(ec.policy, **dict(ec.policy_options))
+        if _uses_ticks(self.policy):
+            raise ValueError(f"policy {ec.policy!r} re-assigns instances while it runs; the engine carries out "
+                             "fixed layouts only so far (coupled, static_pd, static_epd)")
+        self.cost = default_cost_model()
+        layout = self.policy.layout(ec.num_instances, self.cost)
+        self.max_model_len = ec.max_model_len or config.max_position_embeddings
+        if self.max_model_len > config.max_position_embeddings:
+            raise ValueError(f"max_model_len = {self.max_model_len} is beyond the model's max_position_embeddings "
+                             f"({config.max_position_embeddings})")
+        width = -(-self.max_model_len // ec.page_size)
+        pages_per_request = config.num_layers * config.num_kv_heads * width
+        if pages_per_request > ec.pages_per_instance - 1:
+            raise ValueError(f"one request of max_model_len = {self.max_model_len} tokens needs {pages_per_request} "
+                             f"pages, but an instance has {ec.pages_per_instance - 1}; raise pages_per_instance or "
+                             "lower max_model_len")
+        self.shape = ExecutorShape(
+            num_pages=ec.pages_per_instance, page_size=ec.page_size, decode_rows=ec.decode_rows,
+            decode_steps=ec.decode_steps, prefill_rows=ec.prefill_rows, prefill_chunk=ec.prefill_chunk,
+            max_table_width=width,
+        )
+        self.insts = [
+            EngineInstance(iid=i, group=g, stage=s, pool=PagePool(ec.pages_per_instance),
+                           executor=InstanceExecutor(config, params, devices[i], self.shape))
+            for i, (g, s) in enumerate(layout)
+        ]
+        self.q = {(g, s): deque() for g in Group for s in Stage}
+        self.requests: dict[int, EngineRequest] = {}
+        self.stats = EngineStats()
+        self.lock = threading.Condition()
+        self._ids = itertools.count()
+        self._stopping = False
+        self.started = time.perf_counter()
+        if ec.warmup:
+            threads = [threading.Thread(target=i.executor.warmup) for i in self.insts]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        for inst in self.insts:
+            inst.thread = threading.Thread(target=self._worker, args=(inst,), name=f"instance-{inst.iid}",
+                                           daemon=True)
+            inst.thread.start()
+
+    # ---- the client surface ---------------------------------------------------------------------------------
+    def submit(self, prompt: Sequence[int], sampling: SamplingParams, sink: Callable[[RequestOutput], None]) -> int:
+        """Queue a request; `sink` receives its outputs (from a worker thread). Returns its id."""
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise ValueError("the prompt is empty (0 tokens)")
+        bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
+        total = len(prompt) + sampling.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({sampling.max_tokens}) = {total} is "
+                             f"beyond the engine's max_model_len ({self.max_model_len})")
+        stops = set(sampling.stop_token_ids)
+        if not sampling.ignore_eos:
+            stops |= set(self.config.eos_token_ids)
+            if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+                stops.add(int(self.tokenizer.eos_token_id))
+        detok = Detokenizer(self.tokenizer, sampling.stop) if self.tokenizer is not None else None
+        if sampling.stop and detok is None:
+            raise ValueError("stop strings need a tokenizer; this model has none")
+        with self.lock:
+            if self._stopping:
+                raise EngineError("the engine is shutting down")
+            waiting = sum(1 for r in self.requests.values() if r.phase == Phase.QUEUED)
+            if waiting >= self.engine_config.max_waiting:
+                raise QueueFull(f"{waiting} requests are waiting (the limit is {self.engine_config.max_waiting})")
+            r = EngineRequest(rid=next(self._ids), prompt=prompt, sampling=sampling, sink=sink,
+                              stop_ids=frozenset(stops), detok=detok)
+            r.group = self.policy.route(r)
+            self.requests[r.rid] = r
+            self.stats.submitted += 1
+            if r.group == Group.ANY and self.policy.coupled:
+                self.policy.coupled_target(self, r).local_queue.append(r)
+            else:
+                self.q[(r.group, Stage.PREFILL)].append(r)
+            self.lock.notify_all()
+        return r.rid
+
+    def cancel(self, rid: int) -> None:
+        """Stop a request (its client went away); its pages are freed. Unknown or finished ids are ignored."""
+        with self.lock:
+            r = self.requests.get(rid)
+            if r is None:
+                return
+            r.cancelled = True
+            if r.phase == Phase.QUEUED:
+                for queue in [*self.q.values(), *(i.local_queue for i in self.insts)]:
+                    if r in queue:
+                        queue.remove(r)
+                self._finish(r, "cancelled")
+            elif r.phase == Phase.WAIT_DECODE:
+                self.q[(r.group, Stage.DECODE)].remove(r)
+                self._finish(r, "cancelled")
+            self.lock.notify_all()  # the owning worker drops the others at its next step
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, timeout: float = 300.0):
+        """Blocking helper: every prompt's generated token ids (stop token included), in order."""
+        done = threading.Event()
+        results: dict[int, RequestOutput] = {}
+        tokens: dict[int, list[int]] = {}
+        order = []
+
+        def sink(out: RequestOutput):
+            tokens.setdefault(out.rid, []).extend(out.token_ids)
+            if out.finish_reason is not None:
+                results[out.rid] = out
+                if len(results) == len(prompts):
+                    done.set()
+
+        for p in prompts:
+            order.append(self.submit(p, sampling, sink))
+        if not done.wait(timeout):
+            raise TimeoutError(f"{len(prompts) - len(results)} of {len(prompts)} requests unfinished after {timeout}s")
+        errors = [results[i].error for i in order if results[i].finish_reason == "error"]
+        if errors:
+            raise EngineError(errors[0])
+        return [tokens.get(i, []) for i in order]
+
+    def shutdown(self) -> None:
+        with self.lock:
+            self._stopping = True
+            self.lock.notify_all()
+        for inst in self.insts:
+            if inst.thread is not None:
+                inst.thread.join(timeout=60)
+        with self.lock:
+            for r in list(self.requests.values()):
+                self._finish(r, "error", "the engine shut down")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+    def snapshot(self) -> dict:
+        """Counters for /metrics and /health (a consistent copy, taken under the lock)."""
+        with self.lock:
+            return {
+                "waiting": {f"{g.name}/{s.name}": len(q) for (g, s), q in self.q.items() if q}
+                | {f"instance{i.iid}/local": len(i.local_queue) for i in self.insts if i.local_queue},
+                "instances": [
+                    {"iid": i.iid, "group": i.group.name, "stage": i.stage.name, "prefilling": len(i.prefilling),
+                     "running": len(i.running), "pages_used": i.pool.used, "pages_total": i.kv_total,
+                     "steps": i.steps}
+                    for i in self.insts
+                ],
+                "live_requests": len(self.requests),
+                "stats": dataclasses.replace(self.stats, ttft=list(self.stats.ttft), tpot=list(self.stats.tpot)),
+                "kv_bytes_per_page": self.insts[0].executor.kv_bytes_per_page,
+            }
+
+    # ---- the worker: plan under the lock, run on the device without it, apply under the lock ----------------
+    def _worker(self, inst: EngineInstance) -> None:
+        while True:
+            with self.lock:
+                while True:
+                    if self._stopping:
+                        return
+                    work = self._plan(inst)
+                    if work is not None:
+                        break
+                    self.lock.wait(timeout=1.0)
+                inst.busy = True
+                inst.in_flight = work
+            kind, payload = work
+            try:
+                result = self._run(inst, kind, payload)
+                error = None
+            except Exception as e:  # a failed step fails its requests, never the instance or the server
+                log.exception("instance %d: %s step failed", inst.iid, kind)
+                result, error = None, f"{type(e).__name__}: {e}"
+            with self.lock:
+                inst.busy = False
+                inst.in_flight = None
+                inst.steps += 1
+                if error is None:
+                    getattr(self, f"_apply_{kind}")(inst, payload, result)
+                else:
+                    self._fail(inst, kind, payload, error)
+                if self.engine_config.check_invariants:
+                    self.check_invariants()
+                self.lock.notify_all()
+
+    def _run(self, inst: EngineInstance, kind: str, payload):
+        ex = inst.executor
+        if kind == "prefill":
+            return ex.prefill([PrefillRow(np.asarray(chunk, np.int32), r.kv, r.sampling) for r, chunk in payload])
+        if kind == "decode":
+            return ex.decode([DecodeRow(r.output[-1], r.kv, r.sampling) for r in payload])
+        if kind == "export":
+            return ex.export_pages(payload.old_ids, payload.target.executor.device)
+        if kind == "import":
+            migration, data = payload
+            ex.import_pages(migration.new_ids, data)
+            return None
+        raise AssertionError(kind)
+
+    def _plan(self, inst: EngineInstance):
+        self._drop_cancelled(inst)
+        if inst.outgoing:
+            return "export", inst.outgoing.popleft()
+        if inst.incoming:
+            return "import", inst.incoming.popleft()
+        if inst.stage == Stage.COUPLED:
+            self._admit(inst, inst.local_queue, whole=True)
+        elif inst.stage == Stage.PREFILL:
+            self._admit(inst, self.q[(inst.group, Stage.PREFILL)], whole=False)
+        if inst.prefilling:
+            chunk = self.engine_config.prefill_chunk
+            rows = inst.prefilling[:self.engine_config.prefill_rows]
+            return "prefill", [(r, r.prompt[r.prefilled:r.prefilled + chunk]) for r in rows]
+        if inst.running and inst.stage in (Stage.COUPLED, Stage.DECODE):
+            return "decode", list(inst.running.values())[:self.engine_config.decode_rows]
+        return None
+
+    def _admit(self, inst: EngineInstance, queue: deque, whole: bool) -> None:
+        """FCFS: take queue heads while there are seats and pages (coupled: prompt + max_tokens; prefill: prompt)."""
+        ec = self.engine_config
+        c = self.config
+        while queue:
+            if len(inst.prefilling) >= ec.prefill_rows:
+                return
+            if whole and len(inst.prefilling) + len(inst.running) >= ec.decode_rows:
+                return
+            r = queue[0]
+            kv = SequenceKV.empty(c.num_layers, c.num_kv_heads)
+            tokens = len(r.prompt) + (r.sampling.max_tokens if whole else 0)
+            if kv.pages_to_hold(tokens, ec.page_size) > inst.kv_free:
+                return
+            queue.popleft()
+            kv.grow(inst.pool, tokens, ec.page_size)
+            r.kv, r.owner, r.phase = kv, inst.iid, Phase.PREFILL
+            inst.prefilling.append(r)
+
+    def _drop_cancelled(self, inst: EngineInstance) -> None:
+        for r in [r for r in inst.prefilling if r.cancelled]:
+            self._finish(r, "cancelled")
+        for r in [r for r in inst.running.values() if r.cancelled]:
+            self._finish(r, "cancelled")
+
+    # ---- applying results ------------------------------------------------------------------------------------
+    def _apply_prefill(self, inst: EngineInstance, rows, first_tokens) -> None:
+        for (r, chunk), tok in zip(rows, first_tokens, strict=True):
+            if r.phase == Phase.DONE:
+                continue
+            r.kv.advance(len(chunk), self.engine_config.page_size)
+            r.prefilled += len(chunk)
+            if r.cancelled:
+                self._finish(r, "cancelled")
+                continue
+            if r.prefilled < len(r.prompt):
+                continue
+            inst.prefilling.remove(r)
+            r.t_first = time.perf_counter()
+            self.stats.prompt_tokens += len(r.prompt)
+            if self._emit(r, [int(tok)]):
+                continue
+            if inst.stage == Stage.COUPLED:
+                r.phase = Phase.DECODE
+                inst.running[r.rid] = r
+            else:
+                r.phase = Phase.WAIT_DECODE
+                self.q[(r.group, Stage.DECODE)].append(r)
+                self._drain_decode_queue(r.group)
+
+    def _apply_decode(self, inst: EngineInstance, rows, tokens) -> None:
+        steps = self.engine_config.decode_steps
+        for r, out in zip(rows, tokens, strict=True):
+            if r.phase == Phase.DONE:
+                continue
+            r.kv.advance(steps, self.engine_config.page_size)
+            if r.cancelled:
+                self._finish(r, "cancelled")
+                continue
+            self._emit(r, [int(t) for t in out])
+        self._drain_decode_queue(inst.group)
+
+    def _apply_export(self, inst: EngineInstance, migration: Migration, data) -> None:
+        migration.target.incoming.append((migration, data))
+
+    def _apply_import(self, inst: EngineInstance, payload, _result) -> None:
+        m, _ = payload
+        r = m.request
+        m.source.pool.release(m.old_ids)  # ownership moves now that the destination holds the copy
+        r.kv = r.kv.relocated(m.new_ids)
+        r.owner = inst.iid
+        inst.reserved -= m.growth
+        inst.arriving -= 1
+        r.kv.grow(inst.pool, r.sampling.max_tokens, self.engine_config.page_size)
+        r.migrations += 1
+        self.stats.migrations += 1
+        self.stats.migrated_pages += len(m.new_ids)
+        if r.cancelled:
+            self._finish(r, "cancelled")
+            return
+        r.phase = Phase.DECODE
+        inst.running[r.rid] = r
+
+    def _fail(self, inst: EngineInstance, kind: str, payload, error: str) -> None:
+        if kind in ("prefill", "decode"):
+            for item in payload:
+                r = item[0] if kind == "prefill" else item
+                if r.phase != Phase.DONE:
+                    self._finish(r, "error", error)
+        else:
+            m = payload if kind == "export" else payload[0]
+            m.target.pool.release(m.new_ids)
+            m.target.reserved -= m.growth
+            m.target.arriving -= 1
+            self._finish(m.request, "error", error)
+
+    # ---- prefill -> decode hand-off ------------------------------------------------------------------------
+    def _pick_decode(self, group: Group, copy: int, growth: int) -> EngineInstance | None:
+        best = None
+        for i in self.insts:
+            if i.group != group or i.stage != Stage.DECODE or i.state != InstState.ACTIVE:
+                continue
+            if len(i.running) + i.arriving >= self.engine_config.decode_rows or i.kv_free < copy + growth:
+                continue
+            if best is None or i.kv_free > best.kv_free:
+                best = i
+        return best
+
+    def _drain_decode_queue(self, group: Group) -> None:
+        q = self.q[(group, Stage.DECODE)]
+        page = self.engine_config.page_size
+        while q:
+            r = q[0]
+            old_ids = r.kv.owned()
+            growth = r.kv.pages_to_hold(r.sampling.max_tokens, page)
+            target = self._pick_decode(group, len(old_ids), growth)
+            if target is None:
+                return
+            q.popleft()
+            new_ids = target.pool.alloc(len(old_ids))
+            target.reserved += growth
+            target.arriving += 1
+            r.phase = Phase.MIGRATING
+            source = self.insts[r.owner]
+            source.outgoing.append(Migration(r, source, target, old_ids, new_ids, growth))
+
+    # ---- outputs and the end of a request ------------------------------------------------------------------
+    def _emit(self, r: EngineRequest, tokens: list[int]) -> bool:
+        """Add generated tokens (in order, up to the first stop); send them to the sink. True when it finished."""
+        new: list[int] = []
+        text = ""
+        reason = None
+        for t in tokens:
+            new.append(t)
+            r.output.append(t)
+            if t in r.stop_ids:
+                reason = "stop"
+                break
+            if r.detok is not None:
+                text += r.detok.push([t])
+                if r.detok.stopped:
+                    reason = "stop"
+                    break
+            if len(r.output) >= r.sampling.max_tokens:
+                reason = "length"
+                break
+        self.stats.generated_tokens += len(new)
+        if reason is not None:
+            if r.detok is not None:
+                text += r.detok.finish()
+            self._finish(r, reason, new_tokens=new, text=text)
+            return True
+        r.sink(RequestOutput(r.rid, new, text, prompt_tokens=len(r.prompt), completion_tokens=len(r.output)))
+        return False
+
+    def _finish(self, r: EngineRequest, reason: str, error: str | None = None, new_tokens=(), text: str = "") -> None:
+        if r.phase == Phase.DONE:
+            return
+        inst = self.insts[r.owner] if r.owner >= 0 else None
+        if inst is not None:
+            if r in inst.prefilling:
+                inst.prefilling.remove(r)
+            inst.running.pop(r.rid, None)
+            if r.kv is not None:  # the owner's pages (a migration's copies are released by its failure path)
+                inst.pool.release(r.kv.owned())
+        r.phase = Phase.DONE
+        r.finish_reason = reason
+        r.t_done = time.perf_counter()
+        self.requests.pop(r.rid, None)
+        s = self.stats
+        if reason == "cancelled":
+            s.cancelled += 1
+        elif reason == "error":
+            s.errors += 1
+        else:
+            s.finished += 1
+            if r.t_first is not None:
+                s.ttft.append(r.t_first - r.t_arrival)
+                if len(r.output) > 1:
+                    s.tpot.append((r.t_done - r.t_first) / (len(r.output) - 1))
+        r.sink(RequestOutput(r.rid, list(new_tokens), text, reason, len(r.prompt), len(r.output), error))
+
+    # ---- invariants (spec 6.1, on the real engine) -------------------------------------------------------------
+    def check_invariants(self) -> None:
+        """Every live request is in exactly one place; every used page has exactly its owners."""
+        where: dict[int, list[str]] = {rid: [] for rid in self.requests}
+        for (g, s), q in self.q.items():
+            for r in q:
+                where.setdefault(r.rid, []).append(f"queue {g.name}/{s.name}")
+        owners = [np.zeros(i.pool.num_pages, np.int32) for i in self.insts]
+        for i in self.insts:
+            for r in i.local_queue:
+                where.setdefault(r.rid, []).append(f"instance {i.iid} queue")
+            for r in i.prefilling:
+                where.setdefault(r.rid, []).append(f"instance {i.iid} prefill")
+            for r in i.running.values():
+                where.setdefault(r.rid, []).append(f"instance {i.iid} decode")
+            moving = [m for m, _ in i.incoming] + [m for m in i.outgoing]
+            if i.in_flight is not None and i.in_flight[0] in ("export", "import"):
+                kind, payload = i.in_flight
+                moving.append(payload if kind == "export" else payload[0])
+            for m in moving:
+                where.setdefault(m.request.rid, []).append(f"instance {i.iid} migrating")
+                np.add.at(owners[m.target.iid], m.new_ids, 1)
+        for r in self.requests.values():
+            if r.kv is not None and r.owner >= 0:
+                np.add.at(owners[r.owner], r.kv.owned(), 1)
+        for rid, places in where.items():
+            r = self.requests.get(rid)
+            if r is None:
+                raise AssertionError(f"request {rid} is queued but not live: {places}")
+            if len(places) != 1:
+                raise AssertionError(f"request {rid} ({r.phase.name}) is in {len(places)} places: {places}")
+        for i, count in zip(self.insts, owners, strict=True):
+            count[0] = 1
+            if not np.array_equal(count, i.pool.refs):
+                bad = np.flatnonzero(count != i.pool.refs)[:5]
+                raise AssertionError(f"instance {i.iid}: page owners {count[bad]} != pool references "
+                                     f"{i.pool.refs[bad]} at pages {bad}")
+            if i.reserved < 0 or i.arriving < 0 or i.kv_free < 0:
+                raise AssertionError(f"instance {i.iid}: reserved {i.reserved}, arriving {i.arriving}")

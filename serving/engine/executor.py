@@ -1,0 +1,186 @@
+"""One instance's device side: its weights and paged KV pool on its own device, and the jitted stage steps.
+
+Only the instance's worker thread calls an executor, so the pool arrays (donated to every step, updated in
+place) have one owner. Shapes come from a few buckets (table width, prefill chunk) so that every executable can
+be compiled before the first request (`warmup`), and a role switch never compiles on the critical path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvzip_jax.cache import PagedKVCache
+from kvzip_jax.config import ModelConfig
+from kvzip_jax.models.decoder import forward
+from serving.engine.pages import SequenceKV
+from serving.engine.sampling import RowSampling, SamplingParams, sample_rows
+
+
+def pow2_at_least(n: int, floor: int) -> int:
+    return max(floor, 1 << max(0, int(n) - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecutorShape:
+    """Static sizes of an instance: they fix the executables it compiles."""
+
+    num_pages: int
+    page_size: int
+    decode_rows: int  # continuous-batching slots
+    decode_steps: int  # decode steps per dispatch
+    prefill_rows: int  # requests per prefill step
+    prefill_chunk: int  # prompt tokens per request per prefill step (chunked prefill)
+    max_table_width: int  # pages per head sequence: ceil(max sequence length / page_size)
+    min_table_width: int = 8
+    min_prefill_width: int = 16
+
+    def table_buckets(self) -> list[int]:
+        out, w = [], pow2_at_least(1, self.min_table_width)
+        while w < self.max_table_width:
+            out.append(w)
+            w *= 4
+        return [*out, pow2_at_least(self.max_table_width, self.min_table_width)]
+
+    def table_width(self, needed: int) -> int:
+        return next(w for w in self.table_buckets() if w >= needed)
+
+    def prefill_buckets(self) -> list[int]:
+        out, w = [], self.min_prefill_width
+        while w < self.prefill_chunk:
+            out.append(w)
+            w *= 4
+        return [*out, self.prefill_chunk]
+
+    def prefill_width(self, needed: int) -> int:
+        return next(w for w in self.prefill_buckets() if w >= needed)
+
+
+@functools.partial(jax.jit, static_argnames=("config",), donate_argnums=(1,))
+def _prefill_step(params, pool, tokens, positions, n_valid, table, num_pages, lengths, sampling, *, config):
+    k_pages, v_pages, pos_pages = pool
+    cache = PagedKVCache(k_pages, v_pages, pos_pages, table, num_pages, lengths, positions[:, 0])
+    logits, cache = forward(params, tokens, positions, cache, config=config, n_valid=n_valid, logits_at="last")
+    # the first generated token sits right after the last prompt token
+    first = sample_rows(logits, sampling, positions[:, 0] + n_valid)
+    return (cache.k_pages, cache.v_pages, cache.pos_pages), first
+
+
+@functools.partial(jax.jit, static_argnames=("config", "steps"), donate_argnums=(1,))
+def _decode_steps(params, pool, tokens, positions, active, table, num_pages, lengths, sampling, *, config, steps):
+    def step(carry, _):
+        pool, tok, pos, lengths = carry
+        cache = PagedKVCache(*pool, table, num_pages, lengths, pos)
+        logits, cache = forward(params, tok[:, None], pos[:, None], cache, config=config, n_valid=active,
+                                logits_at="last")
+        nxt = sample_rows(logits, sampling, pos + 1)
+        return ((cache.k_pages, cache.v_pages, cache.pos_pages), nxt, pos + 1, cache.lengths), nxt
+
+    (pool, *_), out = jax.lax.scan(step, (pool, tokens, positions, lengths), None, length=steps)
+    return pool, out.T  # [B, steps]
+
+
+@jax.jit
+def _gather_pages(pool, ids):
+    return tuple(x[ids] for x in pool)
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _scatter_pages(pool, ids, data):
+    return tuple(x.at[ids].set(d) for x, d in zip(pool, data, strict=True))
+
+
+@dataclasses.dataclass
+class PrefillRow:
+    tokens: np.ndarray  # this step's chunk of the prompt
+    kv: SequenceKV  # pages already hold room for the chunk
+    sampling: SamplingParams
+
+
+@dataclasses.dataclass
+class DecodeRow:
+    last_token: int
+    kv: SequenceKV  # pages hold room for `decode_steps` more pairs
+    sampling: SamplingParams
+
+
+class InstanceExecutor:
+    def __init__(self, config: ModelConfig, params, device: jax.Device, shape: ExecutorShape, dtype=jnp.float32):
+        self.config = config
+        self.device = device
+        self.shape = shape
+        self.params = jax.device_put(params, device)
+        pages = (shape.num_pages, shape.page_size)
+        kv = (*pages, config.head_dim)
+        self.pool = jax.device_put((jnp.zeros(kv, dtype), jnp.zeros(kv, dtype), jnp.zeros(pages, jnp.int32)), device)
+
+    @property
+    def kv_bytes_per_page(self) -> int:
+        return 2 * self.shape.page_size * self.config.head_dim * self.pool[0].dtype.itemsize
+
+    def _tables(self, seqs: list[SequenceKV], rows: int):
+        c = self.config
+        width = self.shape.table_width(max([s.table.shape[2] for s in seqs] + [1]))
+        table = np.zeros((c.num_layers, rows, c.num_kv_heads, width), np.int32)
+        num_pages = np.zeros((c.num_layers, rows, c.num_kv_heads), np.int32)
+        lengths = np.zeros_like(num_pages)
+        for i, s in enumerate(seqs):
+            table[:, i, :, :s.table.shape[2]] = s.table
+            num_pages[:, i] = s.num_pages
+            lengths[:, i] = s.lengths
+        return table, num_pages, lengths
+
+    def prefill(self, rows: list[PrefillRow]) -> np.ndarray:
+        """Append each row's chunk to its pages; returns the token sampled after each chunk's last token (only
+        meaningful for rows whose chunk ends the prompt)."""
+        n, width = self.shape.prefill_rows, self.shape.prefill_width(max(len(r.tokens) for r in rows))
+        tokens = np.zeros((n, width), np.int32)
+        positions = np.zeros((n, width), np.int32)
+        n_valid = np.zeros(n, np.int32)
+        for i, r in enumerate(rows):
+            tokens[i, :len(r.tokens)] = r.tokens
+            positions[i] = r.kv.next_position + np.arange(width)
+            n_valid[i] = len(r.tokens)
+        table, num_pages, lengths = self._tables([r.kv for r in rows], n)
+        sampling = RowSampling.from_params([r.sampling for r in rows], n)
+        self.pool, first = _prefill_step(self.params, self.pool, tokens, positions, n_valid, table, num_pages,
+                                         lengths, sampling, config=self.config)
+        return np.asarray(first)[:len(rows)]
+
+    def decode(self, rows: list[DecodeRow]) -> np.ndarray:
+        """`decode_steps` tokens per row [len(rows), steps]; each row's input is its last token."""
+        n = self.shape.decode_rows
+        tokens = np.zeros(n, np.int32)
+        positions = np.zeros(n, np.int32)
+        active = np.zeros(n, np.int32)
+        for i, r in enumerate(rows):
+            tokens[i], positions[i], active[i] = r.last_token, r.kv.next_position, 1
+        table, num_pages, lengths = self._tables([r.kv for r in rows], n)
+        sampling = RowSampling.from_params([r.sampling for r in rows], n)
+        self.pool, out = _decode_steps(self.params, self.pool, tokens, positions, active, table, num_pages, lengths,
+                                       sampling, config=self.config, steps=self.shape.decode_steps)
+        return np.asarray(out)[:len(rows)]
+
+    def export_pages(self, ids: np.ndarray, destination: jax.Device):
+        """Copies of pages `ids` (K, V and positions), on their way to `destination` (asynchronous)."""
+        return jax.device_put(_gather_pages(self.pool, jnp.asarray(ids)), destination)
+
+    def import_pages(self, ids: np.ndarray, data) -> None:
+        """Write migrated pages into this pool at `ids`; returns once they are in place."""
+        self.pool = _scatter_pages(self.pool, jnp.asarray(ids), data)
+        jax.block_until_ready(self.pool)
+
+    def warmup(self) -> None:
+        """Compile every bucket now: all rows padded, nothing is written."""
+        c, s = self.config, self.shape
+        for width in s.table_buckets():
+            empty = SequenceKV(np.zeros((c.num_layers, c.num_kv_heads, width), np.int32),
+                               np.zeros((c.num_layers, c.num_kv_heads), np.int32),
+                               np.zeros((c.num_layers, c.num_kv_heads), np.int32), 0)
+            self.decode([DecodeRow(0, empty, SamplingParams())])
+            for chunk in s.prefill_buckets():
+                self.prefill([PrefillRow(np.zeros(chunk, np.int32), empty, SamplingParams())])

@@ -1,0 +1,66 @@
+"""A request inside the engine: what the client asked for, where its KV lives, what it has produced so far."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+from collections.abc import Callable
+
+from serving.engine.detokenize import Detokenizer
+from serving.engine.pages import SequenceKV
+from serving.engine.sampling import SamplingParams
+from serving.model import Group, Modality
+
+
+class Phase(enum.IntEnum):
+    QUEUED = 0  # waiting for a prefill (or coupled) instance
+    PREFILL = 1  # its prompt is being prefilled, chunk by chunk
+    WAIT_DECODE = 2  # prefilled; waits for a decode instance with room (it still holds its prefill pages)
+    MIGRATING = 3  # its KV is on its way to a decode instance
+    DECODE = 4  # in a decode batch
+    DONE = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestOutput:
+    """One update sent to the request's sink: the new tokens and text, and at the end why it finished."""
+
+    rid: int
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclasses.dataclass(eq=False)
+class EngineRequest:
+    rid: int
+    prompt: list[int]
+    sampling: SamplingParams
+    sink: Callable[[RequestOutput], None]
+    stop_ids: frozenset[int]
+    detok: Detokenizer | None
+    modality: Modality = Modality.TEXT
+    group: Group = Group.ANY
+    phase: Phase = Phase.QUEUED
+    prefilled: int = 0  # prompt tokens whose KV is in the pages
+    kv: SequenceKV | None = None
+    owner: int = -1  # instance whose pool holds `kv`
+    output: list[int] = dataclasses.field(default_factory=list)
+    cancelled: bool = False
+    finish_reason: str | None = None
+    migrations: int = 0
+    t_arrival: float = dataclasses.field(default_factory=time.perf_counter)
+    t_first: float | None = None
+    t_done: float | None = None
+
+    @property
+    def input_len(self) -> int:  # the policies' name for the prompt length
+        return len(self.prompt)
+
+    @property
+    def output_len(self) -> int:  # the policies plan with the most a request may produce
+        return self.sampling.max_tokens
