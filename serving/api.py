@@ -1,0 +1,332 @@
+"""The OpenAI-compatible HTTP front end (FastAPI): /v1/chat/completions, /v1/completions (both with SSE
+streaming), /v1/models, /health and Prometheus /metrics.
+
+The front end never touches device arrays: it tokenizes, submits to the engine and turns the engine's outputs
+(delivered from worker threads onto the event loop) into OpenAI response objects. Every refusal is an OpenAI-style
+error object with a 4xx status; a client that disconnects cancels its request, which frees its pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from serving.api_schema import ChatCompletionRequest, ChatMessage, CompletionRequest, RequestError
+from serving.engine import Engine, EngineError, QueueFull, RequestOutput
+
+MAX_BODY_BYTES = 8 * 1024 * 1024
+RETRY_AFTER_S = 1
+DISCONNECT_POLL_S = 0.5
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+def error_response(status: int, message: str, param: str | None = None, headers=None) -> JSONResponse:
+    kind = {404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error"}.get(
+        status, "invalid_request_error" if status < 500 else "server_error")
+    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class EngineCollector:
+    """Engine state read at scrape time: queues, pages, instances per role, request and token counters."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def collect(self):
+        snap = self.engine.snapshot()
+        waiting = GaugeMetricFamily("serving_queue_requests", "requests waiting, per queue", labels=["queue"])
+        for name, n in snap["waiting"].items():
+            waiting.add_metric([name], n)
+        yield waiting
+        pages = GaugeMetricFamily("serving_kv_pages_used", "KV pages in use per instance", labels=["instance"])
+        total = GaugeMetricFamily("serving_kv_pages_total", "KV pages per instance", labels=["instance"])
+        running = GaugeMetricFamily("serving_running_requests", "requests decoding per instance",
+                                    labels=["instance"])
+        roles = GaugeMetricFamily("serving_instances", "instances per group and stage", labels=["group", "stage"])
+        counts: dict = {}
+        for i in snap["instances"]:
+            iid = str(i["iid"])
+            pages.add_metric([iid], i["pages_used"])
+            total.add_metric([iid], i["pages_total"])
+            running.add_metric([iid], i["running"])
+            counts[(i["group"], i["stage"])] = counts.get((i["group"], i["stage"]), 0) + 1
+        for (g, s), n in counts.items():
+            roles.add_metric([g, s], n)
+        yield from (pages, total, running, roles)
+        s = snap["stats"]
+        done = CounterMetricFamily("serving_requests", "finished requests by outcome", labels=["outcome"])
+        for outcome, n in (("finished", s.finished), ("cancelled", s.cancelled), ("error", s.errors)):
+            done.add_metric([outcome], n)
+        yield done
+        yield CounterMetricFamily("serving_prompt_tokens", "prompt tokens prefilled", value=s.prompt_tokens)
+        yield CounterMetricFamily("serving_generated_tokens", "tokens generated", value=s.generated_tokens)
+        yield CounterMetricFamily("serving_kv_migrations", "requests whose KV moved between instances",
+                                  value=s.migrations)
+        yield CounterMetricFamily("serving_kv_migrated_bytes", "KV bytes moved between instances",
+                                  value=s.migrated_pages * snap["kv_bytes_per_page"])
+
+
+class _Outputs:
+    """Engine outputs of one request, handed from worker threads to the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._get: asyncio.Future | None = None
+
+    def sink(self, out: RequestOutput) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
+
+    async def get(self, timeout: float) -> RequestOutput | None:
+        """The next output, or None after `timeout` seconds (the pending read is kept, so nothing is lost)."""
+        if self._get is None:
+            self._get = asyncio.ensure_future(self.queue.get())
+        done, _ = await asyncio.wait({self._get}, timeout=timeout)
+        if not done:
+            return None
+        out, self._get = self._get.result(), None
+        return out
+
+    def close(self) -> None:
+        if self._get is not None:
+            self._get.cancel()
+
+
+def create_app(engine: Engine, *, model_name: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    model_name = model_name or engine.model_name
+    app = FastAPI(title="kvzip-jax serving", version="0.1.0")
+    registry = CollectorRegistry()
+    registry.register(EngineCollector(engine))
+    ttft = Histogram("serving_ttft_seconds", "time to first token", registry=registry, buckets=LATENCY_BUCKETS)
+    tpot = Histogram("serving_tpot_seconds", "time per output token after the first", registry=registry,
+                     buckets=LATENCY_BUCKETS)
+    created = int(time.time())
+    app.state.engine, app.state.registry = engine, registry
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return error_response(400, "the request body is not valid JSON")
+        first = errors[0] if errors else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return error_response(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", param=where or None)
+
+    @app.exception_handler(RequestError)
+    async def _refused(request: Request, exc: RequestError):
+        return error_response(exc.status, str(exc), exc.param)
+
+    @app.middleware("http")
+    async def _limit_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > max_body_bytes:
+            return error_response(413, f"the request body has {length} bytes; the limit is {max_body_bytes}")
+        return await call_next(request)
+
+    def check_model(name: str) -> None:
+        if name != model_name:
+            raise RequestError(f"model {name!r} not found; this server serves {model_name!r}", 404, "model")
+
+    def submit(prompt_ids: list[int], sampling, outputs: _Outputs) -> int:
+        try:
+            return engine.submit(prompt_ids, sampling, outputs.sink)
+        except QueueFull as e:
+            raise RequestError(f"the server is busy ({e}); retry later", 429) from e
+        except EngineError as e:
+            raise RequestError(str(e), 503) from e
+        except ValueError as e:
+            raise RequestError(str(e)) from e
+
+    async def next_output(request: Request, outputs: _Outputs, rid: int) -> RequestOutput | None:
+        """The next output; None (after cancelling the request) once the client has gone."""
+        while True:
+            out = await outputs.get(DISCONNECT_POLL_S)
+            if out is not None:
+                return out
+            if await request.is_disconnected():
+                outputs.close()
+                engine.cancel(rid)
+                return None
+
+    def observe(t0: float, t_first: float | None, n_tokens: int) -> None:
+        if t_first is not None:
+            ttft.observe(t_first - t0)
+            if n_tokens > 1:
+                tpot.observe((time.perf_counter() - t_first) / (n_tokens - 1))
+
+    async def run(request: Request, prompt_ids: list[int], sampling, stream: bool, include_usage: bool,
+                  make_chunk, make_final):
+        outputs = _Outputs(asyncio.get_running_loop())
+        t0 = time.perf_counter()
+        rid = submit(prompt_ids, sampling, outputs)
+        if not stream:
+            text, ids, t_first = [], [], None
+            while True:
+                out = await next_output(request, outputs, rid)
+                if out is None:
+                    return Response(status_code=499)
+                t_first = t_first or (time.perf_counter() if out.token_ids else None)
+                text.append(out.text)
+                ids.extend(out.token_ids)
+                if out.finish_reason is not None:
+                    break
+            if out.finish_reason == "error":
+                return error_response(500, f"generation failed: {out.error}")
+            observe(t0, t_first, len(ids))
+            return JSONResponse(make_final("".join(text), out, ids))
+
+        async def events():
+            finished, t_first, n = False, None, 0
+            try:
+                yield _sse(make_chunk(None, None, first=True))
+                while True:
+                    out = await outputs.queue.get()
+                    n += len(out.token_ids)
+                    t_first = t_first or (time.perf_counter() if out.token_ids else None)
+                    if out.finish_reason == "error":
+                        finished = True
+                        yield _sse({"error": {"message": f"generation failed: {out.error}", "type": "server_error"}})
+                        break
+                    if out.text or out.finish_reason is not None:
+                        yield _sse(make_chunk(out.text, out.finish_reason))
+                    if out.finish_reason is not None:
+                        finished = True
+                        observe(t0, t_first, n)
+                        if include_usage:
+                            yield _sse(make_chunk(None, None, usage=_usage(out)))
+                        break
+                yield "data: [DONE]\n\n"
+            finally:
+                if not finished:  # the client went away mid-stream
+                    engine.cancel(rid)
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        check_model(body.model)
+        prompt_ids = _chat_prompt(engine, body.messages)
+        sampling = body.sampling(len(prompt_ids), engine.max_model_len, body.max_completion_tokens)
+        cid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(text, finish, first=False, usage=None):
+            delta = {"role": "assistant", "content": ""} if first else ({} if text is None else {"content": text})
+            body_ = {"id": cid, "object": "chat.completion.chunk", "created": now, "model": model_name,
+                     "choices": [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            if usage:
+                body_["usage"] = usage
+            return body_
+
+        def final(text, out, ids):
+            return {"id": cid, "object": "chat.completion", "created": now, "model": model_name,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                 "finish_reason": out.finish_reason, "logprobs": None}],
+                    "usage": _usage(out)}
+
+        include = bool(body.stream_options and body.stream_options.include_usage)
+        return await run(request, prompt_ids, sampling, body.stream, include, chunk, final)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        check_model(body.model)
+        if body.echo or body.suffix:
+            raise RequestError("echo and suffix are not supported by this server", param="echo")
+        prompt_ids = _completion_prompt(engine, body.prompt)
+        sampling = body.sampling(len(prompt_ids), engine.max_model_len)
+        cid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(text, finish, first=False, usage=None):
+            body_ = {"id": cid, "object": "text_completion", "created": now, "model": model_name,
+                     "choices": [] if usage else [{"index": 0, "text": text or "", "finish_reason": finish,
+                                                    "logprobs": None}]}
+            if usage:
+                body_["usage"] = usage
+            return body_
+
+        def final(text, out, ids):
+            choice = {"index": 0, "text": text, "finish_reason": out.finish_reason, "logprobs": None}
+            if engine.tokenizer is None:
+                choice["token_ids"] = ids  # no tokenizer: the generated ids are the answer
+            return {"id": cid, "object": "text_completion", "created": now, "model": model_name,
+                    "choices": [choice], "usage": _usage(out)}
+
+        include = bool(body.stream_options and body.stream_options.include_usage)
+        return await run(request, prompt_ids, sampling, body.stream, include, chunk, final)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "kvzip-jax", "max_model_len": engine.max_model_len}]}
+
+    @app.get("/health")
+    async def health():
+        snap = engine.snapshot()
+        return {"status": "ok", "model": model_name, "instances": len(snap["instances"]),
+                "live_requests": snap["live_requests"]}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+def _usage(out: RequestOutput) -> dict:
+    return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
+            "total_tokens": out.prompt_tokens + out.completion_tokens}
+
+
+def _chat_prompt(engine: Engine, messages: list[ChatMessage]) -> list[int]:
+    if engine.tokenizer is None:
+        raise RequestError("this model has no tokenizer (no chat template): use /v1/completions with a prompt of "
+                           "token ids", param="messages")
+    plain = []
+    for i, m in enumerate(messages):
+        if isinstance(m.content, list):
+            texts = []
+            for part in m.content:
+                if part.type == "image_url":
+                    url = part.image_url.url if part.image_url else ""
+                    if not url.startswith("data:"):
+                        raise RequestError(f"messages[{i}]: image URLs must be data: URIs (base64); the server does "
+                                           "not fetch the network", param="messages")
+                    raise RequestError(f"messages[{i}]: this model has no vision encoder; send text only",
+                                       param="messages")
+                texts.append(part.text or "")
+            content = "".join(texts)
+        else:
+            content = m.content or ""
+        plain.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+    try:
+        ids = engine.tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=True)
+    except Exception as e:  # a template that rejects the roles or their order
+        raise RequestError(f"the model's chat template refused these messages: {e}", param="messages") from e
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    return [int(t) for t in ids]
+
+
+def _completion_prompt(engine: Engine, prompt) -> list[int]:
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        if len(prompt) != 1:
+            raise RequestError(f"{len(prompt)} prompts in one request; this server takes one", param="prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        if engine.tokenizer is None:
+            raise RequestError("this model has no tokenizer: send the prompt as a list of token ids", param="prompt")
+        return [int(t) for t in engine.tokenizer(prompt)["input_ids"]]
+    if not prompt:
+        raise RequestError("the prompt is empty", param="prompt")
+    return [int(t) for t in prompt]

@@ -1,0 +1,117 @@
+"""`serving-jax`: the OpenAI-compatible server on the JAX engine.
+
+    serving-jax serve [--model smollm2|DIR|FILE.gguf] [--devices 2] [--policy coupled] [--port 8000] [...]
+
+Each instance takes one device; on a CPU-only host the CLI exposes as many host devices as instances. The server
+binds to 127.0.0.1 unless --host says otherwise. Bad options print one line to stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+POLICIES = ("coupled", "static_pd", "static_epd")
+DTYPES = ("float32", "bfloat16")
+PAGES_AUTO_REQUESTS = 4  # the default pool holds this many requests of max_model_len tokens
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="serving-jax", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="serve a model over HTTP (OpenAI-compatible API)")
+    s.add_argument("--model", default="smollm2", help="an HF checkpoint directory, a .gguf file, or 'smollm2' "
+                   "(the default model that `make setup` installs)")
+    s.add_argument("--name", default=None, help="the model name clients send (default: derived from --model)")
+    s.add_argument("--devices", type=int, default=2, help="instances, one device each")
+    s.add_argument("--policy", choices=POLICIES, default="coupled")
+    s.add_argument("--n-prefill", type=int, default=1, help="static_pd: prefill instances")
+    s.add_argument("--split", default="1,1,1,1,1", help="static_epd: text P,D and multimodal E,P,D instances")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-model-len", type=int, default=2048, help="prompt + generated tokens per request")
+    s.add_argument("--page-size", type=int, default=16)
+    s.add_argument("--pages", type=int, default=None, help="KV pages per instance (default: room for "
+                   f"{PAGES_AUTO_REQUESTS} requests of --max-model-len tokens)")
+    s.add_argument("--decode-rows", type=int, default=8, help="continuous-batching slots per instance")
+    s.add_argument("--decode-steps", type=int, default=4, help="decode steps per dispatch")
+    s.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per request per prefill step")
+    s.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond which the server "
+                   "answers 429")
+    s.add_argument("--dtype", choices=DTYPES, default="float32")
+    s.add_argument("--no-warmup", action="store_true", help="compile on first use instead of at start-up")
+    return parser
+
+
+def _policy_options(args) -> tuple:
+    if args.policy == "static_pd":
+        return (("n_prefill", args.n_prefill),)
+    if args.policy == "static_epd":
+        try:
+            split = tuple(int(x) for x in args.split.split(","))
+        except ValueError as e:
+            raise ValueError(f"--split {args.split!r} must be 5 comma-separated integers") from e
+        return (("split", split),)
+    return ()
+
+
+def _check(args) -> None:
+    for name in ("devices", "max_model_len", "page_size", "decode_rows", "decode_steps", "prefill_chunk"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port} is not a TCP port (0-65535)")
+
+
+def _expose_host_devices(n: int) -> None:
+    """A CPU-only host shows one device unless XLA is told otherwise, before jax starts."""
+    flag = "--xla_force_host_platform_device_count"
+    if flag not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}={n}".strip()
+
+
+def _serve(args) -> None:
+    _expose_host_devices(args.devices)
+    import uvicorn
+
+    from kvzip_jax.lm import LanguageModel, enable_compilation_cache, load_config
+    from serving.api import create_app
+    from serving.engine import Engine, EngineConfig
+
+    config = load_config(args.model)  # fails fast, before any weights are read
+    width = -(-args.max_model_len // args.page_size)
+    pages = args.pages or config.num_layers * config.num_kv_heads * width * PAGES_AUTO_REQUESTS + 1
+    engine_config = EngineConfig(
+        policy=args.policy, policy_options=_policy_options(args), num_instances=args.devices,
+        page_size=args.page_size, pages_per_instance=pages, decode_rows=args.decode_rows,
+        decode_steps=args.decode_steps, prefill_chunk=args.prefill_chunk, max_model_len=args.max_model_len,
+        max_waiting=args.max_waiting, warmup=not args.no_warmup,
+    )
+    enable_compilation_cache()
+    model = LanguageModel.from_pretrained(args.model, dtype=None if args.dtype == "float32" else args.dtype)
+    name = args.name or os.path.basename(os.path.normpath(os.fspath(args.model))).removesuffix(".gguf")
+    print(f"serving-jax: loading {name} onto {args.devices} instance(s) ({args.policy}) and compiling ...",
+          file=sys.stderr)
+    engine = Engine(model.config, model.params, model.tokenizer, engine_config, model_name=name)
+    try:
+        print(f"serving-jax: {name} at http://{args.host}:{args.port}/v1", file=sys.stderr)
+        uvicorn.run(create_app(engine), host=args.host, port=args.port, log_level="info")
+    finally:
+        engine.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        _check(args)
+        _serve(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"serving-jax: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
