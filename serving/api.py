@@ -123,7 +123,8 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_body_bytes:
 
     @app.exception_handler(RequestError)
     async def _refused(request: Request, exc: RequestError):
-        return error_response(exc.status, str(exc), exc.param)
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status == 429 else None
+        return error_response(exc.status, str(exc), exc.param, headers)
 
     @app.middleware("http")
     async def _limit_body(request: Request, call_next):
