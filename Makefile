@@ -19,7 +19,7 @@ COMPILE := pip compile -q --python-version 3.11 --annotation-style line --no-emi
 	--custom-compile-command "make lock" --extra hf --extra test --extra train --extra serve pyproject.toml requirements/dev.in
 LATEST_VENV ?= .venv-latest
 
-.PHONY: setup test demo demo-synthetic parity-demo bench lock test-latest mutate clean
+.PHONY: setup test demo demo-synthetic parity-demo serve bench lock test-latest mutate clean
 
 setup: $(VENV)/.installed
 
@@ -48,6 +48,10 @@ demo-synthetic: setup
 # Loading, generation and transformers parity on a freshly built tiny checkpoint.
 parity-demo: setup
 	$(PY) -m kvzip_jax.demo
+
+# The OpenAI-compatible server on the real default model (SmolLM2-135M-Instruct), two CPU devices, port 8000.
+serve: setup
+	$(PY) -m serving.cli serve --model smollm2 --devices 2 --port 8000
 
 bench: setup
 	$(PY) scripts/bench_generate.py
