@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from starlette.datastructures import Headers
 
 from serving.api_schema import ChatCompletionRequest, ChatMessage, CompletionRequest, RequestError
 from serving.engine import Engine, EngineError, QueueFull, RequestOutput
@@ -69,10 +70,51 @@ class EngineCollector:
         yield done
         yield CounterMetricFamily("serving_prompt_tokens", "prompt tokens prefilled", value=s.prompt_tokens)
         yield CounterMetricFamily("serving_generated_tokens", "tokens generated", value=s.generated_tokens)
+        yield CounterMetricFamily("serving_role_switches", "instance role switches", value=snap["switches"])
         yield CounterMetricFamily("serving_kv_migrations", "requests whose KV moved between instances",
                                   value=s.migrations)
         yield CounterMetricFamily("serving_kv_migrated_bytes", "KV bytes moved between instances",
                                   value=s.migrated_pages * snap["kv_bytes_per_page"])
+
+
+class _BodyLimit:
+    """413 for a request body over `max_body_bytes`, whether it declares a Content-Length or comes chunked: the
+    body is read (up to the limit) before the app runs, then handed to it unchanged; `receive` is the server's own
+    afterwards, so the app still sees the client disconnect."""
+
+    def __init__(self, app, max_body_bytes: int):
+        self.app, self.max_body_bytes = app, max_body_bytes
+
+    def _too_large(self, size: str) -> JSONResponse:
+        return error_response(413, f"the request body has {size} bytes; the limit is {self.max_body_bytes}")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = Headers(scope=scope).get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            return await self._too_large(length)(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away before sending its body
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body_bytes:
+                return await self._too_large(f"more than {self.max_body_bytes}")(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
 
 
 class _Outputs:
@@ -82,6 +124,7 @@ class _Outputs:
         self.loop = loop
         self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._get: asyncio.Future | None = None
+        self.next_check = time.monotonic() + DISCONNECT_POLL_S  # when to look for a client disconnect next
 
     def sink(self, out: RequestOutput) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
@@ -126,12 +169,9 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_body_bytes:
         headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status == 429 else None
         return error_response(exc.status, str(exc), exc.param, headers)
 
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_body_bytes:
-            return error_response(413, f"the request body has {length} bytes; the limit is {max_body_bytes}")
-        return await call_next(request)
+    # A plain ASGI middleware, not @app.middleware("http"): Starlette's BaseHTTPMiddleware wraps `receive` so that
+    # `request.is_disconnected()` never sees the client go, and a non-streaming request would outlive its client.
+    app.add_middleware(_BodyLimit, max_body_bytes=max_body_bytes)
 
     def check_model(name: str) -> None:
         if name != model_name:
@@ -150,13 +190,17 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_body_bytes:
     async def next_output(request: Request, outputs: _Outputs, rid: int) -> RequestOutput | None:
         """The next output; None (after cancelling the request) once the client has gone."""
         while True:
-            out = await outputs.get(DISCONNECT_POLL_S)
+            # checked every DISCONNECT_POLL_S even while outputs keep coming (a long answer would otherwise run
+            # to its end for a client that is gone)
+            if time.monotonic() >= outputs.next_check:
+                outputs.next_check = time.monotonic() + DISCONNECT_POLL_S
+                if await request.is_disconnected():
+                    outputs.close()
+                    engine.cancel(rid)
+                    return None
+            out = await outputs.get(max(0.0, outputs.next_check - time.monotonic()))
             if out is not None:
                 return out
-            if await request.is_disconnected():
-                outputs.close()
-                engine.cancel(rid)
-                return None
 
     def observe(t0: float, t_first: float | None, n_tokens: int) -> None:
         if t_first is not None:

@@ -37,7 +37,8 @@ from serving.engine.pages import PagePool, SequenceKV
 from serving.engine.request import EngineRequest, Phase, RequestOutput
 from serving.engine.sampling import SamplingParams
 from serving.model import Group, InstState, Stage
-from serving.policies import Policy, make_policy
+from serving.policies import make_policy
+from serving.simulator import InvariantError
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,10 @@ class EngineInstance:
     pending_target: tuple | None = None
     last_switch: float = -float("inf")
     busy: bool = False
+    busy_until: float = 0.0  # engine clock: when the step in flight is expected to end (policies read it)
+    batch: list = dataclasses.field(default_factory=list)  # requests of the prefill step in flight
+    switches: int = 0
+    role_since: float = 0.0
     local_queue: deque = dataclasses.field(default_factory=deque)  # coupled: its own waiting requests
     prefilling: list = dataclasses.field(default_factory=list)
     running: dict = dataclasses.field(default_factory=dict)  # rid -> request in its decode batch
@@ -125,6 +130,21 @@ class EngineInstance:
     def pending(self) -> list:  # requests promised to its decode batch (the simulator's name)
         return [m.request for m, _ in self.incoming]
 
+    # The simulator's decode accounting, computed from the batch (ElasticMM's gain-cost model reads it).
+    iters = 0
+
+    @property
+    def sum_ctx(self) -> int:
+        return sum(r.input_len + r.produced - 1 for r in self.running.values())
+
+    @property
+    def inv_out(self) -> float:
+        return sum(1.0 / r.output_len for r in self.running.values())
+
+    @property
+    def prog(self) -> float:
+        return sum(r.produced / r.output_len for r in self.running.values())
+
 
 @dataclasses.dataclass
 class EngineStats:
@@ -140,10 +160,6 @@ class EngineStats:
     tpot: list = dataclasses.field(default_factory=list)  # seconds per output token after the first
 
 
-def _uses_ticks(policy: Policy) -> bool:
-    return type(policy).on_tick is not Policy.on_tick or getattr(policy, "tick_interval", None)
-
-
 class Engine:
     def __init__(self, config: ModelConfig, params, tokenizer=None, engine_config: EngineConfig = EngineConfig(),
                  *, devices: Sequence[jax.Device] | None = None, model_name: str = "model"):
@@ -154,9 +170,6 @@ class Engine:
             raise ValueError(f"num_instances = {ec.num_instances} needs that many devices; {len(devices)} exist "
                              f"({devices[0].platform})")
         self.policy = make_policy(ec.policy, **dict(ec.policy_options))
-        if _uses_ticks(self.policy):
-            raise ValueError(f"policy {ec.policy!r} re-assigns instances while it runs; the engine carries out "
-                             "fixed layouts only so far (coupled, static_pd, static_epd)")
         self.cost = default_cost_model()
         layout = self.policy.layout(ec.num_instances, self.cost)
         self.max_model_len = ec.max_model_len or config.max_position_embeddings
@@ -185,17 +198,131 @@ class Engine:
         self.lock = threading.Condition()
         self._ids = itertools.count()
         self._stopping = False
-        self.started = time.perf_counter()
+        self.switch_count = 0
+        self.switch_log: list = []  # (engine time, instance, (group, stage) before, after)
+        self.layout_log: list = [(0.0, self.layout_counts())]
+        self.decision_times: list[float] = []
+        self.step_time: dict[str, float] = {}  # kind -> EWMA of its step's wall time (busy_until estimates)
         if ec.warmup:
             threads = [threading.Thread(target=i.executor.warmup) for i in self.insts]
             for t in threads:
                 t.start()
             for t in threads:
                 t.join()
+        self.started = time.perf_counter()
+        self.policy.start(self)
         for inst in self.insts:
             inst.thread = threading.Thread(target=self._worker, args=(inst,), name=f"instance-{inst.iid}",
                                            daemon=True)
             inst.thread.start()
+        self._ticker = None
+        if getattr(self.policy, "tick_interval", None):
+            self._ticker = threading.Thread(target=self._tick_loop, name="scheduler-tick", daemon=True)
+            self._ticker.start()
+
+    # ---- the policies' read surface (the simulator's names) ------------------------------------------------
+    @property
+    def now(self) -> float:
+        """Engine clock: seconds since start-up (request arrival times and policy ticks use it)."""
+        return time.perf_counter() - self.started
+
+    @property
+    def N(self) -> int:  # the simulator's name, which the policies read
+        return len(self.insts)
+
+    @property
+    def inflight(self) -> dict:
+        """Requests between instances (their KV on its way), by id."""
+        return {r.rid: r for r in self.requests.values() if r.phase == Phase.MIGRATING}
+
+    def effective_role(self, inst: EngineInstance) -> tuple:
+        return inst.pending_target if inst.pending_target is not None else (inst.group, inst.stage)
+
+    def role_insts(self, g: Group, s: Stage, active_only: bool = True) -> list[EngineInstance]:
+        return [i for i in self.insts if i.group == g and i.stage == s
+                and (i.state == InstState.ACTIVE or not active_only)]
+
+    def layout_counts(self) -> dict:
+        out: dict = {}
+        for i in self.insts:
+            k = self.effective_role(i)
+            out[k] = out.get(k, 0) + 1
+        return out
+
+    def decode_batch(self, inst: EngineInstance) -> int:
+        return len(inst.running) + len(inst.incoming)
+
+    def _decode_kv_usage(self, g: Group) -> float:
+        insts = [i for i in self.insts if i.group == g and i.stage == Stage.DECODE]
+        total = sum(i.kv_total for i in insts)
+        return sum(i.kv_used for i in insts) / total if total else 0.0
+
+    # ---- the policies' act surface -------------------------------------------------------------------------
+    def switch(self, inst: EngineInstance, group: Group, stage: Stage, urgent: bool = False) -> None:
+        """Re-assign an instance (call under `lock`, as the policies' ticks do). It finishes the prefills it
+        started, hands its decode batch to same-group decode peers (KV migration; a request waits in the group's
+        decode queue, its pages staying here, while no peer has room), then takes the new role. The same checks
+        as the simulator's `switch`."""
+        if stage not in self.policy.group_stages.get(group, ()):
+            raise ValueError(f"stage {stage.name} is not valid in group {group.name}")
+        if inst.pending_target is not None or inst.state != InstState.ACTIVE:
+            raise ValueError(f"instance {inst.iid} is already switching")
+        if (inst.group, inst.stage) == (group, stage):
+            return
+        may_empty = getattr(self.policy, "may_empty_stages", False)
+        if urgent and not may_empty:
+            raise ValueError("urgent switches are only for policies that may empty a stage")
+        cool = getattr(self.policy, "cooldown", 0.0)
+        if cool and not urgent and self.now - inst.last_switch < cool - 1e-9:
+            raise InvariantError(f"instance {inst.iid} switched twice within the cooldown {cool}s")
+        old = (inst.group, inst.stage)
+        if (not may_empty and old[1] != Stage.COUPLED
+                and sum(1 for i in self.insts if self.effective_role(i) == old) <= 1):
+            raise ValueError(f"instance {inst.iid} is the last {old[0].name}/{old[1].name} instance")
+        if old[1] == Stage.COUPLED or stage == Stage.COUPLED:
+            raise ValueError("coupled instances keep their role")
+        inst.pending_target = (group, stage)
+        inst.state = InstState.DRAINING
+        inst.last_switch = self.now
+        inst.switches += 1
+        self.switch_count += 1
+        self.switch_log.append((self.now, inst.iid, old, (group, stage)))
+        self.lock.notify_all()
+
+    def _drain(self, inst: EngineInstance) -> None:
+        """A draining instance: its decode batch leaves (FCFS through the decode queue); once nothing of its old
+        role is left, it takes the new one."""
+        if inst.stage == Stage.DECODE and inst.running:
+            q = self.q[(inst.group, Stage.DECODE)]
+            for r in reversed(list(inst.running.values())):
+                r.phase = Phase.WAIT_DECODE
+                q.appendleft(r)
+            inst.running.clear()
+            self._drain_decode_queue(inst.group)
+        if inst.prefilling or inst.running or inst.outgoing or inst.incoming or inst.arriving:
+            return
+        inst.group, inst.stage = inst.pending_target
+        inst.pending_target = None
+        inst.state = InstState.ACTIVE
+        inst.role_since = self.now
+        self.layout_log.append((self.now, self.layout_counts()))
+        if inst.stage == Stage.DECODE:
+            self._drain_decode_queue(inst.group)
+
+    def _tick_loop(self) -> None:
+        interval = self.policy.tick_interval
+        while True:
+            time.sleep(interval)
+            with self.lock:
+                if self._stopping:
+                    return
+                t0 = time.perf_counter()
+                try:
+                    self.policy.on_tick(self, self.now)
+                except Exception:  # a policy error must not stop serving; it is logged with its trace
+                    log.exception("policy %s: tick failed", self.policy.name)
+                self.decision_times.append(time.perf_counter() - t0)
+                self.lock.notify_all()
 
     # ---- the client surface ---------------------------------------------------------------------------------
     def submit(self, prompt: Sequence[int], sampling: SamplingParams, sink: Callable[[RequestOutput], None]) -> int:
@@ -225,7 +352,7 @@ class Engine:
             if waiting >= self.engine_config.max_waiting:
                 raise QueueFull(f"{waiting} requests are waiting (the limit is {self.engine_config.max_waiting})")
             r = EngineRequest(rid=next(self._ids), prompt=prompt, sampling=sampling, sink=sink,
-                              stop_ids=frozenset(stops), detok=detok)
+                              stop_ids=frozenset(stops), detok=detok, t_arrival=self.now)
             r.group = self.policy.route(r)
             self.requests[r.rid] = r
             self.stats.submitted += 1
@@ -280,6 +407,8 @@ class Engine:
         with self.lock:
             self._stopping = True
             self.lock.notify_all()
+        if self._ticker is not None:
+            self._ticker.join(timeout=60)
         for inst in self.insts:
             if inst.thread is not None:
                 inst.thread.join(timeout=60)
@@ -306,6 +435,7 @@ class Engine:
                     for i in self.insts
                 ],
                 "live_requests": len(self.requests),
+                "switches": self.switch_count,
                 "stats": dataclasses.replace(self.stats, ttft=list(self.stats.ttft), tpot=list(self.stats.tpot)),
                 "kv_bytes_per_page": self.insts[0].executor.kv_bytes_per_page,
             }
@@ -323,7 +453,10 @@ class Engine:
                     self.lock.wait(timeout=1.0)
                 inst.busy = True
                 inst.in_flight = work
-            kind, payload = work
+                kind, payload = work
+                inst.batch = [r for r, _ in payload] if kind == "prefill" else []
+                inst.busy_until = self.now + self.step_time.get(kind, 0.0)
+            t0 = time.perf_counter()
             try:
                 result = self._run(inst, kind, payload)
                 error = None
@@ -331,7 +464,11 @@ class Engine:
                 log.exception("instance %d: %s step failed", inst.iid, kind)
                 result, error = None, f"{type(e).__name__}: {e}"
             with self.lock:
+                took = time.perf_counter() - t0
+                self.step_time[kind] = 0.8 * self.step_time.get(kind, took) + 0.2 * took
                 inst.busy = False
+                inst.busy_until = self.now
+                inst.batch = []
                 inst.in_flight = None
                 inst.steps += 1
                 if error is None:
@@ -362,10 +499,21 @@ class Engine:
             return "export", inst.outgoing.popleft()
         if inst.incoming:
             return "import", inst.incoming.popleft()
-        if inst.stage == Stage.COUPLED:
+        if inst.state == InstState.DRAINING:
+            self._drain(inst)
+        if inst.state != InstState.ACTIVE:
+            pass  # draining: finish the prefills already started, take nothing new
+        elif inst.stage == Stage.COUPLED:
             self._admit(inst, inst.local_queue, whole=True)
         elif inst.stage == Stage.PREFILL:
-            self._admit(inst, self.q[(inst.group, Stage.PREFILL)], whole=False)
+            queue = self.q[(inst.group, Stage.PREFILL)]
+            if not queue and not inst.prefilling:
+                # pooled prefill (ElasticMM): an idle prefill instance may take another group's prefill queue
+                lend = getattr(self.policy, "lend_prefill", None)
+                target = lend(self, inst) if lend is not None else None
+                if target is not None and target[1] == Stage.PREFILL:
+                    queue = self.q[target]
+            self._admit(inst, queue, whole=False)
         if inst.prefilling:
             chunk = self.engine_config.prefill_chunk
             rows = inst.prefilling[:self.engine_config.prefill_rows]
@@ -412,7 +560,7 @@ class Engine:
             if r.prefilled < len(r.prompt):
                 continue
             inst.prefilling.remove(r)
-            r.t_first = time.perf_counter()
+            r.t_first = self.now
             self.stats.prompt_tokens += len(r.prompt)
             if self._emit(r, [int(tok)]):
                 continue
@@ -541,7 +689,7 @@ class Engine:
                 inst.pool.release(r.kv.owned())
         r.phase = Phase.DONE
         r.finish_reason = reason
-        r.t_done = time.perf_counter()
+        r.t_done = self.now
         self.requests.pop(r.rid, None)
         s = self.stats
         if reason == "cancelled":

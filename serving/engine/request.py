@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import time
 from collections.abc import Callable
 
 from serving.engine.detokenize import Detokenizer
@@ -53,9 +52,14 @@ class EngineRequest:
     cancelled: bool = False
     finish_reason: str | None = None
     migrations: int = 0
-    t_arrival: float = dataclasses.field(default_factory=time.perf_counter)
+    images: tuple = ()  # (text requests so far; the policies read it)
+    t_arrival: float = 0.0  # engine clock (seconds since the engine started), the policies' `now`
     t_first: float | None = None
     t_done: float | None = None
+
+    @property
+    def produced(self) -> int:
+        return len(self.output)
 
     @property
     def input_len(self) -> int:  # the policies' name for the prompt length

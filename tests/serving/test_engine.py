@@ -8,6 +8,7 @@ Every engine is built once per module with the same shape settings, so the jitte
 from __future__ import annotations
 
 import threading
+import time
 
 import jax
 import numpy as np
@@ -18,6 +19,7 @@ from kvzip_jax.generate import generate as reference_generate
 from kvzip_jax.models.decoder import init_params
 from serving.engine import Engine, EngineConfig, QueueFull, SamplingParams
 from serving.engine import executor as executor_mod
+from serving.model import Group, Stage
 
 MAX_MODEL_LEN = 128
 SHAPE = dict(page_size=8, pages_per_instance=2048, prefill_chunk=32, max_model_len=MAX_MODEL_LEN,
@@ -248,7 +250,7 @@ def test_bad_engine_configs_raise(model):
         Engine(cfg, params, engine_config=EngineConfig(policy="coupled", num_instances=n + 1, **SHAPE))
     with pytest.raises(ValueError, match="'no_such_policy'"):
         Engine(cfg, params, engine_config=EngineConfig(policy="no_such_policy", num_instances=2, **SHAPE))
-    with pytest.raises(ValueError, match="'elasticmm'"):
+    with pytest.raises(ValueError, match="impossible instance count 4"):  # its groups need 5 roles
         Engine(cfg, params, engine_config=EngineConfig(policy="elasticmm", num_instances=4, **SHAPE))
     small = dict(SHAPE, pages_per_instance=40)  # one 128-token request needs 2 * 2 * 16 = 64 pages
     with pytest.raises(ValueError, match=r"needs 64 pages.*has 39"):
@@ -287,4 +289,88 @@ def test_warmup_compiles_every_step_before_serving(model, prompts, reference):
         longest = [3] * (MAX_MODEL_LEN - 8)  # the widest page table and a full prefill chunk
         run_one(engine, longest, SamplingParams(max_tokens=8))
         assert (executor_mod._decode_steps._cache_size(), executor_mod._prefill_step._cache_size()) == sizes
+        assert_idle(engine)
+
+
+# ---- role switches: the policies' act surface ------------------------------------------------------------------
+def wait_for(predicate, engine: Engine, timeout: float = 60.0, what: str = "the condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with engine.lock:
+            if predicate():
+                return
+        time.sleep(0.002)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def submit_all(engine: Engine, prompts, sampling: SamplingParams):
+    """Submit every prompt; returns (token lists by submission order, an event set when all finished)."""
+    tokens: dict[int, list[int]] = {}
+    finished: set[int] = set()
+    done = threading.Event()
+    lock = threading.Lock()
+
+    def sink(out):
+        with lock:
+            tokens.setdefault(out.rid, []).extend(out.token_ids)
+            if out.finish_reason is not None:
+                finished.add(out.rid)
+                if len(finished) == len(prompts):
+                    done.set()
+
+    ids = [engine.submit(p, sampling, sink) for p in prompts]
+    return ids, tokens, done
+
+
+def test_a_switch_in_the_middle_of_decoding_migrates_the_batch(model, prompts):
+    cfg, params = model
+    n_tokens = 40
+    expected = reference_generate(params, cfg, prompts, max_new_tokens=n_tokens).tokens
+    config = EngineConfig(policy="static_epd", policy_options=(("split", (1, 2, 1, 1, 1)),), num_instances=6, **SHAPE)
+    with Engine(cfg, params, engine_config=config) as engine:
+        decoders = [i for i in engine.insts if (i.group, i.stage) == (Group.TEXT, Stage.DECODE)]
+        ids, tokens, done = submit_all(engine, prompts, SamplingParams(max_tokens=n_tokens))
+        # as soon as a decode instance is a few tokens into its batch, move it to prefill (the switch drains it)
+        wait_for(lambda: any(any(3 <= r.produced < 20 for r in i.running.values()) for i in decoders), engine,
+                 what="a decode batch in progress")
+        with engine.lock:
+            victim = max(decoders, key=lambda i: len(i.running))
+            moved = len(victim.running) + victim.arriving  # its batch and the requests on their way to it
+            engine.switch(victim, Group.TEXT, Stage.PREFILL)
+            assert victim.state.name == "DRAINING" and engine.layout_counts()[(Group.TEXT, Stage.DECODE)] == 1
+        assert done.wait(120)
+        assert [tokens[i] for i in ids] == expected
+        assert moved >= 1 and engine.switch_count == 1
+        assert (victim.group, victim.stage, victim.state.name) == (Group.TEXT, Stage.PREFILL, "ACTIVE")
+        # every request moved once from prefill to decode, and the drained batch once more
+        assert engine.stats.migrations == len(prompts) + moved
+        assert_idle(engine)
+
+
+def test_switch_refuses_what_the_simulator_refuses(engines):
+    epd = engines("static_epd")
+    with epd.lock:
+        text_prefill = next(i for i in epd.insts if (i.group, i.stage) == (Group.TEXT, Stage.PREFILL))
+        with pytest.raises(ValueError, match="stage ENCODE is not valid in group TEXT"):
+            epd.switch(text_prefill, Group.TEXT, Stage.ENCODE)
+        with pytest.raises(ValueError, match="last TEXT/PREFILL instance"):
+            epd.switch(text_prefill, Group.TEXT, Stage.DECODE)
+        assert epd.switch_count == 0 and text_prefill.state.name == "ACTIVE"
+    coupled = engines("coupled")
+    with coupled.lock, pytest.raises(ValueError, match="coupled instances keep their role"):
+        coupled.switch(coupled.insts[0], Group.ANY, Stage.DECODE)
+
+
+def test_elasticmm_lends_an_idle_group_and_answers_the_same(model, prompts, reference):
+    cfg, params = model
+    # no multimodal traffic: after dormant_after the MM group lends its instances to the text group
+    options = (("dormant_after", 0.3), ("cooldown", 0.2))
+    config = EngineConfig(policy="elasticmm", policy_options=options, num_instances=5, **SHAPE)
+    with Engine(cfg, params, engine_config=config) as engine:
+        assert engine.layout_counts()[(Group.MM, Stage.ENCODE)] == 1
+        assert engine.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS)) == reference
+        wait_for(lambda: all(i.group == Group.TEXT and i.state.name == "ACTIVE" for i in engine.insts), engine,
+                 timeout=30, what="the MM group's instances to join the text group")
+        assert engine.switch_count >= 3 and engine.decision_times
+        assert engine.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS)) == reference
         assert_idle(engine)
