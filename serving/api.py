@@ -20,7 +20,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram,
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.datastructures import Headers
 
-from serving.api_schema import ChatCompletionRequest, ChatMessage, CompletionRequest, RequestError
+from serving.api_schema import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    ContextCreateRequest,
+    RequestError,
+)
+from serving.context_store import ContextStore
 from serving.engine import Engine, EngineError, QueueFull, RequestOutput
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -71,6 +78,13 @@ class EngineCollector:
         yield CounterMetricFamily("serving_prompt_tokens", "prompt tokens prefilled", value=s.prompt_tokens)
         yield CounterMetricFamily("serving_generated_tokens", "tokens generated", value=s.generated_tokens)
         yield CounterMetricFamily("serving_role_switches", "instance role switches", value=snap["switches"])
+        yield GaugeMetricFamily("serving_contexts", "KVzip contexts served", value=snap["contexts"])
+        yield GaugeMetricFamily("serving_context_kv_bytes_saved", "KV bytes the served contexts do not hold "
+                                "(full cache minus compressed)", value=snap["context_kv_bytes_saved"])
+        yield CounterMetricFamily("serving_context_requests", "requests that started from a served context",
+                                  value=s.context_requests)
+        yield CounterMetricFamily("serving_context_tokens_saved", "context tokens those requests did not prefill",
+                                  value=s.context_tokens_saved)
         yield CounterMetricFamily("serving_kv_migrations", "requests whose KV moved between instances",
                                   value=s.migrations)
         yield CounterMetricFamily("serving_kv_migrated_bytes", "KV bytes moved between instances",
@@ -144,7 +158,9 @@ class _Outputs:
             self._get.cancel()
 
 
-def create_app(engine: Engine, *, model_name: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+def create_app(engine: Engine, *, model_name: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+               contexts: ContextStore | None = None) -> FastAPI:
+    """The app over a running engine; `contexts` (optional) serves KVzip contexts under /v1/contexts."""
     model_name = model_name or engine.model_name
     app = FastAPI(title="kvzip-jax serving", version="0.1.0")
     registry = CollectorRegistry()
@@ -177,9 +193,11 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_body_bytes:
         if name != model_name:
             raise RequestError(f"model {name!r} not found; this server serves {model_name!r}", 404, "model")
 
-    def submit(prompt_ids: list[int], sampling, outputs: _Outputs) -> int:
+    def submit(prompt_ids: list[int], sampling, outputs: _Outputs, context_id: str | None) -> int:
         try:
-            return engine.submit(prompt_ids, sampling, outputs.sink)
+            return engine.submit(prompt_ids, sampling, outputs.sink, context_id=context_id)
+        except KeyError as e:
+            raise RequestError(e.args[0], 404, "context_id") from e
         except QueueFull as e:
             raise RequestError(f"the server is busy ({e}); retry later", 429) from e
         except EngineError as e:
@@ -209,10 +227,10 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_body_bytes:
                 tpot.observe((time.perf_counter() - t_first) / (n_tokens - 1))
 
     async def run(request: Request, prompt_ids: list[int], sampling, stream: bool, include_usage: bool,
-                  make_chunk, make_final):
+                  make_chunk, make_final, context_id: str | None = None):
         outputs = _Outputs(asyncio.get_running_loop())
         t0 = time.perf_counter()
-        rid = submit(prompt_ids, sampling, outputs)
+        rid = submit(prompt_ids, sampling, outputs, context_id)
         if not stream:
             text, ids, t_first = [], [], None
             while True:
@@ -259,8 +277,12 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_body_bytes:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
-        prompt_ids = _chat_prompt(engine, body.messages)
-        sampling = body.sampling(len(prompt_ids), engine.max_model_len, body.max_completion_tokens)
+        if body.context_id is not None:
+            prompt_ids = context_store().question_ids(_question(body.messages))
+        else:
+            prompt_ids = _chat_prompt(engine, body.messages)
+        sampling = body.sampling(context_start(body.context_id) + len(prompt_ids), engine.max_model_len,
+                                 body.max_completion_tokens)
         cid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(text, finish, first=False, usage=None):
@@ -278,15 +300,20 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_body_bytes:
                     "usage": _usage(out)}
 
         include = bool(body.stream_options and body.stream_options.include_usage)
-        return await run(request, prompt_ids, sampling, body.stream, include, chunk, final)
+        return await run(request, prompt_ids, sampling, body.stream, include, chunk, final, body.context_id)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
         if body.echo or body.suffix:
             raise RequestError("echo and suffix are not supported by this server", param="echo")
-        prompt_ids = _completion_prompt(engine, body.prompt)
-        sampling = body.sampling(len(prompt_ids), engine.max_model_len)
+        if body.context_id is not None:
+            if not isinstance(body.prompt, str):
+                raise RequestError("a request on a context takes its question as a text prompt", param="prompt")
+            prompt_ids = context_store().question_ids(body.prompt)
+        else:
+            prompt_ids = _completion_prompt(engine, body.prompt)
+        sampling = body.sampling(context_start(body.context_id) + len(prompt_ids), engine.max_model_len)
         cid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(text, finish, first=False, usage=None):
@@ -305,7 +332,53 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_body_bytes:
                     "choices": [choice], "usage": _usage(out)}
 
         include = bool(body.stream_options and body.stream_options.include_usage)
-        return await run(request, prompt_ids, sampling, body.stream, include, chunk, final)
+        return await run(request, prompt_ids, sampling, body.stream, include, chunk, final, body.context_id)
+
+    def context_store() -> ContextStore:
+        if contexts is None:
+            raise RequestError("this server does not serve contexts (start it with a tokenizer model)", 404,
+                               "context_id")
+        return contexts
+
+    def context_start(context_id: str | None) -> int:
+        """Positions the context takes before the request's own tokens (0 without one)."""
+        if context_id is None:
+            return 0
+        served = engine.contexts.get(context_id)
+        if served is None:
+            raise RequestError(f"context {context_id!r} does not exist (or was deleted)", 404, "context_id")
+        return served.kv.next_position
+
+    def context_info(cid: str):
+        info = context_store().infos.get(cid)
+        if info is None:
+            raise RequestError(f"context {cid!r} does not exist (or was deleted)", 404, "context_id")
+        return info
+
+    @app.post("/v1/contexts")
+    async def create_context(body: ContextCreateRequest):
+        check_model(body.model)
+        store = context_store()
+        try:
+            info = await asyncio.to_thread(store.create, text=body.text, token_ids=body.token_ids,
+                                           ratio=body.ratio, level=body.level)
+        except ValueError as e:
+            raise RequestError(str(e), param="text") from e
+        return info.as_dict(model_name)
+
+    @app.get("/v1/contexts")
+    async def list_contexts():
+        return {"object": "list", "data": [i.as_dict(model_name) for i in context_store().infos.values()]}
+
+    @app.get("/v1/contexts/{cid}")
+    async def get_context(cid: str):
+        return context_info(cid).as_dict(model_name)
+
+    @app.delete("/v1/contexts/{cid}")
+    async def delete_context(cid: str):
+        context_info(cid)
+        context_store().delete(cid)
+        return {"id": cid, "object": "context", "deleted": True}
 
     @app.get("/v1/models")
     async def models():
@@ -332,6 +405,20 @@ def _sse(obj) -> str:
 def _usage(out: RequestOutput) -> dict:
     return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
             "total_tokens": out.prompt_tokens + out.completion_tokens}
+
+
+def _question(messages: list[ChatMessage]) -> str:
+    """The question of a request on a context: its one user message (the context is the rest of the prompt)."""
+    if len(messages) != 1 or messages[0].role != "user":
+        raise RequestError("a request on a context takes exactly one user message: the question", param="messages")
+    content = messages[0].content
+    if isinstance(content, list):
+        if any(p.type != "text" for p in content):
+            raise RequestError("a question on a context is text only", param="messages")
+        content = "".join(p.text or "" for p in content)
+    if not content or not content.strip():
+        raise RequestError("the question is empty", param="messages")
+    return content
 
 
 def _chat_prompt(engine: Engine, messages: list[ChatMessage]) -> list[int]:

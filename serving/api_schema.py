@@ -61,6 +61,7 @@ class SamplingFields(BaseModel):
     n: int = 1
     logprobs: bool | int | None = None
     ignore_eos: bool = False  # an extension (vLLM has it too): generate max_tokens tokens whatever comes
+    context_id: str | None = None  # an extension: start from a KVzip context uploaded to /v1/contexts
 
     def sampling(self, prompt_len: int, max_model_len: int, max_tokens: int | None = None) -> SamplingParams:
         if self.n != 1:
@@ -97,3 +98,14 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[int] | list[str]
     echo: bool = False
     suffix: str | None = None
+
+
+class ContextCreateRequest(BaseModel):
+    """POST /v1/contexts: a long context to compress once with KVzip and serve by id."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    text: str | None = None
+    token_ids: list[int] | None = None
+    ratio: float = Field(default=0.3, gt=0.0, le=1.0)
+    level: Literal["pair", "pair-uniform", "head"] = "pair"

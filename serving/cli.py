@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
                    "answers 429")
     s.add_argument("--dtype", choices=DTYPES, default="float32")
     s.add_argument("--no-warmup", action="store_true", help="compile on first use instead of at start-up")
+    s.add_argument("--contexts-dir", default=None, help="where uploaded KVzip contexts are kept (Orbax) and reloaded "
+                   "from at start-up (default: <kvzip-jax cache>/contexts/<model name>)")
     return parser
 
 
@@ -76,8 +78,9 @@ def _serve(args) -> None:
     _expose_host_devices(args.devices)
     import uvicorn
 
-    from kvzip_jax.lm import LanguageModel, enable_compilation_cache, load_config
+    from kvzip_jax.lm import LanguageModel, cache_dir, enable_compilation_cache, load_config
     from serving.api import create_app
+    from serving.context_store import ContextStore
     from serving.engine import Engine, EngineConfig
 
     config = load_config(args.model)  # fails fast, before any weights are read
@@ -96,8 +99,13 @@ def _serve(args) -> None:
           file=sys.stderr)
     engine = Engine(model.config, model.params, model.tokenizer, engine_config, model_name=name)
     try:
+        contexts = None
+        if model.tokenizer is not None:
+            directory = args.contexts_dir or os.path.join(cache_dir(), "contexts", name)
+            contexts = ContextStore(engine, model, directory)
+            print(f"serving-jax: {len(contexts.infos)} KVzip context(s) reloaded from {directory}", file=sys.stderr)
         print(f"serving-jax: {name} at http://{args.host}:{args.port}/v1", file=sys.stderr)
-        uvicorn.run(create_app(engine), host=args.host, port=args.port, log_level="info")
+        uvicorn.run(create_app(engine, contexts=contexts), host=args.host, port=args.port, log_level="info")
     finally:
         engine.shutdown()
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from kvzip_jax.config import ModelConfig
 from serving.costmodel import default_cost_model
+from serving.engine.contexts import ServedContext, copies_needed, share_for_request
 from serving.engine.detokenize import Detokenizer
 from serving.engine.executor import DecodeRow, ExecutorShape, InstanceExecutor, PrefillRow
 from serving.engine.pages import PagePool, SequenceKV
@@ -108,6 +109,7 @@ class EngineInstance:
     running: dict = dataclasses.field(default_factory=dict)  # rid -> request in its decode batch
     outgoing: deque = dataclasses.field(default_factory=deque)  # migrations whose pages it must send
     incoming: deque = dataclasses.field(default_factory=deque)  # (migration, data) whose pages it must insert
+    context_loads: deque = dataclasses.field(default_factory=deque)  # (context, page ids) to load into its pool
     in_flight: tuple | None = None  # (kind, payload) of the step running now
     arriving: int = 0  # migrations towards it that hold a decode seat
     reserved: int = 0  # pages promised to arriving requests' growth
@@ -156,6 +158,8 @@ class EngineStats:
     generated_tokens: int = 0
     migrations: int = 0
     migrated_pages: int = 0
+    context_requests: int = 0  # requests that started from a served context
+    context_tokens_saved: int = 0  # context tokens those requests did not prefill
     ttft: list = dataclasses.field(default_factory=list)  # seconds, per finished request
     tpot: list = dataclasses.field(default_factory=list)  # seconds per output token after the first
 
@@ -194,6 +198,7 @@ class Engine:
         ]
         self.q = {(g, s): deque() for g in Group for s in Stage}
         self.requests: dict[int, EngineRequest] = {}
+        self.contexts: dict[str, ServedContext] = {}
         self.stats = EngineStats()
         self.lock = threading.Condition()
         self._ids = itertools.count()
@@ -325,18 +330,28 @@ class Engine:
                 self.lock.notify_all()
 
     # ---- the client surface ---------------------------------------------------------------------------------
-    def submit(self, prompt: Sequence[int], sampling: SamplingParams, sink: Callable[[RequestOutput], None]) -> int:
-        """Queue a request; `sink` receives its outputs (from a worker thread). Returns its id."""
+    def submit(self, prompt: Sequence[int], sampling: SamplingParams, sink: Callable[[RequestOutput], None],
+               context_id: str | None = None) -> int:
+        """Queue a request; `sink` receives its outputs (from a worker thread). Returns its id. With `context_id`
+        (a served KVzip context) the prompt is what follows the context: the question turn."""
         prompt = [int(t) for t in prompt]
         if not prompt:
             raise ValueError("the prompt is empty (0 tokens)")
         bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
-        total = len(prompt) + sampling.max_tokens
+        start = 0
+        if context_id is not None:
+            with self.lock:
+                served = self.contexts.get(context_id)
+                if served is None:
+                    raise KeyError(f"context {context_id!r} does not exist (or was deleted)")
+                start = served.kv.next_position
+        total = start + len(prompt) + sampling.max_tokens
         if total > self.max_model_len:
-            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({sampling.max_tokens}) = {total} is "
-                             f"beyond the engine's max_model_len ({self.max_model_len})")
+            what = f"context ({start} positions) + " if context_id is not None else ""
+            raise ValueError(f"{what}prompt ({len(prompt)} tokens) + max_tokens ({sampling.max_tokens}) = {total} "
+                             f"is beyond the engine's max_model_len ({self.max_model_len})")
         stops = set(sampling.stop_token_ids)
         if not sampling.ignore_eos:
             stops |= set(self.config.eos_token_ids)
@@ -352,7 +367,7 @@ class Engine:
             if waiting >= self.engine_config.max_waiting:
                 raise QueueFull(f"{waiting} requests are waiting (the limit is {self.engine_config.max_waiting})")
             r = EngineRequest(rid=next(self._ids), prompt=prompt, sampling=sampling, sink=sink,
-                              stop_ids=frozenset(stops), detok=detok, t_arrival=self.now)
+                              stop_ids=frozenset(stops), detok=detok, t_arrival=self.now, context=context_id)
             r.group = self.policy.route(r)
             self.requests[r.rid] = r
             self.stats.submitted += 1
@@ -379,6 +394,39 @@ class Engine:
                 self.q[(r.group, Stage.DECODE)].remove(r)
                 self._finish(r, "cancelled")
             self.lock.notify_all()  # the owning worker drops the others at its next step
+
+    # ---- served KVzip contexts ------------------------------------------------------------------------------------
+    def add_context(self, cid: str, compressed, context_tokens: int) -> ServedContext:
+        """Serve a compressed context (`kvzip_jax.kvzip.compressor.CompressedContext`, one row) under `cid`."""
+        c = self.config
+        cache = compressed.cache
+        shape = (cache.page_table.shape[0], cache.page_table.shape[2], cache.k_pages.shape[-1])
+        if shape != (c.num_layers, c.num_kv_heads, c.head_dim):
+            raise ValueError(f"the context was compressed for another model (layers, kv heads, head_dim = {shape})")
+        served = ServedContext.from_compressed(cid, compressed, context_tokens, self.engine_config.page_size,
+                                               self.now)
+        if served.kv.next_position >= self.max_model_len:
+            raise ValueError(f"the context takes {served.kv.next_position} positions; the engine's max_model_len "
+                             f"is {self.max_model_len}, which leaves no room for a question")
+        if served.num_pages > self.insts[0].kv_total // 2:
+            raise ValueError(f"the compressed context needs {served.num_pages} pages, more than half an instance's "
+                             f"pool ({self.insts[0].kv_total}); raise pages_per_instance")
+        with self.lock:
+            if cid in self.contexts:
+                raise ValueError(f"context id {cid!r} is taken")
+            self.contexts[cid] = served
+        return served
+
+    def remove_context(self, cid: str) -> None:
+        """Stop serving a context; requests already started keep their shares of its pages until they end."""
+        with self.lock:
+            served = self.contexts.pop(cid, None)
+            if served is None:
+                raise KeyError(f"context {cid!r} does not exist")
+            for iid, kv in served.resident.items():
+                self.insts[iid].pool.release(kv.owned())
+            served.resident.clear()
+            self.lock.notify_all()
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, timeout: float = 300.0):
         """Blocking helper: every prompt's generated token ids (stop token included), in order."""
@@ -436,6 +484,10 @@ class Engine:
                 ],
                 "live_requests": len(self.requests),
                 "switches": self.switch_count,
+                "contexts": len(self.contexts),
+                "context_kv_bytes_saved": sum(
+                    s.compressed.report.dense_kv_bytes - s.compressed.report.compressed_kv_bytes
+                    for s in self.contexts.values()),
                 "stats": dataclasses.replace(self.stats, ttft=list(self.stats.ttft), tpot=list(self.stats.tpot)),
                 "kv_bytes_per_page": self.insts[0].executor.kv_bytes_per_page,
             }
@@ -482,6 +534,9 @@ class Engine:
     def _run(self, inst: EngineInstance, kind: str, payload):
         ex = inst.executor
         if kind == "prefill":
+            for r, _ in payload:
+                if r.copies is not None:
+                    ex.copy_pages(*r.copies)
             return ex.prefill([PrefillRow(np.asarray(chunk, np.int32), r.kv, r.sampling) for r, chunk in payload])
         if kind == "decode":
             return ex.decode([DecodeRow(r.output[-1], r.kv, r.sampling) for r in payload])
@@ -491,6 +546,10 @@ class Engine:
             migration, data = payload
             ex.import_pages(migration.new_ids, data)
             return None
+        if kind == "load_context":
+            served, ids = payload
+            ex.import_pages(ids, served.pages_for(ex.device))
+            return None
         raise AssertionError(kind)
 
     def _plan(self, inst: EngineInstance):
@@ -499,6 +558,8 @@ class Engine:
             return "export", inst.outgoing.popleft()
         if inst.incoming:
             return "import", inst.incoming.popleft()
+        if inst.context_loads:
+            return "load_context", inst.context_loads.popleft()
         if inst.state == InstState.DRAINING:
             self._drain(inst)
         if inst.state != InstState.ACTIVE:
@@ -532,14 +593,45 @@ class Engine:
             if whole and len(inst.prefilling) + len(inst.running) >= ec.decode_rows:
                 return
             r = queue[0]
-            kv = SequenceKV.empty(c.num_layers, c.num_kv_heads)
             tokens = len(r.prompt) + (r.sampling.max_tokens if whole else 0)
-            if kv.pages_to_hold(tokens, ec.page_size) > inst.kv_free:
-                return
-            queue.popleft()
+            if r.context is not None:
+                served = self.contexts.get(r.context)
+                if served is None:
+                    queue.popleft()
+                    self._finish(r, "error", f"context {r.context!r} was deleted before the request started")
+                    continue
+                kv = self._context_view(inst, r, served, queue, tokens)
+                if kv is None:
+                    return
+            else:
+                kv = SequenceKV.empty(c.num_layers, c.num_kv_heads)
+                if kv.pages_to_hold(tokens, ec.page_size) > inst.kv_free:
+                    return
+                queue.popleft()
             kv.grow(inst.pool, tokens, ec.page_size)
             r.kv, r.owner, r.phase = kv, inst.iid, Phase.PREFILL
             inst.prefilling.append(r)
+
+    def _context_view(self, inst: EngineInstance, r: EngineRequest, served: ServedContext, queue: deque,
+                      tokens: int):
+        """The request's sequence over its context's pages in this instance's pool (popping it from `queue`), or
+        None while the context is still being loaded here or the pages are not free yet."""
+        page = self.engine_config.page_size
+        resident = served.resident.get(inst.iid)
+        if resident is None:
+            if inst.iid not in served.loading and served.num_pages <= inst.kv_free:
+                served.loading.add(inst.iid)
+                inst.context_loads.append((served, inst.pool.alloc(served.num_pages)))
+            return None
+        if copies_needed(resident, page) + resident.pages_to_hold(tokens, page) > inst.kv_free:
+            return None
+        queue.popleft()
+        kv, src, dst = share_for_request(resident, inst.pool, page)
+        r.copies = (src, dst) if len(src) else None
+        served.requests += 1
+        self.stats.context_requests += 1
+        self.stats.context_tokens_saved += served.context_tokens
+        return kv
 
     def _drop_cancelled(self, inst: EngineInstance) -> None:
         for r in [r for r in inst.prefilling if r.cancelled]:
@@ -554,6 +646,7 @@ class Engine:
                 continue
             r.kv.advance(len(chunk), self.engine_config.page_size)
             r.prefilled += len(chunk)
+            r.copies = None
             if r.cancelled:
                 self._finish(r, "cancelled")
                 continue
@@ -584,6 +677,14 @@ class Engine:
             self._emit(r, [int(t) for t in out])
         self._drain_decode_queue(inst.group)
 
+    def _apply_load_context(self, inst: EngineInstance, payload, _result) -> None:
+        served, ids = payload
+        served.loading.discard(inst.iid)
+        if self.contexts.get(served.cid) is served:
+            served.resident[inst.iid] = served.kv.relocated(ids)
+        else:  # deleted while loading
+            inst.pool.release(ids)
+
     def _apply_export(self, inst: EngineInstance, migration: Migration, data) -> None:
         migration.target.incoming.append((migration, data))
 
@@ -606,6 +707,11 @@ class Engine:
         inst.running[r.rid] = r
 
     def _fail(self, inst: EngineInstance, kind: str, payload, error: str) -> None:
+        if kind == "load_context":  # the requests waiting for it try again at their next admission
+            served, ids = payload
+            served.loading.discard(inst.iid)
+            inst.pool.release(ids)
+            return
         if kind in ("prefill", "decode"):
             for item in payload:
                 r = item[0] if kind == "prefill" else item
@@ -729,6 +835,15 @@ class Engine:
         for r in self.requests.values():
             if r.kv is not None and r.owner >= 0:
                 np.add.at(owners[r.owner], r.kv.owned(), 1)
+        for served in self.contexts.values():
+            for iid, kv in served.resident.items():
+                np.add.at(owners[iid], kv.owned(), 1)
+        for i in self.insts:
+            loads = list(i.context_loads)
+            if i.in_flight is not None and i.in_flight[0] == "load_context":
+                loads.append(i.in_flight[1])
+            for _, ids in loads:
+                np.add.at(owners[i.iid], ids, 1)
         for rid, places in where.items():
             r = self.requests.get(rid)
             if r is None:

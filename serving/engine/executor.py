@@ -174,6 +174,10 @@ class InstanceExecutor:
         self.pool = _scatter_pages(self.pool, jnp.asarray(ids), data)
         jax.block_until_ready(self.pool)
 
+    def copy_pages(self, src: np.ndarray, dst: np.ndarray) -> None:
+        """Copy pages inside this pool (copy-on-write of a shared context's partly filled pages)."""
+        self.pool = _scatter_pages(self.pool, jnp.asarray(dst), _gather_pages(self.pool, jnp.asarray(src)))
+
     def warmup(self) -> None:
         """Compile every bucket now: all rows padded, nothing is written."""
         c, s = self.config, self.shape

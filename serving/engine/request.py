@@ -53,6 +53,8 @@ class EngineRequest:
     finish_reason: str | None = None
     migrations: int = 0
     images: tuple = ()  # (text requests so far; the policies read it)
+    context: str | None = None  # a served KVzip context it starts from (its prompt is then the question turn)
+    copies: tuple | None = None  # (source pages, destination pages) to copy before its first prefill chunk
     t_arrival: float = 0.0  # engine clock (seconds since the engine started), the policies' `now`
     t_first: float | None = None
     t_done: float | None = None
