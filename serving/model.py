@@ -35,6 +35,7 @@ class InstState(enum.IntEnum):
     ACTIVE = 0  # serving its stage
     DRAINING = 1  # finishing its current batch before a role switch
     SWITCHING = 2  # migrating its KV out / swapping executables; serves nothing
+    FAILED = 3  # (the engine) a step failed on its device: it serves nothing again; its requests moved on
 
 
 class ReqState(enum.IntEnum):

@@ -52,6 +52,12 @@ class EngineError(RuntimeError):
     """The engine cannot run as configured, or was stopped."""
 
 
+class InjectedFault(RuntimeError):
+    """Raised by a step of an instance that `Engine.inject_fault` marked (fault-tolerance tests)."""
+
+
+MAX_RESTARTS = 2  # a request in this many failed steps is failed itself (it may be what breaks them)
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     policy: str = "coupled"
@@ -114,6 +120,7 @@ class EngineInstance:
     arriving: int = 0  # migrations towards it that hold a decode seat
     reserved: int = 0  # pages promised to arriving requests' growth
     steps: int = 0
+    fault: bool = False  # the next step raises InjectedFault
     thread: threading.Thread | None = None
 
     @property
@@ -371,8 +378,15 @@ class Engine:
             r.group = self.policy.route(r)
             self.requests[r.rid] = r
             self.stats.submitted += 1
+            if not any(self._live(i) for i in self.insts):
+                self.requests.pop(r.rid)
+                raise EngineError("no instance is left in service")
             if r.group == Group.ANY and self.policy.coupled:
-                self.policy.coupled_target(self, r).local_queue.append(r)
+                target = self.policy.coupled_target(self, r)
+                if not self._live(target):
+                    target = min((i for i in self.insts if self._live(i)),
+                                 key=lambda i: (len(i.local_queue) + len(i.running), i.iid))
+                target.local_queue.append(r)
             else:
                 self.q[(r.group, Stage.PREFILL)].append(r)
             self.lock.notify_all()
@@ -512,8 +526,8 @@ class Engine:
             try:
                 result = self._run(inst, kind, payload)
                 error = None
-            except Exception as e:  # a failed step fails its requests, never the instance or the server
-                log.exception("instance %d: %s step failed", inst.iid, kind)
+            except Exception as e:  # the instance is lost (its donated pool may be gone), never the server
+                log.exception("instance %d: %s step failed; the instance leaves service", inst.iid, kind)
                 result, error = None, f"{type(e).__name__}: {e}"
             with self.lock:
                 took = time.perf_counter() - t0
@@ -526,13 +540,25 @@ class Engine:
                 if error is None:
                     getattr(self, f"_apply_{kind}")(inst, payload, result)
                 else:
-                    self._fail(inst, kind, payload, error)
+                    self._instance_failed(inst, kind, payload, error)
                 if self.engine_config.check_invariants:
-                    self.check_invariants()
+                    try:
+                        self.check_invariants()
+                    except AssertionError as e:  # fail loudly: every request ends with the broken invariant
+                        log.exception("engine invariant broken")
+                        self._stopping = True
+                        for r in list(self.requests.values()):
+                            self._finish(r, "error", f"engine invariant broken: {e}")
+                        self.lock.notify_all()
+                        return
                 self.lock.notify_all()
+                if error is not None:
+                    return
 
     def _run(self, inst: EngineInstance, kind: str, payload):
         ex = inst.executor
+        if inst.fault:
+            raise InjectedFault(f"instance {inst.iid}: injected fault in a {kind} step")
         if kind == "prefill":
             for r, _ in payload:
                 if r.copies is not None:
@@ -578,7 +604,7 @@ class Engine:
         if inst.prefilling:
             chunk = self.engine_config.prefill_chunk
             rows = inst.prefilling[:self.engine_config.prefill_rows]
-            return "prefill", [(r, r.prompt[r.prefilled:r.prefilled + chunk]) for r in rows]
+            return "prefill", [(r, r.prefill_ids[r.prefilled:r.prefilled + chunk]) for r in rows]
         if inst.running and inst.stage in (Stage.COUPLED, Stage.DECODE):
             return "decode", list(inst.running.values())[:self.engine_config.decode_rows]
         return None
@@ -593,7 +619,7 @@ class Engine:
             if whole and len(inst.prefilling) + len(inst.running) >= ec.decode_rows:
                 return
             r = queue[0]
-            tokens = len(r.prompt) + (r.sampling.max_tokens if whole else 0)
+            tokens = len(r.prefill_ids) + (r.sampling.max_tokens - r.produced if whole else 0)
             if r.context is not None:
                 served = self.contexts.get(r.context)
                 if served is None:
@@ -650,11 +676,12 @@ class Engine:
             if r.cancelled:
                 self._finish(r, "cancelled")
                 continue
-            if r.prefilled < len(r.prompt):
+            if r.prefilled < len(r.prefill_ids):
                 continue
             inst.prefilling.remove(r)
-            r.t_first = self.now
-            self.stats.prompt_tokens += len(r.prompt)
+            if r.t_first is None:
+                r.t_first = self.now
+                self.stats.prompt_tokens += len(r.prompt)
             if self._emit(r, [int(tok)]):
                 continue
             if inst.stage == Stage.COUPLED:
@@ -686,7 +713,14 @@ class Engine:
             inst.pool.release(ids)
 
     def _apply_export(self, inst: EngineInstance, migration: Migration, data) -> None:
-        migration.target.incoming.append((migration, data))
+        if self._live(migration.target):
+            migration.target.incoming.append((migration, data))
+            return
+        # the destination failed while the pages were on their way: the source still owns them; wait for another
+        r = migration.request
+        r.phase = Phase.WAIT_DECODE
+        self.q[(r.group, Stage.DECODE)].appendleft(r)
+        self._drain_decode_queue(r.group)
 
     def _apply_import(self, inst: EngineInstance, payload, _result) -> None:
         m, _ = payload
@@ -706,23 +740,111 @@ class Engine:
         r.phase = Phase.DECODE
         inst.running[r.rid] = r
 
-    def _fail(self, inst: EngineInstance, kind: str, payload, error: str) -> None:
-        if kind == "load_context":  # the requests waiting for it try again at their next admission
-            served, ids = payload
+    # ---- faults ------------------------------------------------------------------------------------------------
+    def inject_fault(self, iid: int) -> None:
+        """Make instance `iid`'s next step fail, as a device error would (fault-tolerance tests)."""
+        with self.lock:
+            self.insts[iid].fault = True
+            self.lock.notify_all()
+
+    def _live(self, inst: EngineInstance) -> bool:
+        return inst.state != InstState.FAILED
+
+    def _instance_failed(self, inst: EngineInstance, kind: str, payload, error: str) -> None:
+        """A step failed: the instance leaves service for good (its pool, donated to the step, may be gone). Every
+        request it held starts over on the live instances: its prompt and the tokens it already produced are
+        prefilled again (the same next token as decode would give: greedy and seeded sampling alike). A request
+        in MAX_RESTARTS failed steps fails itself, with the error."""
+        inst.state = InstState.FAILED
+        inst.pending_target = None
+        in_step = {id(r) for r in self._step_requests(kind, payload)}
+        victims: list[EngineRequest] = []
+        for queue in [*self.q.values(), inst.local_queue]:
+            for r in [r for r in queue if r.owner == inst.iid or queue is inst.local_queue]:
+                queue.remove(r)
+                victims.append(r)
+        victims += inst.prefilling + list(inst.running.values())
+        inst.prefilling.clear()
+        inst.running.clear()
+        inst.local_queue.clear()
+        # migrations that involve it: in its outgoing / incoming queues, or the step that failed
+        moving = [m for m in inst.outgoing] + [m for m, _ in inst.incoming]
+        if kind in ("export", "import"):
+            moving.append(payload if kind == "export" else payload[0])
+        for other in self.insts:
+            if other is not inst:
+                moving += [m for m in other.outgoing if m.target is inst]
+                moving += [m for m, _ in other.incoming if m.source is inst]
+                other.outgoing = deque(m for m in other.outgoing if m.target is not inst)
+                other.incoming = deque((m, d) for m, d in other.incoming if m.source is not inst)
+        inst.outgoing.clear()
+        inst.incoming.clear()
+        for m in moving:
+            if m.target is not inst:  # the destination lives: give back what it reserved
+                m.target.pool.release(m.new_ids)
+                m.target.reserved -= m.growth
+                m.target.arriving -= 1
+            elif m.source is not inst and m.request.owner == m.source.iid:  # the source lives and still owns it
+                m.source.pool.release(m.request.kv.owned())
+            victims.append(m.request)
+        for served in self.contexts.values():
+            served.resident.pop(inst.iid, None)
             served.loading.discard(inst.iid)
-            inst.pool.release(ids)
+        inst.context_loads.clear()
+        seen = set()
+        for r in sorted(victims, key=lambda r: r.rid):
+            if r.rid in seen or r.phase == Phase.DONE:
+                continue
+            seen.add(r.rid)
+            r.kv, r.owner, r.prefilled, r.copies = None, -1, 0, None
+            r.restarts += id(r) in in_step
+            if r.restarts >= MAX_RESTARTS:
+                self._finish(r, "error", f"{error} (the request was in {r.restarts} failed steps)")
+            else:
+                self._requeue(r)
+        self._fail_unservable(error)
+
+    @staticmethod
+    def _step_requests(kind: str, payload) -> list[EngineRequest]:
+        if kind == "prefill":
+            return [r for r, _ in payload]
+        if kind == "decode":
+            return list(payload)
+        if kind in ("export", "import"):
+            return [(payload if kind == "export" else payload[0]).request]
+        return []
+
+    def _requeue(self, r: EngineRequest) -> None:
+        r.phase = Phase.QUEUED
+        if r.group == Group.ANY and self.policy.coupled:
+            live = [i for i in self.insts if self._live(i)]
+            if live:
+                min(live, key=lambda i: (len(i.local_queue) + len(i.running), i.iid)).local_queue.appendleft(r)
+                return
+        self.q[(r.group, Stage.PREFILL)].appendleft(r)
+
+    def _fail_unservable(self, error: str) -> None:
+        """Requests that no live instance can serve any more fail now, with the reason."""
+        live = [i for i in self.insts if self._live(i)]
+        if not live:
+            for q in [*self.q.values(), *(i.local_queue for i in self.insts)]:
+                q.clear()
+            for r in list(self.requests.values()):
+                self._finish(r, "error", f"no instance is left in service ({error})")
             return
-        if kind in ("prefill", "decode"):
-            for item in payload:
-                r = item[0] if kind == "prefill" else item
-                if r.phase != Phase.DONE:
-                    self._finish(r, "error", error)
-        else:
-            m = payload if kind == "export" else payload[0]
-            m.target.pool.release(m.new_ids)
-            m.target.reserved -= m.growth
-            m.target.arriving -= 1
-            self._finish(m.request, "error", error)
+        for (g, s), q in self.q.items():
+            if q and self._unservable(g, s):
+                for r in list(q):
+                    q.remove(r)
+                    self._finish(r, "error", f"no live {g.name}/{s.name} instance is left ({error})")
+
+    def _unservable(self, g: Group, s: Stage) -> bool:
+        """No live instance has (or is switching to) this role, and the policy never re-assigns instances (a
+        ticking policy such as ElasticMM covers an empty stage at its next tick)."""
+        if getattr(self.policy, "tick_interval", None):
+            return False
+        return not any(self._live(i) and ((i.group, i.stage) == (g, s) or self.effective_role(i) == (g, s))
+                       for i in self.insts)
 
     # ---- prefill -> decode hand-off ------------------------------------------------------------------------
     def _pick_decode(self, group: Group, copy: int, growth: int) -> EngineInstance | None:
@@ -739,6 +861,9 @@ class Engine:
     def _drain_decode_queue(self, group: Group) -> None:
         q = self.q[(group, Stage.DECODE)]
         page = self.engine_config.page_size
+        if q and self._unservable(group, Stage.DECODE):
+            self._fail_unservable("its decode instances failed")
+            return
         while q:
             r = q[0]
             old_ids = r.kv.owned()
@@ -787,7 +912,7 @@ class Engine:
         if r.phase == Phase.DONE:
             return
         inst = self.insts[r.owner] if r.owner >= 0 else None
-        if inst is not None:
+        if inst is not None and self._live(inst):
             if r in inst.prefilling:
                 inst.prefilling.remove(r)
             inst.running.pop(r.rid, None)
@@ -851,6 +976,10 @@ class Engine:
             if len(places) != 1:
                 raise AssertionError(f"request {rid} ({r.phase.name}) is in {len(places)} places: {places}")
         for i, count in zip(self.insts, owners, strict=True):
+            if not self._live(i):
+                if i.prefilling or i.running or i.outgoing or i.incoming or i.local_queue:
+                    raise AssertionError(f"failed instance {i.iid} still holds requests")
+                continue
             count[0] = 1
             if not np.array_equal(count, i.pool.refs):
                 bad = np.flatnonzero(count != i.pool.refs)[:5]

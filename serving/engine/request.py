@@ -55,6 +55,7 @@ class EngineRequest:
     images: tuple = ()  # (text requests so far; the policies read it)
     context: str | None = None  # a served KVzip context it starts from (its prompt is then the question turn)
     copies: tuple | None = None  # (source pages, destination pages) to copy before its first prefill chunk
+    restarts: int = 0  # times its instance failed under it (its KV was recomputed elsewhere)
     t_arrival: float = 0.0  # engine clock (seconds since the engine started), the policies' `now`
     t_first: float | None = None
     t_done: float | None = None
@@ -62,6 +63,12 @@ class EngineRequest:
     @property
     def produced(self) -> int:
         return len(self.output)
+
+    @property
+    def prefill_ids(self) -> list[int]:
+        """What prefill must cover: the prompt, and after a restart also every token generated so far (their KV
+        was lost with the failed instance; recomputing it gives the next token exactly as decode would)."""
+        return self.prompt + self.output
 
     @property
     def input_len(self) -> int:  # the policies' name for the prompt length

@@ -17,7 +17,7 @@ import pytest
 from kvzip_jax.config import ModelConfig
 from kvzip_jax.generate import generate as reference_generate
 from kvzip_jax.models.decoder import init_params
-from serving.engine import Engine, EngineConfig, QueueFull, SamplingParams
+from serving.engine import Engine, EngineConfig, EngineError, QueueFull, SamplingParams
 from serving.engine import executor as executor_mod
 from serving.model import Group, Stage
 
@@ -26,6 +26,7 @@ SHAPE = dict(page_size=8, pages_per_instance=2048, prefill_chunk=32, max_model_l
              check_invariants=True, warmup=False)
 PROMPT_LENS = (5, 13, 40, 21, 32)  # 40 > prefill_chunk: chunked prefill; 32 = exactly one chunk, four pages
 MAX_TOKENS = 12
+LONG_TOKENS = 40
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +44,15 @@ def prompts():
 
 
 @pytest.fixture(scope="module")
-def reference(model, prompts):
+def long_reference(model, prompts):
+    """40 tokens per prompt: long enough to switch roles or fail an instance in the middle of decoding."""
     cfg, params = model
-    return reference_generate(params, cfg, prompts, max_new_tokens=MAX_TOKENS).tokens
+    return reference_generate(params, cfg, prompts, max_new_tokens=LONG_TOKENS).tokens
+
+
+@pytest.fixture(scope="module")
+def reference(long_reference):
+    return [t[:MAX_TOKENS] for t in long_reference]  # no stop token (eos_token_id=None): a prefix is exact
 
 
 ENGINES = {
@@ -75,6 +82,8 @@ def assert_idle(engine: Engine) -> None:
     with engine.lock:
         assert engine.requests == {}
         for inst in engine.insts:
+            if inst.state.name == "FAILED":  # its pool was abandoned with its device
+                continue
             assert inst.pool.used == 0, f"instance {inst.iid} leaks {inst.pool.used} pages"
             assert (inst.reserved, inst.arriving) == (0, 0)
             assert not inst.running and not inst.prefilling and not inst.incoming and not inst.outgoing
@@ -322,10 +331,9 @@ def submit_all(engine: Engine, prompts, sampling: SamplingParams):
     return ids, tokens, done
 
 
-def test_a_switch_in_the_middle_of_decoding_migrates_the_batch(model, prompts):
+def test_a_switch_in_the_middle_of_decoding_migrates_the_batch(model, prompts, long_reference):
     cfg, params = model
-    n_tokens = 40
-    expected = reference_generate(params, cfg, prompts, max_new_tokens=n_tokens).tokens
+    n_tokens, expected = LONG_TOKENS, long_reference
     config = EngineConfig(policy="static_epd", policy_options=(("split", (1, 2, 1, 1, 1)),), num_instances=6, **SHAPE)
     with Engine(cfg, params, engine_config=config) as engine:
         decoders = [i for i in engine.insts if (i.group, i.stage) == (Group.TEXT, Stage.DECODE)]
@@ -374,3 +382,47 @@ def test_elasticmm_lends_an_idle_group_and_answers_the_same(model, prompts, refe
         assert engine.switch_count >= 3 and engine.decision_times
         assert engine.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS)) == reference
         assert_idle(engine)
+
+
+# ---- faults: an instance's step fails mid-decode ---------------------------------------------------------------
+@pytest.mark.parametrize("policy, options, n", [("coupled", (), 2), ("static_pd", (("n_prefill", 1),), 3)])
+def test_a_failed_instance_hands_its_requests_on_and_they_finish_the_same(model, prompts, long_reference, policy,
+                                                                          options, n):
+    cfg, params = model
+    n_tokens, expected = LONG_TOKENS, long_reference
+    sampled = SamplingParams(max_tokens=n_tokens, temperature=1.0, seed=99)
+    config = EngineConfig(policy=policy, policy_options=options, num_instances=n, **SHAPE)
+    with Engine(cfg, params, engine_config=config) as engine:
+        calm, _ = run_one(engine, prompts[1], sampled)  # the seeded answer with no fault
+        decoders = [i for i in engine.insts if i.stage in (Stage.COUPLED, Stage.DECODE)]
+        ids, tokens, done = submit_all(engine, prompts, SamplingParams(max_tokens=n_tokens))
+        extra, extra_tokens, extra_done = submit_all(engine, [prompts[1]], sampled)
+        wait_for(lambda: any(any(3 <= r.produced < 20 for r in i.running.values()) for i in decoders), engine,
+                 what="a decode batch in progress")
+        with engine.lock:
+            victim = max(decoders, key=lambda i: len(i.running))
+            held = len(victim.running)
+        engine.inject_fault(victim.iid)
+        assert done.wait(120) and extra_done.wait(120)
+        assert [tokens[i] for i in ids] == expected  # recomputed, not lost: the same greedy tokens
+        assert extra_tokens[extra[0]] == calm  # and the same seeded draws
+        assert victim.state.name == "FAILED" and held >= 1
+        assert engine.stats.finished == len(prompts) + 2 and engine.stats.errors == 0
+        # the engine goes on serving on the instances left
+        assert engine.generate(prompts[:2], SamplingParams(max_tokens=MAX_TOKENS)) == [e[:MAX_TOKENS]
+                                                                                     for e in expected[:2]]
+        assert_idle(engine)
+
+
+def test_losing_the_last_decode_instance_fails_requests_with_the_reason(model, prompts):
+    cfg, params = model
+    config = EngineConfig(policy="static_pd", policy_options=(("n_prefill", 1),), num_instances=2, **SHAPE)
+    with Engine(cfg, params, engine_config=config) as engine:
+        engine.inject_fault(1)  # the only decode instance
+        _, final = run_one(engine, prompts[0], SamplingParams(max_tokens=MAX_TOKENS))
+        assert final.finish_reason == "error" and "no live ANY/DECODE instance" in final.error
+        engine.inject_fault(0)
+        _, final = run_one(engine, prompts[0], SamplingParams(max_tokens=2))
+        assert final.finish_reason == "error"
+        with pytest.raises(EngineError, match="no instance is left in service"):
+            engine.submit(prompts[0], SamplingParams(max_tokens=2), lambda out: None)
