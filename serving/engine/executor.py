@@ -25,6 +25,9 @@ def pow2_at_least(n: int, floor: int) -> int:
     return max(floor, 1 << max(0, int(n) - 1).bit_length())
 
 
+MIN_MOVE_PAGES = 16  # the smallest bucket of pages moved by one migration or copy
+
+
 @dataclasses.dataclass(frozen=True)
 class ExecutorShape:
     """Static sizes of an instance: they fix the executables it compiles."""
@@ -165,18 +168,29 @@ class InstanceExecutor:
                                        sampling, config=self.config, steps=self.shape.decode_steps)
         return np.asarray(out)[:len(rows)]
 
+    @staticmethod
+    def padded_ids(ids: np.ndarray) -> np.ndarray:
+        """Page ids padded with the dummy page 0 to a power of two (>= MIN_MOVE_PAGES): one compiled gather and
+        scatter per bucket, not per request size. Page 0 is never read unmasked, so what lands there is moot."""
+        out = np.zeros(pow2_at_least(len(ids), MIN_MOVE_PAGES), np.int32)
+        out[:len(ids)] = ids
+        return out
+
     def export_pages(self, ids: np.ndarray, destination: jax.Device):
-        """Copies of pages `ids` (K, V and positions), on their way to `destination` (asynchronous)."""
-        return jax.device_put(_gather_pages(self.pool, jnp.asarray(ids)), destination)
+        """Copies of pages `ids` (K, V and positions; padded, see `padded_ids`), on their way to `destination`."""
+        gathered = _gather_pages(self.pool, self.padded_ids(ids))
+        jax.block_until_ready(gathered)  # read before a later step donates (and deletes) this pool version
+        return jax.device_put(gathered, destination)
 
     def import_pages(self, ids: np.ndarray, data) -> None:
-        """Write migrated pages into this pool at `ids`; returns once they are in place."""
-        self.pool = _scatter_pages(self.pool, jnp.asarray(ids), data)
+        """Write pages (padded, as `export_pages` gives them) into this pool at `ids`; returns once
+        they are in place."""
+        self.pool = _scatter_pages(self.pool, self.padded_ids(ids), data)
         jax.block_until_ready(self.pool)
 
     def copy_pages(self, src: np.ndarray, dst: np.ndarray) -> None:
         """Copy pages inside this pool (copy-on-write of a shared context's partly filled pages)."""
-        self.pool = _scatter_pages(self.pool, jnp.asarray(dst), _gather_pages(self.pool, jnp.asarray(src)))
+        self.pool = _scatter_pages(self.pool, self.padded_ids(dst), _gather_pages(self.pool, self.padded_ids(src)))
 
     def warmup(self) -> None:
         """Compile every bucket now: all rows padded, nothing is written."""
@@ -188,3 +202,9 @@ class InstanceExecutor:
             self.decode([DecodeRow(0, empty, SamplingParams())])
             for chunk in s.prefill_buckets():
                 self.prefill([PrefillRow(np.zeros(chunk, np.int32), empty, SamplingParams())])
+        # migrations of every size a request can have (only the dummy page 0 is read and written)
+        most = self.config.num_layers * self.config.num_kv_heads * s.max_table_width
+        n = MIN_MOVE_PAGES
+        while n < 2 * most:
+            self.copy_pages(np.zeros(n, np.int32), np.zeros(n, np.int32))
+            n *= 2
