@@ -215,6 +215,10 @@ class Engine:
         self.layout_log: list = [(0.0, self.layout_counts())]
         self.decision_times: list[float] = []
         self.step_time: dict[str, float] = {}  # kind -> EWMA of its step's wall time (busy_until estimates)
+        # (kind, features, seconds) of every step, in the cost model's terms: the calibration reads them
+        #   prefill: (sum of new tokens, sum of L^2 - k^2); decode: (batch, sum of context lengths) per token step;
+        #   export / import: (pages, bytes)
+        self.timings: list[tuple[str, tuple, float]] = []
         if ec.warmup:
             threads = [threading.Thread(target=i.executor.warmup) for i in self.insts]
             for t in threads:
@@ -532,6 +536,8 @@ class Engine:
             with self.lock:
                 took = time.perf_counter() - t0
                 self.step_time[kind] = 0.8 * self.step_time.get(kind, took) + 0.2 * took
+                if error is None:
+                    self._record_timing(inst, kind, payload, took)
                 inst.busy = False
                 inst.busy_until = self.now
                 inst.batch = []
@@ -555,6 +561,21 @@ class Engine:
                 if error is not None:
                     return
 
+    def _record_timing(self, inst: EngineInstance, kind: str, payload, took: float) -> None:
+        if kind == "prefill":
+            new = sum(len(chunk) for _, chunk in payload)
+            sq = sum((r.prefilled + len(chunk)) ** 2 - r.prefilled ** 2 for r, chunk in payload)
+            self.timings.append((kind, (new, sq), took))
+        elif kind == "decode":
+            steps = self.engine_config.decode_steps
+            ctx = sum(int(r.kv.lengths.max()) for r in payload)  # at the dispatch's start
+            # one token step of the dispatch, at its middle context (each step adds one pair per row)
+            self.timings.append((kind, (len(payload), ctx + len(payload) * (steps - 1) / 2), took / steps))
+        elif kind in ("export", "import"):
+            m = payload if kind == "export" else payload[0]
+            pages = len(m.new_ids)
+            self.timings.append((kind, (pages, pages * inst.executor.kv_bytes_per_page), took))
+
     def _run(self, inst: EngineInstance, kind: str, payload):
         ex = inst.executor
         if inst.fault:
@@ -574,7 +595,7 @@ class Engine:
             return None
         if kind == "load_context":
             served, ids = payload
-            ex.import_pages(ids, served.pages_for(ex.device))
+            ex.import_pages(ids, served.pages_for(ex.device, ex.padded_ids(ids)))
             return None
         raise AssertionError(kind)
 
