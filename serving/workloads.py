@@ -43,6 +43,10 @@ DATASETS = {
                                  img_width_median=640, img_width_sigma=0.5, img_aspect_median=0.75,
                                  mm_prompt=(120, 0.8, 2048), text_prompt=(300, 0.9, 4096),
                                  output=(350, 0.6, 512)),
+    # Text only and CPU-sized: what the engine serves on host CPU devices (calibration and the serving benchmark).
+    "cpu_text": Dataset("cpu_text", mm_fraction=0.0, images_per_req=(1.0,), img_width_median=640,
+                        img_width_sigma=0.5, img_aspect_median=0.75, mm_prompt=(96, 0.6, 384),
+                        text_prompt=(96, 0.6, 384), output=(48, 0.5, 128), sys_prompts=(16, 32, 64)),
 }
 
 ARRIVALS = ("poisson", "gamma", "mmpp", "diurnal")
