@@ -34,6 +34,7 @@ from serving.costmodel import default_cost_model
 from serving.engine.contexts import ServedContext, copies_needed, share_for_request
 from serving.engine.detokenize import Detokenizer
 from serving.engine.executor import DecodeRow, ExecutorShape, InstanceExecutor, PrefillRow
+from serving.engine.invariants import check_engine_invariants
 from serving.engine.pages import PagePool, SequenceKV
 from serving.engine.request import EngineRequest, Phase, RequestOutput
 from serving.engine.sampling import SamplingParams
@@ -958,53 +959,5 @@ class Engine:
 
     # ---- invariants (spec 6.1, on the real engine) -------------------------------------------------------------
     def check_invariants(self) -> None:
-        """Every live request is in exactly one place; every used page has exactly its owners."""
-        where: dict[int, list[str]] = {rid: [] for rid in self.requests}
-        for (g, s), q in self.q.items():
-            for r in q:
-                where.setdefault(r.rid, []).append(f"queue {g.name}/{s.name}")
-        owners = [np.zeros(i.pool.num_pages, np.int32) for i in self.insts]
-        for i in self.insts:
-            for r in i.local_queue:
-                where.setdefault(r.rid, []).append(f"instance {i.iid} queue")
-            for r in i.prefilling:
-                where.setdefault(r.rid, []).append(f"instance {i.iid} prefill")
-            for r in i.running.values():
-                where.setdefault(r.rid, []).append(f"instance {i.iid} decode")
-            moving = [m for m, _ in i.incoming] + [m for m in i.outgoing]
-            if i.in_flight is not None and i.in_flight[0] in ("export", "import"):
-                kind, payload = i.in_flight
-                moving.append(payload if kind == "export" else payload[0])
-            for m in moving:
-                where.setdefault(m.request.rid, []).append(f"instance {i.iid} migrating")
-                np.add.at(owners[m.target.iid], m.new_ids, 1)
-        for r in self.requests.values():
-            if r.kv is not None and r.owner >= 0:
-                np.add.at(owners[r.owner], r.kv.owned(), 1)
-        for served in self.contexts.values():
-            for iid, kv in served.resident.items():
-                np.add.at(owners[iid], kv.owned(), 1)
-        for i in self.insts:
-            loads = list(i.context_loads)
-            if i.in_flight is not None and i.in_flight[0] == "load_context":
-                loads.append(i.in_flight[1])
-            for _, ids in loads:
-                np.add.at(owners[i.iid], ids, 1)
-        for rid, places in where.items():
-            r = self.requests.get(rid)
-            if r is None:
-                raise AssertionError(f"request {rid} is queued but not live: {places}")
-            if len(places) != 1:
-                raise AssertionError(f"request {rid} ({r.phase.name}) is in {len(places)} places: {places}")
-        for i, count in zip(self.insts, owners, strict=True):
-            if not self._live(i):
-                if i.prefilling or i.running or i.outgoing or i.incoming or i.local_queue:
-                    raise AssertionError(f"failed instance {i.iid} still holds requests")
-                continue
-            count[0] = 1
-            if not np.array_equal(count, i.pool.refs):
-                bad = np.flatnonzero(count != i.pool.refs)[:5]
-                raise AssertionError(f"instance {i.iid}: page owners {count[bad]} != pool references "
-                                     f"{i.pool.refs[bad]} at pages {bad}")
-            if i.reserved < 0 or i.arriving < 0 or i.kv_free < 0:
-                raise AssertionError(f"instance {i.iid}: reserved {i.reserved}, arriving {i.arriving}")
+        """Every live request is in exactly one place; every used page has exactly its owners (call under lock)."""
+        check_engine_invariants(self)
