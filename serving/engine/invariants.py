@@ -49,7 +49,7 @@ def check_engine_invariants(engine) -> None:
         if len(places) != 1:
             raise AssertionError(f"request {rid} ({r.phase.name}) is in {len(places)} places: {places}")
     for i, count in zip(engine.insts, owners, strict=True):
-        if not i.state != InstState.FAILED:
+        if i.state == InstState.FAILED:
             if i.prefilling or i.running or i.outgoing or i.incoming or i.local_queue:
                 raise AssertionError(f"failed instance {i.iid} still holds requests")
             continue
