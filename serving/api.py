@@ -310,7 +310,7 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_body_bytes:
         if body.context_id is not None:
             if not isinstance(body.prompt, str):
                 raise RequestError("a request on a context takes its question as a text prompt", param="prompt")
-            prompt_ids = context_store().question_ids(body.prompt)
+            prompt_ids = context_store().question_ids(_check_text(body.prompt, "prompt"))
         else:
             prompt_ids = _completion_prompt(engine, body.prompt)
         sampling = body.sampling(context_start(body.context_id) + len(prompt_ids), engine.max_model_len)
@@ -359,6 +359,8 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_body_bytes:
     async def create_context(body: ContextCreateRequest):
         check_model(body.model)
         store = context_store()
+        if body.text is not None:
+            _check_text(body.text, "text")
         try:
             info = await asyncio.to_thread(store.create, text=body.text, token_ids=body.token_ids,
                                            ratio=body.ratio, level=body.level)
@@ -407,6 +409,15 @@ def _usage(out: RequestOutput) -> dict:
             "total_tokens": out.prompt_tokens + out.completion_tokens}
 
 
+def _check_text(text: str, param: str) -> str:
+    """Text the tokenizer can take: valid Unicode (JSON can carry lone surrogates, which no tokenizer encodes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(f"{param}: not valid Unicode text ({e.reason} at character {e.start})", param=param) from e
+    return text
+
+
 def _question(messages: list[ChatMessage]) -> str:
     """The question of a request on a context: its one user message (the context is the rest of the prompt)."""
     if len(messages) != 1 or messages[0].role != "user":
@@ -418,7 +429,7 @@ def _question(messages: list[ChatMessage]) -> str:
         content = "".join(p.text or "" for p in content)
     if not content or not content.strip():
         raise RequestError("the question is empty", param="messages")
-    return content
+    return _check_text(content, "messages")
 
 
 def _chat_prompt(engine: Engine, messages: list[ChatMessage]) -> list[int]:
@@ -441,7 +452,8 @@ def _chat_prompt(engine: Engine, messages: list[ChatMessage]) -> list[int]:
             content = "".join(texts)
         else:
             content = m.content or ""
-        plain.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+        plain.append({"role": "system" if m.role == "developer" else m.role,
+                      "content": _check_text(content, f"messages[{i}]")})
     try:
         ids = engine.tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=True)
     except Exception as e:  # a template that rejects the roles or their order
@@ -458,7 +470,7 @@ def _completion_prompt(engine: Engine, prompt) -> list[int]:
     if isinstance(prompt, str):
         if engine.tokenizer is None:
             raise RequestError("this model has no tokenizer: send the prompt as a list of token ids", param="prompt")
-        return [int(t) for t in engine.tokenizer(prompt)["input_ids"]]
+        return [int(t) for t in engine.tokenizer(_check_text(prompt, "prompt"))["input_ids"]]
     if not prompt:
         raise RequestError("the prompt is empty", param="prompt")
     return [int(t) for t in prompt]

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from serving.engine.sampling import MAX_SEED, SamplingParams
+from serving.engine.sampling import MAX_SEED, MAX_TOP_K, SamplingParams
 
 DEFAULT_MAX_TOKENS = 256
 MAX_STOP_STRINGS = 8
@@ -53,7 +53,7 @@ class SamplingFields(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0)  # an extension (vLLM has it too); 0 = off
+    top_k: int = Field(default=0, ge=0, le=MAX_TOP_K)  # an extension (vLLM has it too); 0 = off
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     stop: str | list[str] | None = None
     stream: bool = False

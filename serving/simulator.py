@@ -143,22 +143,9 @@ class Simulator:
         A policy with `may_empty_stages` may take a group's last instance of a stage (a group idle for a while
         lends all its instances); `urgent` (only for such a policy) exempts the move from the cooldown: it is
         reserved for re-covering a stage left with no instance (see ElasticMM._cover_empty_stages)."""
-        if stage not in self.policy.group_stages.get(group, ()):
-            raise ValueError(f"stage {stage.name} is not valid in group {group.name}")
-        if inst.pending_target is not None or inst.state != InstState.ACTIVE:
-            raise ValueError(f"instance {inst.iid} is already switching")
-        if (inst.group, inst.stage) == (group, stage):
+        if not check_switch(self, inst, group, stage, urgent):
             return
-        may_empty = getattr(self.policy, "may_empty_stages", False)
-        if urgent and not may_empty:
-            raise ValueError("urgent switches are only for policies that may empty a stage")
-        cool = getattr(self.policy, "cooldown", 0.0)
-        if cool and not urgent and self.now - inst.last_switch < cool - 1e-9:
-            raise InvariantError(f"instance {inst.iid} switched twice within the cooldown {cool}s")
         old = (inst.group, inst.stage)
-        if (not may_empty and old[1] != Stage.COUPLED
-                and sum(1 for i in self.insts if self.effective_role(i) == old) <= 1):
-            raise ValueError(f"instance {inst.iid} is the last {old[0].name}/{old[1].name} instance")
         if inst.stage == Stage.DECODE and (inst.running or inst.pending) and not self._decode_peers(inst):
             raise ValueError(f"instance {inst.iid}: no decode peer to migrate its KV to")
         inst.pending_target = (group, stage)
@@ -835,6 +822,29 @@ class Simulator:
             if caches:
                 for c in caches.values():
                     c.pool.check()
+
+
+def check_switch(sim, inst, group: Group, stage: Stage, urgent: bool) -> bool:
+    """The checks every switch passes, in the simulator and in the engine (both expose `policy`, `now`, `insts`,
+    `effective_role`): ValueError for a move the policy may not make, InvariantError for a cooldown broken.
+    False for a switch to the role the instance already has (nothing to do)."""
+    if stage not in sim.policy.group_stages.get(group, ()):
+        raise ValueError(f"stage {stage.name} is not valid in group {group.name}")
+    if inst.pending_target is not None or inst.state != InstState.ACTIVE:
+        raise ValueError(f"instance {inst.iid} is already switching")
+    if (inst.group, inst.stage) == (group, stage):
+        return False
+    may_empty = getattr(sim.policy, "may_empty_stages", False)
+    if urgent and not may_empty:
+        raise ValueError("urgent switches are only for policies that may empty a stage")
+    cool = getattr(sim.policy, "cooldown", 0.0)
+    if cool and not urgent and sim.now - inst.last_switch < cool - 1e-9:
+        raise InvariantError(f"instance {inst.iid} switched twice within the cooldown {cool}s")
+    old = (inst.group, inst.stage)
+    if (not may_empty and old[1] != Stage.COUPLED
+            and sum(1 for i in sim.insts if sim.effective_role(i) == old) <= 1):
+        raise ValueError(f"instance {inst.iid} is the last {old[0].name}/{old[1].name} instance")
+    return True
 
 
 def check_causality(r: Request):

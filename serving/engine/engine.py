@@ -33,14 +33,14 @@ from kvzip_jax.config import ModelConfig
 from serving.costmodel import default_cost_model
 from serving.engine.contexts import ServedContext, copies_needed, share_for_request
 from serving.engine.detokenize import Detokenizer
-from serving.engine.executor import DecodeRow, ExecutorShape, InstanceExecutor, PrefillRow
+from serving.engine.executor import DecodeRow, ExecutorShape, HostInputError, InstanceExecutor, PrefillRow
 from serving.engine.invariants import check_engine_invariants
 from serving.engine.pages import PagePool, SequenceKV
 from serving.engine.request import EngineRequest, Phase, RequestOutput
 from serving.engine.sampling import SamplingParams
 from serving.model import Group, InstState, Stage
 from serving.policies import make_policy
-from serving.simulator import InvariantError
+from serving.simulator import check_switch
 
 log = logging.getLogger(__name__)
 
@@ -280,22 +280,9 @@ class Engine:
         started, hands its decode batch to same-group decode peers (KV migration; a request waits in the group's
         decode queue, its pages staying here, while no peer has room), then takes the new role. The same checks
         as the simulator's `switch`."""
-        if stage not in self.policy.group_stages.get(group, ()):
-            raise ValueError(f"stage {stage.name} is not valid in group {group.name}")
-        if inst.pending_target is not None or inst.state != InstState.ACTIVE:
-            raise ValueError(f"instance {inst.iid} is already switching")
-        if (inst.group, inst.stage) == (group, stage):
+        if not check_switch(self, inst, group, stage, urgent):
             return
-        may_empty = getattr(self.policy, "may_empty_stages", False)
-        if urgent and not may_empty:
-            raise ValueError("urgent switches are only for policies that may empty a stage")
-        cool = getattr(self.policy, "cooldown", 0.0)
-        if cool and not urgent and self.now - inst.last_switch < cool - 1e-9:
-            raise InvariantError(f"instance {inst.iid} switched twice within the cooldown {cool}s")
         old = (inst.group, inst.stage)
-        if (not may_empty and old[1] != Stage.COUPLED
-                and sum(1 for i in self.insts if self.effective_role(i) == old) <= 1):
-            raise ValueError(f"instance {inst.iid} is the last {old[0].name}/{old[1].name} instance")
         if old[1] == Stage.COUPLED or stage == Stage.COUPLED:
             raise ValueError("coupled instances keep their role")
         inst.pending_target = (group, stage)
@@ -531,6 +518,14 @@ class Engine:
             try:
                 result = self._run(inst, kind, payload)
                 error = None
+            except HostInputError as e:  # nothing reached the device: the step's requests fail, the instance stays
+                log.warning("instance %d: a %s step's inputs were refused: %s", inst.iid, kind, e)
+                with self.lock:
+                    inst.busy, inst.busy_until, inst.batch, inst.in_flight = False, self.now, [], None
+                    for r in self._step_requests(kind, payload):
+                        self._finish(r, "error", f"the request could not be run: {e}")
+                    self.lock.notify_all()
+                continue
             except Exception as e:  # the instance is lost (its donated pool may be gone), never the server
                 log.exception("instance %d: %s step failed; the instance leaves service", inst.iid, kind)
                 result, error = None, f"{type(e).__name__}: {e}"

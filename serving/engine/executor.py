@@ -7,6 +7,7 @@ be compiled before the first request (`warmup`), and a role switch never compile
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
@@ -97,6 +98,19 @@ def _scatter_pages(pool, ids, data):
     return tuple(x.at[ids].set(d) for x, d in zip(pool, data, strict=True))
 
 
+class HostInputError(ValueError):
+    """A step's inputs could not be built on the host (a request's values do not fit): nothing reached the device,
+    so the instance is fine; only that step's requests fail."""
+
+
+@contextlib.contextmanager
+def host_inputs():
+    try:
+        yield
+    except Exception as e:
+        raise HostInputError(f"{type(e).__name__}: {e}") from e
+
+
 @dataclasses.dataclass
 class PrefillRow:
     tokens: np.ndarray  # this step's chunk of the prompt
@@ -140,6 +154,12 @@ class InstanceExecutor:
     def prefill(self, rows: list[PrefillRow]) -> np.ndarray:
         """Append each row's chunk to its pages; returns the token sampled after each chunk's last token (only
         meaningful for rows whose chunk ends the prompt)."""
+        with host_inputs():
+            args = self._prefill_inputs(rows)
+        self.pool, first = _prefill_step(self.params, self.pool, *args, config=self.config)
+        return np.asarray(first)[:len(rows)]
+
+    def _prefill_inputs(self, rows: list[PrefillRow]):
         n, width = self.shape.prefill_rows, self.shape.prefill_width(max(len(r.tokens) for r in rows))
         tokens = np.zeros((n, width), np.int32)
         positions = np.zeros((n, width), np.int32)
@@ -150,12 +170,17 @@ class InstanceExecutor:
             n_valid[i] = len(r.tokens)
         table, num_pages, lengths = self._tables([r.kv for r in rows], n)
         sampling = RowSampling.from_params([r.sampling for r in rows], n)
-        self.pool, first = _prefill_step(self.params, self.pool, tokens, positions, n_valid, table, num_pages,
-                                         lengths, sampling, config=self.config)
-        return np.asarray(first)[:len(rows)]
+        return tokens, positions, n_valid, table, num_pages, lengths, sampling
 
     def decode(self, rows: list[DecodeRow]) -> np.ndarray:
         """`decode_steps` tokens per row [len(rows), steps]; each row's input is its last token."""
+        with host_inputs():
+            args = self._decode_inputs(rows)
+        self.pool, out = _decode_steps(self.params, self.pool, *args, config=self.config,
+                                       steps=self.shape.decode_steps)
+        return np.asarray(out)[:len(rows)]
+
+    def _decode_inputs(self, rows: list[DecodeRow]):
         n = self.shape.decode_rows
         tokens = np.zeros(n, np.int32)
         positions = np.zeros(n, np.int32)
@@ -164,9 +189,7 @@ class InstanceExecutor:
             tokens[i], positions[i], active[i] = r.last_token, r.kv.next_position, 1
         table, num_pages, lengths = self._tables([r.kv for r in rows], n)
         sampling = RowSampling.from_params([r.sampling for r in rows], n)
-        self.pool, out = _decode_steps(self.params, self.pool, tokens, positions, active, table, num_pages, lengths,
-                                       sampling, config=self.config, steps=self.shape.decode_steps)
-        return np.asarray(out)[:len(rows)]
+        return tokens, positions, active, table, num_pages, lengths, sampling
 
     @staticmethod
     def padded_ids(ids: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 MAX_SEED = 2**31 - 1
+MAX_TOP_K = 2**31 - 1  # int32 on the device; any value >= the vocabulary means "off" anyway
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,8 +37,8 @@ class SamplingParams:
             raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
+        if not 0 <= self.top_k <= MAX_TOP_K:
+            raise ValueError(f"top_k must be in [0, {MAX_TOP_K}] (0 turns it off), got {self.top_k}")
         if not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be in [0, {MAX_SEED}], got {self.seed}")
         if any(not s for s in self.stop):

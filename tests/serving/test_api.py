@@ -392,3 +392,14 @@ def test_many_concurrent_streaming_clients(server, engine):
     assert all(len(a) == 1 for a in answers.values()), answers
     assert engine.stats.finished - finished == LOAD_CLIENTS
     wait_idle(engine)
+
+
+def test_text_that_is_not_valid_unicode_is_a_400(server):
+    # JSON can carry a lone surrogate ("\ud800"), which no tokenizer encodes; found by the schema fuzzing
+    url = server.url
+    for path, body in (("/v1/completions", {"model": MODEL, "prompt": "a\ud800b", "max_tokens": 2}),
+                       ("/v1/chat/completions", {"model": MODEL, "max_tokens": 2,
+                                                 "messages": [{"role": "user", "content": "\udfffx"}]})):
+        r = httpx.post(f"{url}{path}", content=json.dumps(body), headers={"content-type": "application/json"})
+        assert r.status_code == 400, r.text
+        assert "not valid Unicode" in r.json()["error"]["message"]

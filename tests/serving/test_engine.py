@@ -426,3 +426,22 @@ def test_losing_the_last_decode_instance_fails_requests_with_the_reason(model, p
         assert final.finish_reason == "error"
         with pytest.raises(EngineError, match="no instance is left in service"):
             engine.submit(prompts[0], SamplingParams(max_tokens=2), lambda out: None)
+
+
+def test_a_step_whose_inputs_cannot_be_built_fails_its_requests_not_the_instance(engines, prompts, reference,
+                                                                                 monkeypatch):
+    engine = engines("coupled")
+    real = executor_mod.RowSampling.from_params
+
+    def refuse(params, rows):
+        if any(p is not None and p.seed == 4242 for p in params):
+            raise OverflowError("a value does not fit int32")
+        return real(params, rows)
+
+    monkeypatch.setattr(executor_mod.RowSampling, "from_params", staticmethod(refuse))
+    _, final = run_one(engine, prompts[0], SamplingParams(max_tokens=4, seed=4242))
+    assert final.finish_reason == "error" and "OverflowError" in final.error
+    assert all(i.state.name == "ACTIVE" for i in engine.insts)
+    monkeypatch.undo()
+    assert engine.generate(prompts[:2], SamplingParams(max_tokens=MAX_TOKENS)) == reference[:2]
+    assert_idle(engine)

@@ -221,6 +221,7 @@ def test_detokenizer_partial_stop_prefix_held_then_released():
     (dict(top_p=0.0), "top_p.*got 0"),
     (dict(top_p=1.5), "top_p.*1.5"),
     (dict(top_k=-1), "top_k.*got -1"),
+    (dict(top_k=2**31), "top_k must be in \\[0, 2147483647\\].*got 2147483648"),
     (dict(temperature=-0.5), "temperature.*-0.5"),
     (dict(seed=-1), "seed.*got -1"),
     (dict(seed=MAX_SEED + 1), f"seed.*got {MAX_SEED + 1}"),
