@@ -43,7 +43,7 @@ def test_no_request_gets_a_server_error(server):
         # One hypothesis run per operation (schemathesis' own pytest plugin does the same through a lazy fixture,
         # which this pytest does not support yet).
         @given(case=operation.as_strategy())
-        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
+        @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
                   database=None)
         def no_server_error(case):
             if isinstance(case.body, dict) and "model" in case.body:
