@@ -57,6 +57,7 @@ class InjectedFault(RuntimeError):
     """Raised by a step of an instance that `Engine.inject_fault` marked (fault-tolerance tests)."""
 
 
+RECENT = 100_000  # steps, latencies and decision times kept for calibration and statistics (bounded memory)
 MAX_RESTARTS = 2  # a request in this many failed steps is failed itself (it may be what breaks them)
 
 @dataclasses.dataclass(frozen=True)
@@ -168,8 +169,9 @@ class EngineStats:
     migrated_pages: int = 0
     context_requests: int = 0  # requests that started from a served context
     context_tokens_saved: int = 0  # context tokens those requests did not prefill
-    ttft: list = dataclasses.field(default_factory=list)  # seconds, per finished request
-    tpot: list = dataclasses.field(default_factory=list)  # seconds per output token after the first
+    # the most recent finished requests only: a server runs for days (the API's histograms keep the whole history)
+    ttft: deque = dataclasses.field(default_factory=lambda: deque(maxlen=RECENT))  # seconds
+    tpot: deque = dataclasses.field(default_factory=lambda: deque(maxlen=RECENT))  # seconds per token after the 1st
 
 
 class Engine:
@@ -214,12 +216,12 @@ class Engine:
         self.switch_count = 0
         self.switch_log: list = []  # (engine time, instance, (group, stage) before, after)
         self.layout_log: list = [(0.0, self.layout_counts())]
-        self.decision_times: list[float] = []
+        self.decision_times: deque[float] = deque(maxlen=RECENT)
         self.step_time: dict[str, float] = {}  # kind -> EWMA of its step's wall time (busy_until estimates)
         # (kind, features, seconds) of every step, in the cost model's terms: the calibration reads them
         #   prefill: (sum of new tokens, sum of L^2 - k^2); decode: (batch, sum of context lengths) per token step;
         #   export / import: (pages, bytes)
-        self.timings: list[tuple[str, tuple, float]] = []
+        self.timings: deque[tuple[str, tuple, float]] = deque(maxlen=RECENT)
         if ec.warmup:
             threads = [threading.Thread(target=i.executor.warmup) for i in self.insts]
             for t in threads:
@@ -494,7 +496,8 @@ class Engine:
                 "context_kv_bytes_saved": sum(
                     s.compressed.report.dense_kv_bytes - s.compressed.report.compressed_kv_bytes
                     for s in self.contexts.values()),
-                "stats": dataclasses.replace(self.stats, ttft=list(self.stats.ttft), tpot=list(self.stats.tpot)),
+                "stats": dataclasses.replace(self.stats, ttft=deque(self.stats.ttft, maxlen=RECENT),
+                                             tpot=deque(self.stats.tpot, maxlen=RECENT)),
                 "kv_bytes_per_page": self.insts[0].executor.kv_bytes_per_page,
             }
 
