@@ -70,7 +70,25 @@ class SimResult:
     switch_log: list = field(default_factory=list)
 
 
-class Simulator:
+class RoleView:
+    """The role queries policies make, shared by the simulator and the engine (both hold `insts`)."""
+
+    def role_insts(self, g: Group, s: Stage, active_only: bool = True) -> list:
+        return [i for i in self.insts if i.group == g and i.stage == s
+                and (i.state == InstState.ACTIVE or not active_only)]
+
+    def effective_role(self, inst) -> tuple:
+        return inst.pending_target if inst.pending_target is not None else (inst.group, inst.stage)
+
+    def layout_counts(self) -> dict:
+        out = {}
+        for i in self.insts:
+            k = self.effective_role(i)
+            out[k] = out.get(k, 0) + 1
+        return out
+
+
+class Simulator(RoleView):
     def __init__(self, policy, requests: list[Request], cost: CostModel, num_instances: int | None = None,
                  config: SimConfig | None = None):
         self.cost = cost
@@ -119,20 +137,6 @@ class Simulator:
         self._check_layout_stages()
 
     # ---- PUBLIC read surface for policies --------------------------------------------------------------
-    def role_insts(self, g: Group, s: Stage, active_only: bool = True) -> list[Instance]:
-        return [i for i in self.insts if i.group == g and i.stage == s
-                and (i.state == InstState.ACTIVE or not active_only)]
-
-    def effective_role(self, inst: Instance) -> tuple:
-        return inst.pending_target if inst.pending_target is not None else (inst.group, inst.stage)
-
-    def layout_counts(self) -> dict:
-        out = {}
-        for i in self.insts:
-            k = self.effective_role(i)
-            out[k] = out.get(k, 0) + 1
-        return out
-
     def decode_batch(self, inst: Instance) -> int:
         return len(inst.running) + len(inst.pending)
 

@@ -40,7 +40,7 @@ from serving.engine.request import EngineRequest, Phase, RequestOutput
 from serving.engine.sampling import SamplingParams
 from serving.model import Group, InstState, Stage
 from serving.policies import make_policy
-from serving.simulator import check_switch
+from serving.simulator import RoleView, check_switch
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ class EngineStats:
     tpot: deque = dataclasses.field(default_factory=lambda: deque(maxlen=RECENT))  # seconds per token after the 1st
 
 
-class Engine:
+class Engine(RoleView):
     def __init__(self, config: ModelConfig, params, tokenizer=None, engine_config: EngineConfig = EngineConfig(),
                  *, devices: Sequence[jax.Device] | None = None, model_name: str = "model"):
         ec = engine_config
@@ -253,20 +253,6 @@ class Engine:
     def inflight(self) -> dict:
         """Requests between instances (their KV on its way), by id."""
         return {r.rid: r for r in self.requests.values() if r.phase == Phase.MIGRATING}
-
-    def effective_role(self, inst: EngineInstance) -> tuple:
-        return inst.pending_target if inst.pending_target is not None else (inst.group, inst.stage)
-
-    def role_insts(self, g: Group, s: Stage, active_only: bool = True) -> list[EngineInstance]:
-        return [i for i in self.insts if i.group == g and i.stage == s
-                and (i.state == InstState.ACTIVE or not active_only)]
-
-    def layout_counts(self) -> dict:
-        out: dict = {}
-        for i in self.insts:
-            k = self.effective_role(i)
-            out[k] = out.get(k, 0) + 1
-        return out
 
     def decode_batch(self, inst: EngineInstance) -> int:
         return len(inst.running) + len(inst.incoming)

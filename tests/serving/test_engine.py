@@ -157,21 +157,8 @@ def test_sampling_seed_is_independent_of_the_batch(engines, prompts):
     alone, _ = run_one(coupled, prompts[1], sp)
     assert len(alone) == n
     others = [SamplingParams(max_tokens=n, temperature=1.0, seed=s) for s in (1, 2, 3)]
-    batch_out: dict[int, list[int]] = {}
-    done = threading.Event()
-    lock = threading.Lock()
-
-    def sink(out):
-        with lock:
-            batch_out.setdefault(out.rid, []).extend(out.token_ids)
-            if out.finish_reason is not None:
-                finished.add(out.rid)
-                if len(finished) == 4:
-                    done.set()
-
-    finished: set[int] = set()
-    ids = [coupled.submit(p, s, sink) for p, s in zip([prompts[0], prompts[2], prompts[3]], others, strict=True)]
-    mine = coupled.submit(prompts[1], sp, sink)
+    ids, batch_out, done = submit_all(coupled, [prompts[0], prompts[2], prompts[3], prompts[1]], [*others, sp])
+    mine, ids = ids[-1], ids[:-1]
     assert done.wait(120)
     assert batch_out[mine] == alone
     # the same seed on another layout (prefill on one device, decode on another) draws the same tokens
@@ -312,8 +299,9 @@ def wait_for(predicate, engine: Engine, timeout: float = 60.0, what: str = "the 
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def submit_all(engine: Engine, prompts, sampling: SamplingParams):
-    """Submit every prompt; returns (token lists by submission order, an event set when all finished)."""
+def submit_all(engine: Engine, prompts, sampling: SamplingParams | list[SamplingParams]):
+    """Submit every prompt (with one sampling for all, or one each); returns (request ids, tokens by id, an event
+    set when all finished)."""
     tokens: dict[int, list[int]] = {}
     finished: set[int] = set()
     done = threading.Event()
@@ -327,7 +315,8 @@ def submit_all(engine: Engine, prompts, sampling: SamplingParams):
                 if len(finished) == len(prompts):
                     done.set()
 
-    ids = [engine.submit(p, sampling, sink) for p in prompts]
+    each = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+    ids = [engine.submit(p, sp, sink) for p, sp in zip(prompts, each, strict=True)]
     return ids, tokens, done
 
 
