@@ -278,7 +278,7 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_body_bytes:
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
         if body.context_id is not None:
-            prompt_ids = context_store().question_ids(_question(body.messages))
+            prompt_ids = context_question(body.context_id, _question(body.messages), "messages")
         else:
             prompt_ids = _chat_prompt(engine, body.messages)
         sampling = body.sampling(context_start(body.context_id) + len(prompt_ids), engine.max_model_len,
@@ -310,7 +310,7 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_body_bytes:
         if body.context_id is not None:
             if not isinstance(body.prompt, str):
                 raise RequestError("a request on a context takes its question as a text prompt", param="prompt")
-            prompt_ids = context_store().question_ids(_check_text(body.prompt, "prompt"))
+            prompt_ids = context_question(body.context_id, _check_text(body.prompt, "prompt"), "prompt")
         else:
             prompt_ids = _completion_prompt(engine, body.prompt)
         sampling = body.sampling(context_start(body.context_id) + len(prompt_ids), engine.max_model_len)
@@ -339,6 +339,17 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_body_bytes:
             raise RequestError("this server does not serve contexts (start it with a tokenizer model)", 404,
                                "context_id")
         return contexts
+
+    def context_question(context_id: str, question: str, param: str) -> list[int]:
+        """The question's token ids after the context's prompt; an unknown context is a 404, before any encoding."""
+        store = context_store()
+        context_start(context_id)
+        if not question.strip():
+            raise RequestError("the question is empty", param=param)
+        try:
+            return store.question_ids(question)
+        except ValueError as e:
+            raise RequestError(str(e), param=param) from e
 
     def context_start(context_id: str | None) -> int:
         """Positions the context takes before the request's own tokens (0 without one)."""

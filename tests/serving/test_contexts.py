@@ -122,6 +122,11 @@ def test_contexts_over_http_persist_across_a_restart(lm, sample, reference, tmp_
                 client.chat.completions.create(
                     model="demo", extra_body={"context_id": cid},
                     messages=[{"role": "system", "content": "s"}, {"role": "user", "content": "x"}])
+            # an empty question is the client's error whether or not the context exists (a fuzzer found a 500 here)
+            for context_id, status in ((cid, 400), ("", 404)):
+                r = httpx.post(f"{server.url}/v1/completions",
+                               json={"model": "demo", "prompt": " ", "context_id": context_id})
+                assert r.status_code == status, r.text
             r = httpx.post(f"{server.url}/v1/contexts", json={"model": "demo", "text": text, "ratio": 1.5})
             assert r.status_code == 400 and "ratio" in r.json()["error"]["message"]
             r = httpx.post(f"{server.url}/v1/contexts", json={"model": "demo"})
