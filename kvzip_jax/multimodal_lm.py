@@ -45,18 +45,24 @@ MODALITY_ORDER = ("image", "audio")  # the non-text modalities a model may take
 class Modality:
     """One non-text input kind: its placeholder token, how many embeddings one item becomes, and the encoder.
 
-    `encode(batch)` maps a stacked batch of preprocessed items [N, ...] to [N, tokens_per_item, text hidden];
-    `prepare(item)` turns one user item (an image, a waveform, a preprocessed array) into the encoder's input."""
+    `encode_fn(params, batch)` maps a stacked batch of preprocessed items [N, ...] to [N, tokens_per_item, text
+    hidden] (jitted; params apart so that a server can place a copy on each of its devices); `prepare(item)` turns
+    one user item (an image, a waveform, a preprocessed array) into the encoder's input."""
 
     name: str
     token_id: int
     tokens_per_item: int
-    encode: Callable[[np.ndarray], jax.Array]
+    input_shape: tuple[int, ...]  # one preprocessed item, e.g. (3, 336, 336) pixels or (80, 3000) log-mel
+    encode_fn: Callable[[Any, np.ndarray], jax.Array]
+    params: Any
     prepare: Callable[[Any], np.ndarray]
 
     def __post_init__(self):
         if self.name not in MODALITY_ORDER:
             raise ValueError(f"modality {self.name!r} is not supported; supported: {', '.join(MODALITY_ORDER)}")
+
+    def encode(self, batch) -> jax.Array:
+        return self.encode_fn(self.params, batch)
 
     def embed_items(self, items: Sequence[Any]) -> jax.Array:
         """[N, tokens_per_item, H] for N items, encoded in one call padded to a power-of-two batch."""
@@ -208,8 +214,9 @@ def image_modality(
     config = llava.ImageEncoderConfig(vision_config, projector_config)
     return Modality(
         name="image", token_id=token_id, tokens_per_item=config.tokens_per_image,
-        encode=functools.partial(_image_embeddings, {"vision": vision_params, "projector": projector_params},
-                                 config=config),
+        input_shape=(vision_config.num_channels, vision_config.image_size, vision_config.image_size),
+        encode_fn=functools.partial(_image_embeddings, config=config),
+        params={"vision": vision_params, "projector": projector_params},
         prepare=functools.partial(_image_pixels, processor, vision_config),
     )
 
@@ -227,8 +234,9 @@ def audio_modality(
                          f"{whisper_config.hidden_size}")
     return Modality(
         name="audio", token_id=token_id, tokens_per_item=whisper_config.max_source_positions,
-        encode=functools.partial(_audio_embeddings, {"encoder": whisper_params, "projector": projector_params},
-                                 whisper=whisper_config, proj=projector_config),
+        input_shape=(whisper_config.num_mel_bins, whisper_config.num_frames),
+        encode_fn=functools.partial(_audio_embeddings, whisper=whisper_config, proj=projector_config),
+        params={"encoder": whisper_params, "projector": projector_params},
         prepare=functools.partial(_audio_features, feature_extractor, whisper_config),
     )
 

@@ -18,8 +18,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 
+from serving.api_images import image_inputs, placeholder_text
 from serving.api_schema import (
     ChatCompletionRequest,
     ChatMessage,
@@ -85,6 +87,15 @@ class EngineCollector:
                                   value=s.context_requests)
         yield CounterMetricFamily("serving_context_tokens_saved", "context tokens those requests did not prefill",
                                   value=s.context_tokens_saved)
+        yield CounterMetricFamily("serving_images_encoded", "images run through the encoder", value=s.images_encoded)
+        cache = snap["embedding_cache"]
+        lookups = CounterMetricFamily("serving_embedding_cache_lookups", "image embedding cache lookups by result",
+                                      labels=["result"])
+        lookups.add_metric(["hit"], cache["hits"])
+        lookups.add_metric(["miss"], cache["misses"])
+        yield lookups
+        yield GaugeMetricFamily("serving_embedding_cache_tokens", "encoder tokens the embedding cache holds",
+                                value=cache["tokens"])
         yield CounterMetricFamily("serving_kv_migrations", "requests whose KV moved between instances",
                                   value=s.migrations)
         yield CounterMetricFamily("serving_kv_migrated_bytes", "KV bytes moved between instances",
@@ -170,6 +181,9 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_body_bytes:
                      buckets=LATENCY_BUCKETS)
     created = int(time.time())
     app.state.engine, app.state.registry = engine, registry
+    image_text = None  # what an image part becomes in the chat template's text: the placeholder token
+    if engine.image is not None and engine.tokenizer is not None:
+        image_text = placeholder_text(engine.tokenizer, engine.image.token_id)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -193,9 +207,9 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_body_bytes:
         if name != model_name:
             raise RequestError(f"model {name!r} not found; this server serves {model_name!r}", 404, "model")
 
-    def submit(prompt_ids: list[int], sampling, outputs: _Outputs, context_id: str | None) -> int:
+    def submit(prompt_ids: list[int], sampling, outputs: _Outputs, context_id: str | None, images=()) -> int:
         try:
-            return engine.submit(prompt_ids, sampling, outputs.sink, context_id=context_id)
+            return engine.submit(prompt_ids, sampling, outputs.sink, context_id=context_id, images=images)
         except KeyError as e:
             raise RequestError(e.args[0], 404, "context_id") from e
         except QueueFull as e:
@@ -227,10 +241,10 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_body_bytes:
                 tpot.observe((time.perf_counter() - t_first) / (n_tokens - 1))
 
     async def run(request: Request, prompt_ids: list[int], sampling, stream: bool, include_usage: bool,
-                  make_chunk, make_final, context_id: str | None = None):
+                  make_chunk, make_final, context_id: str | None = None, images=()):
         outputs = _Outputs(asyncio.get_running_loop())
         t0 = time.perf_counter()
-        rid = submit(prompt_ids, sampling, outputs, context_id)
+        rid = submit(prompt_ids, sampling, outputs, context_id, images)
         if not stream:
             text, ids, t_first = [], [], None
             while True:
@@ -279,8 +293,11 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_body_bytes:
         check_model(body.model)
         if body.context_id is not None:
             prompt_ids = context_question(body.context_id, _question(body.messages), "messages")
-        else:
-            prompt_ids = _chat_prompt(engine, body.messages)
+        images = []
+        if body.context_id is None:
+            prompt_ids, urls = _chat_prompt(engine, body.messages, image_text)
+            if urls:  # decoding and preprocessing run in the thread pool: the event loop keeps serving
+                images = await run_in_threadpool(image_inputs, engine.image, urls)
         sampling = body.sampling(context_start(body.context_id) + len(prompt_ids), engine.max_model_len,
                                  body.max_completion_tokens)
         cid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -300,7 +317,7 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_body_bytes:
                     "usage": _usage(out)}
 
         include = bool(body.stream_options and body.stream_options.include_usage)
-        return await run(request, prompt_ids, sampling, body.stream, include, chunk, final, body.context_id)
+        return await run(request, prompt_ids, sampling, body.stream, include, chunk, final, body.context_id, images)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -443,26 +460,38 @@ def _question(messages: list[ChatMessage]) -> str:
     return _check_text(content, "messages")
 
 
-def _chat_prompt(engine: Engine, messages: list[ChatMessage]) -> list[int]:
+def _chat_prompt(engine: Engine, messages: list[ChatMessage], image_text: str | None) -> tuple[list[int], list]:
+    """The chat template's token ids, with the image placeholder where each image part sits; and each image's
+    (url, where in the request), in order."""
     if engine.tokenizer is None:
         raise RequestError("this model has no tokenizer (no chat template): use /v1/completions with a prompt of "
                            "token ids", param="messages")
-    plain = []
+    plain, urls = [], []
     for i, m in enumerate(messages):
         if isinstance(m.content, list):
             texts = []
-            for part in m.content:
+            for j, part in enumerate(m.content):
                 if part.type == "image_url":
                     url = part.image_url.url if part.image_url else ""
                     if not url.startswith("data:"):
-                        raise RequestError(f"messages[{i}]: image URLs must be data: URIs (base64); the server does "
-                                           "not fetch the network", param="messages")
-                    raise RequestError(f"messages[{i}]: this model has no vision encoder; send text only",
-                                       param="messages")
+                        raise RequestError(f"messages[{i}].content[{j}]: image URLs must be data: URIs (base64); "
+                                           "this server does not fetch the network", param="messages")
+                    if image_text is None:
+                        raise RequestError(f"messages[{i}]: this model has no vision encoder; send text only",
+                                           param="messages")
+                    urls.append((url, f"messages[{i}].content[{j}]"))
+                    texts.append(image_text)
+                    continue
+                if image_text is not None and image_text in (part.text or ""):
+                    raise RequestError(f"messages[{i}]: the text holds the image placeholder {image_text!r}; send "
+                                       "images as image_url parts", param="messages")
                 texts.append(part.text or "")
             content = "".join(texts)
         else:
             content = m.content or ""
+            if image_text is not None and image_text in content:
+                raise RequestError(f"messages[{i}]: the text holds the image placeholder {image_text!r}; send "
+                                   "images as image_url parts", param="messages")
         plain.append({"role": "system" if m.role == "developer" else m.role,
                       "content": _check_text(content, f"messages[{i}]")})
     try:
@@ -470,7 +499,7 @@ def _chat_prompt(engine: Engine, messages: list[ChatMessage]) -> list[int]:
     except Exception as e:  # a template that rejects the roles or their order
         raise RequestError(f"the model's chat template refused these messages: {e}", param="messages") from e
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-    return [int(t) for t in ids]
+    return [int(t) for t in ids], urls
 
 
 def _completion_prompt(engine: Engine, prompt) -> list[int]:

@@ -8,7 +8,12 @@ its instance. The engine carries the decisions out on real devices:
 - prefill instances prefill, then hand each request's KV to a decode instance of its group: the source gathers
   the pages, `jax.device_put` moves them to the destination's device, the destination scatters them into pages it
   reserved; only after that insert completes does the request change owner and the source free its pages;
-- decode instances run continuous batching, `decode_steps` tokens per dispatch.
+- decode instances run continuous batching, `decode_steps` tokens per dispatch;
+- images (a model with an image encoder): the embedding cache (content hash -> embeddings, pinned while a request
+  needs them, LRU among the rest) answers what it can; the rest are encoded on an encode instance of the group
+  (non-blocking policies: static_epd, elasticmm), or by the prefill / coupled instance just before it prefills the
+  request (blocking policies, as the simulator's `inline_encode`). Prefill splices the embeddings in where the
+  image placeholders sit.
 
 State lives on the host under one lock (a `threading.Condition`); device work runs outside it, so the instances'
 steps overlap (JAX releases the GIL while a step runs). Each instance's pool arrays are touched only by its own
@@ -30,16 +35,18 @@ import jax
 import numpy as np
 
 from kvzip_jax.config import ModelConfig
+from kvzip_jax.models.llava import check_placeholders, expand_placeholders
 from serving.costmodel import default_cost_model
 from serving.engine.contexts import ServedContext, copies_needed, share_for_request
 from serving.engine.detokenize import Detokenizer
 from serving.engine.executor import DecodeRow, ExecutorShape, HostInputError, InstanceExecutor, PrefillRow
 from serving.engine.invariants import check_engine_invariants
 from serving.engine.pages import PagePool, SequenceKV
-from serving.engine.request import EngineRequest, Phase, RequestOutput
+from serving.engine.request import EngineRequest, ImageInput, Phase, RequestOutput
 from serving.engine.sampling import SamplingParams
-from serving.model import Group, InstState, Stage
+from serving.model import Group, InstState, Modality, Stage
 from serving.policies import make_policy
+from serving.prefix_cache import EmbeddingCache
 from serving.simulator import RoleView, check_switch
 
 log = logging.getLogger(__name__)
@@ -73,16 +80,21 @@ class EngineConfig:
     prefill_chunk: int = 128
     max_model_len: int | None = None  # prompt + max_tokens; default: the model's max_position_embeddings
     max_waiting: int = 256  # queued requests beyond which submit answers QueueFull
+    encode_images: int = 4  # images per encode step, and the most one request may carry
+    embedding_cache_tokens: int = 16384  # encoder output tokens the embedding cache keeps (0: no cache)
     warmup: bool = True  # compile every shape bucket at start-up
     check_invariants: bool = False  # after every step (tests)
 
     def __post_init__(self):
-        for name in ("num_instances", "page_size", "decode_rows", "decode_steps", "prefill_rows", "prefill_chunk"):
+        for name in ("num_instances", "page_size", "decode_rows", "decode_steps", "prefill_rows", "prefill_chunk",
+                     "encode_images"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if self.max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
+        if self.embedding_cache_tokens < 0:
+            raise ValueError(f"embedding_cache_tokens must be >= 0, got {self.embedding_cache_tokens}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +126,7 @@ class EngineInstance:
     role_since: float = 0.0
     local_queue: deque = dataclasses.field(default_factory=deque)  # coupled: its own waiting requests
     prefilling: list = dataclasses.field(default_factory=list)
+    encoding: list = dataclasses.field(default_factory=list)  # requests of its encode step (encode role or lent)
     running: dict = dataclasses.field(default_factory=dict)  # rid -> request in its decode batch
     outgoing: deque = dataclasses.field(default_factory=deque)  # migrations whose pages it must send
     incoming: deque = dataclasses.field(default_factory=deque)  # (migration, data) whose pages it must insert
@@ -169,6 +182,7 @@ class EngineStats:
     migrated_pages: int = 0
     context_requests: int = 0  # requests that started from a served context
     context_tokens_saved: int = 0  # context tokens those requests did not prefill
+    images_encoded: int = 0
     # the most recent finished requests only: a server runs for days (the API's histograms keep the whole history)
     ttft: deque = dataclasses.field(default_factory=lambda: deque(maxlen=RECENT))  # seconds
     tpot: deque = dataclasses.field(default_factory=lambda: deque(maxlen=RECENT))  # seconds per token after the 1st
@@ -176,9 +190,15 @@ class EngineStats:
 
 class Engine(RoleView):
     def __init__(self, config: ModelConfig, params, tokenizer=None, engine_config: EngineConfig = EngineConfig(),
-                 *, devices: Sequence[jax.Device] | None = None, model_name: str = "model"):
+                 *, devices: Sequence[jax.Device] | None = None, model_name: str = "model", image=None):
+        """`image`: the model's image modality (`kvzip_jax.multimodal_lm.Modality`, e.g. a LLaVA checkpoint's
+        `MultimodalLM.modalities["image"]`); without it the engine serves text only."""
         ec = engine_config
         self.config, self.tokenizer, self.engine_config, self.model_name = config, tokenizer, ec, model_name
+        if image is not None and (image.name != "image" or not 0 <= image.token_id < config.vocab_size):
+            raise ValueError(f"image: a {image.name!r} modality with placeholder id {image.token_id}; the engine takes "
+                             f"an image modality whose placeholder is in the vocabulary [0, {config.vocab_size})")
+        self.image = image
         devices = list(jax.devices() if devices is None else devices)
         if ec.num_instances > len(devices):
             raise ValueError(f"num_instances = {ec.num_instances} needs that many devices; {len(devices)} exist "
@@ -199,13 +219,16 @@ class Engine(RoleView):
         self.shape = ExecutorShape(
             num_pages=ec.pages_per_instance, page_size=ec.page_size, decode_rows=ec.decode_rows,
             decode_steps=ec.decode_steps, prefill_rows=ec.prefill_rows, prefill_chunk=ec.prefill_chunk,
-            max_table_width=width,
+            max_table_width=width, encode_images=ec.encode_images if image is not None else 0,
         )
         self.insts = [
             EngineInstance(iid=i, group=g, stage=s, pool=PagePool(ec.pages_per_instance),
-                           executor=InstanceExecutor(config, params, devices[i], self.shape))
+                           executor=InstanceExecutor(config, params, devices[i], self.shape, image=image))
             for i, (g, s) in enumerate(layout)
         ]
+        self.inline_encode = getattr(self.policy, "inline_encode", True)
+        self.embedding_cache = EmbeddingCache(ec.embedding_cache_tokens)
+        self.embedding_store: dict[str, np.ndarray] = {}  # the arrays of the cache's entries
         self.q = {(g, s): deque() for g in Group for s in Stage}
         self.requests: dict[int, EngineRequest] = {}
         self.contexts: dict[str, ServedContext] = {}
@@ -291,7 +314,7 @@ class Engine(RoleView):
                 q.appendleft(r)
             inst.running.clear()
             self._drain_decode_queue(inst.group)
-        if inst.prefilling or inst.running or inst.outgoing or inst.incoming or inst.arriving:
+        if inst.prefilling or inst.encoding or inst.running or inst.outgoing or inst.incoming or inst.arriving:
             return
         inst.group, inst.stage = inst.pending_target
         inst.pending_target = None
@@ -318,15 +341,19 @@ class Engine(RoleView):
 
     # ---- the client surface ---------------------------------------------------------------------------------
     def submit(self, prompt: Sequence[int], sampling: SamplingParams, sink: Callable[[RequestOutput], None],
-               context_id: str | None = None) -> int:
+               context_id: str | None = None, images: Sequence[ImageInput] = ()) -> int:
         """Queue a request; `sink` receives its outputs (from a worker thread). Returns its id. With `context_id`
-        (a served KVzip context) the prompt is what follows the context: the question turn."""
+        (a served KVzip context) the prompt is what follows the context: the question turn. With `images` the
+        prompt holds one image placeholder token per image, in order; the engine expands each to the encoder's
+        tokens (the usage's prompt_tokens count the expanded prompt, as the model sees it)."""
         prompt = [int(t) for t in prompt]
         if not prompt:
             raise ValueError("the prompt is empty (0 tokens)")
         bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
+        images = tuple(images)
+        prompt, images, starts = self._expand_images(prompt, images, context_id)
         start = 0
         if context_id is not None:
             with self.lock:
@@ -354,23 +381,74 @@ class Engine(RoleView):
             if waiting >= self.engine_config.max_waiting:
                 raise QueueFull(f"{waiting} requests are waiting (the limit is {self.engine_config.max_waiting})")
             r = EngineRequest(rid=next(self._ids), prompt=prompt, sampling=sampling, sink=sink,
-                              stop_ids=frozenset(stops), detok=detok, t_arrival=self.now, context=context_id)
+                              stop_ids=frozenset(stops), detok=detok, t_arrival=self.now, context=context_id,
+                              images=images, image_starts=starts, modality=Modality.MM if images else Modality.TEXT)
             r.group = self.policy.route(r)
+            if not any(self._live(i) for i in self.insts):
+                raise EngineError("no instance is left in service")
             self.requests[r.rid] = r
             self.stats.submitted += 1
-            if not any(self._live(i) for i in self.insts):
-                self.requests.pop(r.rid)
-                raise EngineError("no instance is left in service")
-            if r.group == Group.ANY and self.policy.coupled:
-                target = self.policy.coupled_target(self, r)
-                if not self._live(target):
-                    target = min((i for i in self.insts if self._live(i)),
-                                 key=lambda i: (len(i.local_queue) + len(i.running), i.iid))
-                target.local_queue.append(r)
+            self._lookup_embeddings(r)
+            if r.todo_images and not self.inline_encode:
+                self.q[(r.group, Stage.ENCODE)].append(r)
             else:
-                self.q[(r.group, Stage.PREFILL)].append(r)
+                self._enqueue_prefill(r)
             self.lock.notify_all()
         return r.rid
+
+    def _enqueue_prefill(self, r: EngineRequest, front: bool = False) -> None:
+        """Into its prefill queue: a coupled policy's chosen (live) instance, else its group's prefill queue."""
+        r.phase = Phase.QUEUED
+        if r.group == Group.ANY and self.policy.coupled:
+            live = [i for i in self.insts if self._live(i)]
+            if live:
+                target = self.policy.coupled_target(self, r) if not front else None
+                if target is None or not self._live(target):
+                    target = min(live, key=lambda i: (len(i.local_queue) + len(i.running), i.iid))
+                (target.local_queue.appendleft if front else target.local_queue.append)(r)
+                return
+        q = self.q[(r.group, Stage.PREFILL)]
+        (q.appendleft if front else q.append)(r)
+
+    def _expand_images(self, prompt: list[int], images: tuple, context_id: str | None):
+        """The prompt with each image placeholder expanded to the encoder's tokens; the images with their token
+        count; where each image's tokens start."""
+        if not images:
+            if self.image is not None and self.image.token_id in prompt:
+                raise ValueError(f"the prompt holds image placeholder tokens (id {self.image.token_id}) but no "
+                                 "images were given")
+            return prompt, (), ()
+        if self.image is None:
+            raise ValueError("this model takes no images")
+        if context_id is not None:
+            raise ValueError("a request on a context takes no images (its question is text)")
+        if len(images) > self.engine_config.encode_images:
+            raise ValueError(f"{len(images)} images in one request; this engine takes at most "
+                             f"{self.engine_config.encode_images} (encode_images)")
+        m = self.image
+        for k, im in enumerate(images):
+            if not isinstance(im, ImageInput):
+                raise TypeError(f"image #{k + 1} is a {type(im).__name__}, not an ImageInput")
+            if tuple(im.pixel_values.shape) != tuple(m.input_shape):
+                raise ValueError(f"image #{k + 1} has pixels of shape {tuple(im.pixel_values.shape)}; this model "
+                                 f"takes {tuple(m.input_shape)}")
+        check_placeholders([prompt], m.token_id, [len(images)], "image")
+        starts = tuple(i + k * (m.tokens_per_item - 1)
+                       for k, i in enumerate(i for i, t in enumerate(prompt) if t == m.token_id))
+        images = tuple(dataclasses.replace(im, v_tokens=m.tokens_per_item) for im in images)
+        return expand_placeholders(prompt, m.token_id, m.tokens_per_item), images, starts
+
+    def _lookup_embeddings(self, r: EngineRequest) -> None:
+        """Take what the embedding cache holds of the request's images (pinned until its prefill ends)."""
+        for im in r.todo_images:
+            if self.embedding_cache.lookup_acquire(im.hash):
+                r.embeds[im.hash] = self.embedding_store[im.hash]
+                r.cache_holds.append(im.hash)
+
+    def _release_embeddings(self, r: EngineRequest) -> None:
+        for h in r.cache_holds:
+            self.embedding_cache.release(h)
+        r.cache_holds.clear()
 
     def cancel(self, rid: int) -> None:
         """Stop a request (its client went away); its pages are freed. Unknown or finished ids are ignored."""
@@ -422,8 +500,10 @@ class Engine(RoleView):
             served.resident.clear()
             self.lock.notify_all()
 
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, timeout: float = 300.0):
-        """Blocking helper: every prompt's generated token ids (stop token included), in order."""
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, timeout: float = 300.0,
+                 images: Sequence[Sequence[ImageInput]] | None = None):
+        """Blocking helper: every prompt's generated token ids (stop token included), in order. `images[b]` lists
+        prompt b's images (one placeholder token each in the prompt)."""
         done = threading.Event()
         results: dict[int, RequestOutput] = {}
         tokens: dict[int, list[int]] = {}
@@ -436,8 +516,8 @@ class Engine(RoleView):
                 if len(results) == len(prompts):
                     done.set()
 
-        for p in prompts:
-            order.append(self.submit(p, sampling, sink))
+        for b, p in enumerate(prompts):
+            order.append(self.submit(p, sampling, sink, images=images[b] if images is not None else ()))
         if not done.wait(timeout):
             raise TimeoutError(f"{len(prompts) - len(results)} of {len(prompts)} requests unfinished after {timeout}s")
         errors = [results[i].error for i in order if results[i].finish_reason == "error"]
@@ -485,6 +565,8 @@ class Engine(RoleView):
                 "stats": dataclasses.replace(self.stats, ttft=deque(self.stats.ttft, maxlen=RECENT),
                                              tpot=deque(self.stats.tpot, maxlen=RECENT)),
                 "kv_bytes_per_page": self.insts[0].executor.kv_bytes_per_page,
+                "embedding_cache": {"hits": self.embedding_cache.hits, "misses": self.embedding_cache.misses,
+                                    "tokens": self.embedding_cache.pool.used},
             }
 
     # ---- the worker: plan under the lock, run on the device without it, apply under the lock ----------------
@@ -501,7 +583,7 @@ class Engine(RoleView):
                 inst.busy = True
                 inst.in_flight = work
                 kind, payload = work
-                inst.batch = [r for r, _ in payload] if kind == "prefill" else []
+                inst.batch = [r for r, _ in payload] if kind == "prefill" else list(payload) if kind == "encode" else []
                 inst.busy_until = self.now + self.step_time.get(kind, 0.0)
             t0 = time.perf_counter()
             try:
@@ -556,6 +638,9 @@ class Engine(RoleView):
             ctx = sum(int(r.kv.lengths.max()) for r in payload)  # at the dispatch's start
             # one token step of the dispatch, at its middle context (each step adds one pair per row)
             self.timings.append((kind, (len(payload), ctx + len(payload) * (steps - 1) / 2), took / steps))
+        elif kind == "encode":
+            tokens = [im.v_tokens for im in {im.hash: im for r in payload for im in r.todo_images}.values()]
+            self.timings.append((kind, (sum(tokens), sum(t * t for t in tokens)), took))
         elif kind in ("export", "import"):
             m = payload if kind == "export" else payload[0]
             pages = len(m.new_ids)
@@ -569,9 +654,15 @@ class Engine(RoleView):
             for r, _ in payload:
                 if r.copies is not None:
                     ex.copy_pages(*r.copies)
-            return ex.prefill([PrefillRow(np.asarray(chunk, np.int32), r.kv, r.sampling) for r, chunk in payload])
+            hidden = self.config.hidden_size
+            return ex.prefill([PrefillRow(np.asarray(chunk, np.int32), r.kv, r.sampling,
+                                          r.chunk_embeddings(r.prefilled, len(chunk), hidden) if r.images else None)
+                               for r, chunk in payload])
         if kind == "decode":
             return ex.decode([DecodeRow(r.output[-1], r.kv, r.sampling) for r in payload])
+        if kind == "encode":
+            todo = {im.hash: im for r in payload for im in r.todo_images}
+            return dict(zip(todo, ex.encode(np.stack([im.pixel_values for im in todo.values()])), strict=True))
         if kind == "export":
             return ex.export_pages(payload.old_ids, payload.target.executor.device)
         if kind == "import":
@@ -596,6 +687,8 @@ class Engine(RoleView):
             self._drain(inst)
         if inst.state != InstState.ACTIVE:
             pass  # draining: finish the prefills already started, take nothing new
+        elif inst.stage == Stage.ENCODE:
+            self._take_encode(inst, self.q[(inst.group, Stage.ENCODE)])
         elif inst.stage == Stage.COUPLED:
             self._admit(inst, inst.local_queue, whole=True)
         elif inst.stage == Stage.PREFILL:
@@ -606,7 +699,17 @@ class Engine(RoleView):
                 target = lend(self, inst) if lend is not None else None
                 if target is not None and target[1] == Stage.PREFILL:
                     queue = self.q[target]
+                elif target is not None and target[1] == Stage.ENCODE:
+                    self._take_encode(inst, self.q[target])
             self._admit(inst, queue, whole=False)
+        if inst.encoding:
+            return "encode", list(inst.encoding)
+        for r in inst.prefilling:
+            if r.todo_images:  # another instance may have encoded the same image since it was admitted
+                self._lookup_embeddings(r)
+        inline = self._fit_images([r for r in inst.prefilling if r.todo_images])
+        if inline:  # a blocking policy: the instance that prefills a request encodes its images first
+            return "encode", inline
         if inst.prefilling:
             chunk = self.engine_config.prefill_chunk
             rows = inst.prefilling[:self.engine_config.prefill_rows]
@@ -614,6 +717,35 @@ class Engine(RoleView):
         if inst.running and inst.stage in (Stage.COUPLED, Stage.DECODE):
             return "decode", list(inst.running.values())[:self.engine_config.decode_rows]
         return None
+
+    def _fit_images(self, requests: list[EngineRequest]) -> list[EngineRequest]:
+        """The longest head of `requests` whose images fit one encode step (at least the first request)."""
+        out, n = [], 0
+        for r in requests:
+            k = len(r.todo_images)
+            if out and n + k > self.engine_config.encode_images:
+                break
+            out.append(r)
+            n += k
+        return out
+
+    def _take_encode(self, inst: EngineInstance, queue: deque) -> None:
+        """FCFS from an encode queue into this instance's encode step, while the images fit one step. A request
+        the embedding cache can now serve whole (another request brought the same image) goes on to prefill."""
+        n = 0
+        while queue:
+            r = queue[0]
+            self._lookup_embeddings(r)  # what it pins stays pinned until its prefill ends, taken now or later
+            if not r.todo_images:
+                queue.popleft()
+                self._enqueue_prefill(r)
+                continue
+            if inst.encoding and n + len(r.todo_images) > self.engine_config.encode_images:
+                return
+            queue.popleft()
+            n += len(r.todo_images)
+            r.phase = Phase.ENCODING
+            inst.encoding.append(r)
 
     def _admit(self, inst: EngineInstance, queue: deque, whole: bool) -> None:
         """FCFS: take queue heads while there are seats and pages (coupled: prompt + max_tokens; prefill: prompt)."""
@@ -685,6 +817,7 @@ class Engine(RoleView):
             if r.prefilled < len(r.prefill_ids):
                 continue
             inst.prefilling.remove(r)
+            self._release_embeddings(r)  # its KV holds them now (a restart re-uses r.embeds, not the cache)
             if r.t_first is None:
                 r.t_first = self.now
                 self.stats.prompt_tokens += len(r.prompt)
@@ -697,6 +830,25 @@ class Engine(RoleView):
                 r.phase = Phase.WAIT_DECODE
                 self.q[(r.group, Stage.DECODE)].append(r)
                 self._drain_decode_queue(r.group)
+
+    def _apply_encode(self, inst: EngineInstance, requests, embeddings: dict) -> None:
+        self.stats.images_encoded += len(embeddings)
+        for r in requests:
+            if r.phase == Phase.DONE:
+                continue
+            for im in r.todo_images:
+                r.embeds[im.hash] = embeddings[im.hash]
+                if self.embedding_cache.insert_acquired(im.hash, im.v_tokens):
+                    r.cache_holds.append(im.hash)
+                    self.embedding_store[im.hash] = embeddings[im.hash]
+            if r in inst.encoding:  # from an encode queue: on to its prefill queue
+                inst.encoding.remove(r)
+                if r.cancelled:
+                    self._finish(r, "cancelled")
+                else:
+                    self._enqueue_prefill(r)
+        for h in [h for h in self.embedding_store if h not in self.embedding_cache.pool]:
+            del self.embedding_store[h]  # evicted to make room
 
     def _apply_decode(self, inst: EngineInstance, rows, tokens) -> None:
         steps = self.engine_config.decode_steps
@@ -769,8 +921,9 @@ class Engine(RoleView):
             for r in [r for r in queue if r.owner == inst.iid or queue is inst.local_queue]:
                 queue.remove(r)
                 victims.append(r)
-        victims += inst.prefilling + list(inst.running.values())
+        victims += inst.prefilling + inst.encoding + list(inst.running.values())
         inst.prefilling.clear()
+        inst.encoding.clear()
         inst.running.clear()
         inst.local_queue.clear()
         # migrations that involve it: in its outgoing / incoming queues, or the step that failed
@@ -814,20 +967,18 @@ class Engine(RoleView):
     def _step_requests(kind: str, payload) -> list[EngineRequest]:
         if kind == "prefill":
             return [r for r, _ in payload]
-        if kind == "decode":
+        if kind in ("decode", "encode"):
             return list(payload)
         if kind in ("export", "import"):
             return [(payload if kind == "export" else payload[0]).request]
         return []
 
     def _requeue(self, r: EngineRequest) -> None:
-        r.phase = Phase.QUEUED
-        if r.group == Group.ANY and self.policy.coupled:
-            live = [i for i in self.insts if self._live(i)]
-            if live:
-                min(live, key=lambda i: (len(i.local_queue) + len(i.running), i.iid)).local_queue.appendleft(r)
-                return
-        self.q[(r.group, Stage.PREFILL)].appendleft(r)
+        if r.todo_images and not self.inline_encode:
+            r.phase = Phase.QUEUED
+            self.q[(r.group, Stage.ENCODE)].appendleft(r)
+            return
+        self._enqueue_prefill(r, front=True)
 
     def _fail_unservable(self, error: str) -> None:
         """Requests that no live instance can serve any more fail now, with the reason."""
@@ -917,6 +1068,11 @@ class Engine(RoleView):
     def _finish(self, r: EngineRequest, reason: str, error: str | None = None, new_tokens=(), text: str = "") -> None:
         if r.phase == Phase.DONE:
             return
+        self._release_embeddings(r)
+        if r.phase == Phase.ENCODING:
+            for i in self.insts:
+                if r in i.encoding:
+                    i.encoding.remove(r)
         inst = self.insts[r.owner] if r.owner >= 0 else None
         if inst is not None and self._live(inst):
             if r in inst.prefilling:

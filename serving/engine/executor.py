@@ -17,7 +17,7 @@ import numpy as np
 
 from kvzip_jax.cache import PagedKVCache
 from kvzip_jax.config import ModelConfig
-from kvzip_jax.models.decoder import forward
+from kvzip_jax.models.decoder import embed, forward
 from serving.engine.pages import SequenceKV
 from serving.engine.sampling import RowSampling, SamplingParams, sample_rows
 
@@ -42,6 +42,10 @@ class ExecutorShape:
     max_table_width: int  # pages per head sequence: ceil(max sequence length / page_size)
     min_table_width: int = 8
     min_prefill_width: int = 16
+    encode_images: int = 0  # images per encode step (0: the model takes no images)
+
+    def encode_buckets(self) -> list[int]:
+        return sorted({pow2_at_least(n, 1) for n in range(1, self.encode_images + 1)})
 
     def table_buckets(self) -> list[int]:
         out, w = [], pow2_at_least(1, self.min_table_width)
@@ -65,10 +69,14 @@ class ExecutorShape:
 
 
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnums=(1,))
-def _prefill_step(params, pool, tokens, positions, n_valid, table, num_pages, lengths, sampling, *, config):
+def _prefill_step(params, pool, tokens, positions, n_valid, table, num_pages, lengths, sampling, mm=None, *, config):
     k_pages, v_pages, pos_pages = pool
     cache = PagedKVCache(k_pages, v_pages, pos_pages, table, num_pages, lengths, positions[:, 0])
-    logits, cache = forward(params, tokens, positions, cache, config=config, n_valid=n_valid, logits_at="last")
+    inputs = tokens
+    if mm is not None:  # (embeddings [B, T, H], mask [B, T]): encoder outputs where the image placeholders sit
+        text = embed(params, tokens, config=config)
+        inputs = jnp.where(mm[1][..., None], mm[0].astype(text.dtype), text)
+    logits, cache = forward(params, inputs, positions, cache, config=config, n_valid=n_valid, logits_at="last")
     # the first generated token sits right after the last prompt token
     first = sample_rows(logits, sampling, positions[:, 0] + n_valid)
     return (cache.k_pages, cache.v_pages, cache.pos_pages), first
@@ -116,6 +124,7 @@ class PrefillRow:
     tokens: np.ndarray  # this step's chunk of the prompt
     kv: SequenceKV  # pages already hold room for the chunk
     sampling: SamplingParams
+    mm: tuple[np.ndarray, np.ndarray] | None = None  # (embeddings [chunk, H], mask [chunk]) where images sit
 
 
 @dataclasses.dataclass
@@ -126,14 +135,23 @@ class DecodeRow:
 
 
 class InstanceExecutor:
-    def __init__(self, config: ModelConfig, params, device: jax.Device, shape: ExecutorShape, dtype=jnp.float32):
+    def __init__(self, config: ModelConfig, params, device: jax.Device, shape: ExecutorShape, dtype=jnp.float32,
+                 image=None):
+        """`image`: a `kvzip_jax.multimodal_lm.Modality` whose encoder this instance runs (its own copy)."""
         self.config = config
         self.device = device
         self.shape = shape
         self.params = jax.device_put(params, device)
+        self.image = image
+        self.image_params = None if image is None else jax.device_put(image.params, device)
         pages = (shape.num_pages, shape.page_size)
         kv = (*pages, config.head_dim)
         self.pool = jax.device_put((jnp.zeros(kv, dtype), jnp.zeros(kv, dtype), jnp.zeros(pages, jnp.int32)), device)
+
+    @property
+    def image_input_shape(self) -> tuple[int, ...]:
+        """One preprocessed image's shape, e.g. (3, 336, 336)."""
+        return tuple(self.image.input_shape)
 
     @property
     def kv_bytes_per_page(self) -> int:
@@ -170,7 +188,23 @@ class InstanceExecutor:
             n_valid[i] = len(r.tokens)
         table, num_pages, lengths = self._tables([r.kv for r in rows], n)
         sampling = RowSampling.from_params([r.sampling for r in rows], n)
-        return tokens, positions, n_valid, table, num_pages, lengths, sampling
+        mm = None
+        if any(r.mm is not None for r in rows):  # text-only steps keep the token-id executable
+            mm = (np.zeros((n, width, self.config.hidden_size), np.float32), np.zeros((n, width), bool))
+            for i, r in enumerate(rows):
+                if r.mm is not None:
+                    mm[0][i, :len(r.tokens)], mm[1][i, :len(r.tokens)] = r.mm
+        return tokens, positions, n_valid, table, num_pages, lengths, sampling, mm
+
+    def encode(self, pixel_values: np.ndarray) -> np.ndarray:
+        """Encoder embeddings [N, tokens per image, H] of N preprocessed images, in one step padded to a bucket."""
+        n = len(pixel_values)
+        with host_inputs():
+            bucket = next(b for b in self.shape.encode_buckets() if b >= n)
+            batch = np.zeros((bucket, *pixel_values.shape[1:]), np.float32)
+            batch[:n] = pixel_values
+        out = self.image.encode_fn(self.image_params, jax.device_put(batch, self.device))
+        return np.asarray(out)[:n]
 
     def decode(self, rows: list[DecodeRow]) -> np.ndarray:
         """`decode_steps` tokens per row [len(rows), steps]; each row's input is its last token."""
@@ -225,6 +259,12 @@ class InstanceExecutor:
             self.decode([DecodeRow(0, empty, SamplingParams())])
             for chunk in s.prefill_buckets():
                 self.prefill([PrefillRow(np.zeros(chunk, np.int32), empty, SamplingParams())])
+                if self.image is not None:
+                    mm = (np.zeros((chunk, c.hidden_size), np.float32), np.zeros(chunk, bool))
+                    self.prefill([PrefillRow(np.zeros(chunk, np.int32), empty, SamplingParams(), mm)])
+        if self.image is not None:
+            for n in s.encode_buckets():
+                self.encode(np.zeros((n, *self.image_input_shape), np.float32))
         # migrations of every size a request can have (only the dummy page 0 is read and written)
         most = self.config.num_layers * self.config.num_kv_heads * s.max_table_width
         n = MIN_MOVE_PAGES

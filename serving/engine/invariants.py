@@ -1,6 +1,8 @@
 """The simulator's invariants (spec 6.1) checked on the real engine: every live request is in exactly one place
 (a queue, a prefill or decode batch, a migration), and every used page of every live instance has exactly as many
-owners (requests, resident contexts, migrations and loads under way) as its pool's reference count says."""
+owners (requests, resident contexts, migrations and loads under way) as its pool's reference count says; the
+embedding cache's reference counts are exactly the live requests that pin each entry, and it keeps the arrays of
+exactly its entries."""
 
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ def check_engine_invariants(engine) -> None:
             where.setdefault(r.rid, []).append(f"instance {i.iid} queue")
         for r in i.prefilling:
             where.setdefault(r.rid, []).append(f"instance {i.iid} prefill")
+        for r in i.encoding:
+            where.setdefault(r.rid, []).append(f"instance {i.iid} encode")
         for r in i.running.values():
             where.setdefault(r.rid, []).append(f"instance {i.iid} decode")
         moving = [m for m, _ in i.incoming] + [m for m in i.outgoing]
@@ -60,3 +64,23 @@ def check_engine_invariants(engine) -> None:
                                  f"{i.pool.refs[bad]} at pages {bad}")
         if i.reserved < 0 or i.arriving < 0 or i.kv_free < 0:
             raise AssertionError(f"instance {i.iid}: reserved {i.reserved}, arriving {i.arriving}")
+    _check_embedding_cache(engine)
+
+
+def _check_embedding_cache(engine) -> None:
+    cache = engine.embedding_cache
+    try:
+        cache.pool.check()
+    except RuntimeError as e:
+        raise AssertionError(str(e)) from e
+    pins: dict[str, int] = {}
+    for r in engine.requests.values():
+        if len(set(r.cache_holds)) != len(r.cache_holds):
+            raise AssertionError(f"request {r.rid} pins an embedding entry twice")
+        for h in r.cache_holds:
+            pins[h] = pins.get(h, 0) + 1
+    refs = {h: n for h, n in cache.pool.ref.items() if n}
+    if pins != refs:
+        raise AssertionError(f"embedding cache references {refs} != pins of live requests {pins}")
+    if set(engine.embedding_store) != set(cache.pool.size):
+        raise AssertionError("the embedding store and the cache's entries differ")

@@ -6,6 +6,9 @@ import dataclasses
 import enum
 from collections.abc import Callable
 
+import numpy as np
+
+from kvzip_jax.preprocess.hashing import content_hash
 from serving.engine.detokenize import Detokenizer
 from serving.engine.pages import SequenceKV
 from serving.engine.sampling import SamplingParams
@@ -13,12 +16,30 @@ from serving.model import Group, Modality
 
 
 class Phase(enum.IntEnum):
-    QUEUED = 0  # waiting for a prefill (or coupled) instance
+    QUEUED = 0  # waiting for an encode, prefill or coupled instance
     PREFILL = 1  # its prompt is being prefilled, chunk by chunk
     WAIT_DECODE = 2  # prefilled; waits for a decode instance with room (it still holds its prefill pages)
     MIGRATING = 3  # its KV is on its way to a decode instance
     DECODE = 4  # in a decode batch
     DONE = 5
+    ENCODING = 6  # its images are being encoded on an encode instance (or a prefill instance lent to encode)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ImageInput:
+    """One image of a request: preprocessed pixels and their content hash (the embedding cache's key,
+    `kvzip_jax.preprocess.content_hash`). `v_tokens` is set by the engine: the encoder's tokens per image."""
+
+    hash: str
+    pixel_values: np.ndarray
+    v_tokens: int = 0
+
+    @classmethod
+    def from_item(cls, modality, item) -> ImageInput:
+        """An image as a user gives it (a picture, or preprocessed float pixels), through the model's image
+        processor (`kvzip_jax.multimodal_lm.Modality.prepare`), keyed by the content hash of the pixels."""
+        pixels = np.ascontiguousarray(modality.prepare(item), np.float32)
+        return cls(content_hash(pixels, {"modality": modality.name}), pixels)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +73,10 @@ class EngineRequest:
     cancelled: bool = False
     finish_reason: str | None = None
     migrations: int = 0
-    images: tuple = ()  # (text requests so far; the policies read it)
+    images: tuple[ImageInput, ...] = ()  # in prompt order (the policies read their v_tokens)
+    image_starts: tuple[int, ...] = ()  # where each image's placeholder run starts in the prompt
+    embeds: dict = dataclasses.field(default_factory=dict)  # image hash -> its embeddings [v_tokens, hidden]
+    cache_holds: list = dataclasses.field(default_factory=list)  # embedding-cache entries it pins until prefilled
     context: str | None = None  # a served KVzip context it starts from (its prompt is then the question turn)
     copies: tuple | None = None  # (source pages, destination pages) to copy before its first prefill chunk
     restarts: int = 0  # times its instance failed under it (its KV was recomputed elsewhere)
@@ -69,6 +93,29 @@ class EngineRequest:
         """What prefill must cover: the prompt, and after a restart also every token generated so far (their KV
         was lost with the failed instance; recomputing it gives the next token exactly as decode would)."""
         return self.prompt + self.output
+
+    @property
+    def todo_images(self) -> list[ImageInput]:
+        """Its images whose embeddings it does not hold yet, each content once."""
+        seen: dict[str, ImageInput] = {}
+        for im in self.images:
+            if im.hash not in self.embeds:
+                seen.setdefault(im.hash, im)
+        return list(seen.values())
+
+    def chunk_embeddings(self, start: int, n: int, hidden: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Input embeddings [n, hidden] and their mask [n] for prefill positions start..start+n-1 where the
+        image placeholders sit (the rest come from the token embedding table); None when no image is there."""
+        embeds = mask = None
+        for im, at in zip(self.images, self.image_starts, strict=True):
+            lo, hi = max(start, at), min(start + n, at + im.v_tokens)
+            if lo >= hi:
+                continue
+            if embeds is None:
+                embeds, mask = np.zeros((n, hidden), np.float32), np.zeros(n, bool)
+            embeds[lo - start:hi - start] = self.embeds[im.hash][lo - at:hi - at]
+            mask[lo - start:hi - start] = True
+        return None if embeds is None else (embeds, mask)
 
     @property
     def input_len(self) -> int:  # the policies' name for the prompt length

@@ -1,0 +1,212 @@
+"""Images through the serving engine, on a tiny random LLaVA-style model (CLIP tower, MLP projector, Llama text
+model): greedy answers equal `MultimodalLM.generate` for the same prompts and images under a blocking policy
+(images encoded by the prefill instance) and a non-blocking one (an encode instance); the embedding cache (hits,
+eviction, pins checked by the engine's invariants after every step); a failed encode step; the input errors;
+and the OpenAI API with image parts (data URIs), through the official client, answering as `MultimodalLM` does."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from kvzip_jax.config import ModelConfig
+from kvzip_jax.kvzip_demo import DEMO_MODEL_DIR
+from kvzip_jax.lm import pretrained_tokenizer
+from kvzip_jax.models import projector, vision
+from kvzip_jax.models.decoder import init_params
+from kvzip_jax.multimodal_lm import MultimodalLM, image_modality
+from kvzip_jax.preprocess import ImageProcessor
+from serving.api import create_app
+from serving.engine import Engine, EngineConfig, ImageInput, SamplingParams
+from serving.model import Group, Stage
+from serving.server import ServerThread
+
+openai = pytest.importorskip("openai")
+
+IMAGE_ID = 1024  # "<image>", added to the demo tokenizer's 1024 tokens
+MAX_TOKENS = 10
+SHAPE = dict(page_size=8, pages_per_instance=1024, prefill_chunk=32, max_model_len=128, check_invariants=True,
+             warmup=False)
+
+
+@pytest.fixture(scope="module")
+def mm():
+    tokenizer = pretrained_tokenizer(DEMO_MODEL_DIR)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    assert tokenizer.convert_tokens_to_ids("<image>") == IMAGE_ID
+    text = ModelConfig.from_hf_dict(dict(
+        model_type="llama", vocab_size=1032, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512, eos_token_id=None))
+    tower = vision.VisionConfig(model_type=vision.CLIP, hidden_size=32, intermediate_size=64, num_layers=2,
+                                num_heads=4, image_size=32, patch_size=8, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    proj = projector.ProjectorConfig(in_features=32, out_features=64)
+    processor = ImageProcessor(processor_type="CLIPImageProcessor", shortest_edge=32, do_center_crop=True,
+                               crop_height=32, crop_width=32)
+    image = image_modality(tower, vision.init_params(tower, seed=2), proj, projector.init_params(proj, seed=3),
+                           token_id=IMAGE_ID, processor=processor)
+    return MultimodalLM(text, init_params(text, seed=1), {"image": image}, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def cases(mm):
+    """(prompt with one placeholder per image, images): two images, one (shared with the first), none, and an
+    image whose 16 tokens straddle the 32-token prefill chunks."""
+    rng = np.random.default_rng(0)
+    pixels = [rng.standard_normal((3, 32, 32)).astype(np.float32) for _ in range(3)]
+
+    def text(n):
+        return rng.integers(6, 128, n).tolist()
+
+    return [
+        ([*text(3), IMAGE_ID, *text(4), IMAGE_ID, *text(2)], [pixels[0], pixels[1]]),
+        ([IMAGE_ID, *text(7)], [pixels[0]]),
+        (text(11), []),
+        ([*text(25), IMAGE_ID, *text(3)], [pixels[2]]),
+    ]
+
+
+@pytest.fixture(scope="module")
+def reference(mm, cases):
+    # one batch (ragged image counts, right padding): one compilation
+    return mm.generate([p for p, _ in cases], images=[imgs for _, imgs in cases], max_new_tokens=MAX_TOKENS,
+                       stop_token_ids=[])
+
+
+def inputs(mm, cases):
+    return [p for p, _ in cases], [[ImageInput.from_item(mm.modalities["image"], x) for x in imgs]
+                                   for _, imgs in cases]
+
+
+def build(mm, **config) -> Engine:
+    return Engine(mm.config, mm.params, engine_config=EngineConfig(**config, **SHAPE), image=mm.modalities["image"])
+
+
+LAYOUTS = {
+    "coupled": dict(policy="coupled", num_instances=2),  # blocking: the coupled instance encodes, then prefills
+    "static_epd": dict(policy="static_epd", policy_options=(("split", (1, 1, 1, 1, 1)),), num_instances=5),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_greedy_answers_with_images_match_multimodal_generate(mm, cases, reference, name):
+    prompts, images = inputs(mm, cases)
+    with build(mm, **LAYOUTS[name]) as engine:
+        if name == "static_epd":
+            assert engine.layout_counts()[(Group.MM, Stage.ENCODE)] == 1
+        assert engine.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS), images=images) == reference
+        # 3 distinct images. One encode instance encodes the shared one once; two coupled instances may both
+        # encode it at the same time (neither found it in the cache), never more
+        first = engine.stats.images_encoded
+        assert first == 3 if name == "static_epd" else 3 <= first <= 4
+        encoded = [t for t in engine.timings if t[0] == "encode"]
+        assert encoded and all(f[0] % 16 == 0 for _, f, _ in encoded)
+        if name == "static_epd":
+            enc = next(i for i in engine.insts if i.stage == Stage.ENCODE)
+            assert enc.steps >= 1 and enc.pool.used == 0  # encode instances hold no KV
+        # the same images again: every embedding comes from the cache, nothing is encoded
+        hits = engine.embedding_cache.hits
+        assert engine.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS), images=images) == reference
+        assert engine.stats.images_encoded == first and engine.embedding_cache.hits - hits == 4
+        with engine.lock:
+            assert engine.requests == {} and all(n == 0 for n in engine.embedding_cache.pool.ref.values())
+            engine.check_invariants()
+
+
+def test_a_cache_of_one_image_evicts_and_answers_the_same(mm, cases, reference):
+    prompts, images = inputs(mm, cases)
+    with build(mm, policy="static_epd", policy_options=(("split", (1, 1, 1, 1, 1)),), num_instances=5,
+               embedding_cache_tokens=16) as engine:
+        for k in (0, 3, 1):  # two images (only one fits: the other is used uncached), a new one, the first again
+            assert engine.generate([prompts[k]], SamplingParams(max_tokens=MAX_TOKENS), images=[images[k]]) \
+                == [reference[k]]
+        assert engine.embedding_cache.pool.evictions >= 1 and len(engine.embedding_store) <= 1
+
+
+def test_a_failed_encode_step_restarts_its_request_elsewhere(mm, cases, reference):
+    prompts, images = inputs(mm, cases)
+    with build(mm, policy="coupled", num_instances=2) as engine:
+        engine.inject_fault(0)
+        engine.inject_fault(1)
+        with engine.lock:
+            engine.insts[1].fault = False  # only instance 0 fails, at its first step: the encode of a request
+        out = engine.generate(prompts[:2], SamplingParams(max_tokens=MAX_TOKENS), images=images[:2])
+        assert out == reference[:2]
+        assert engine.insts[0].state.name == "FAILED" and engine.stats.errors == 0
+
+
+def test_image_input_errors(mm, cases):
+    prompts, images = inputs(mm, cases)
+    sampling = SamplingParams(max_tokens=2)
+    with build(mm, policy="coupled", num_instances=1, encode_images=2) as engine:
+        with pytest.raises(ValueError, match="3 images in one request; this engine takes at most 2"):
+            engine.submit([IMAGE_ID] * 3, sampling, print, images=images[0] + images[1])
+        with pytest.raises(ValueError, match="placeholder"):
+            engine.submit(prompts[1] + [IMAGE_ID], sampling, print, images=images[1])
+        with pytest.raises(ValueError, match="no images were given"):
+            engine.submit(prompts[1], sampling, print)
+        wrong = ImageInput("x", np.zeros((3, 16, 16), np.float32))
+        with pytest.raises(ValueError, match=r"shape \(3, 16, 16\); this model takes \(3, 32, 32\)"):
+            engine.submit([IMAGE_ID], sampling, print, images=[wrong])
+        with pytest.raises(TypeError, match="not an ImageInput"):
+            engine.submit([IMAGE_ID], sampling, print, images=[np.zeros((3, 32, 32))])
+        assert engine.requests == {}
+    with Engine(mm.config, mm.params, engine_config=EngineConfig(**SHAPE)) as text_only:
+        with pytest.raises(ValueError, match="this model takes no images"):
+            text_only.submit(prompts[1], sampling, print, images=images[1])
+
+
+# ---- the OpenAI API with image parts --------------------------------------------------------------------------
+def data_uri(picture: Image.Image) -> str:
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_chat_with_images_through_the_openai_client(mm):
+    rng = np.random.default_rng(5)
+    pictures = [Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)) for _ in range(2)]
+    # the reference: the chat template's text with the placeholder where each image part sits
+    text = mm.tokenizer.apply_chat_template([{"role": "user", "content": "Compare <image> and<image>: which?"}],
+                                            add_generation_prompt=True, tokenize=False)
+    expected = mm.generate([text], images=[pictures], max_new_tokens=8, stop_token_ids=sorted(
+        {*mm.config.eos_token_ids, mm.tokenizer.eos_token_id}))[0]
+    content = [{"type": "text", "text": "Compare "}, {"type": "image_url", "image_url": {"url": data_uri(pictures[0])}},
+               {"type": "text", "text": " and"}, {"type": "image_url", "image_url": {"url": data_uri(pictures[1])}},
+               {"type": "text", "text": ": which?"}]
+    with build(mm, policy="coupled", num_instances=1) as engine:
+        engine.tokenizer = mm.tokenizer
+        with ServerThread(create_app(engine, model_name="tiny-llava")) as server:
+            client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+            reply = client.chat.completions.create(model="tiny-llava", max_tokens=8, temperature=0,
+                                                   messages=[{"role": "user", "content": content}])
+            assert reply.choices[0].message.content == expected
+            assert reply.usage.prompt_tokens == len(mm.tokenizer(text)["input_ids"]) + 2 * 15  # 16 tokens each
+            stream = client.chat.completions.create(model="tiny-llava", max_tokens=8, temperature=0, stream=True,
+                                                    messages=[{"role": "user", "content": content}])
+            assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
+            assert engine.stats.images_encoded == 2 and engine.embedding_cache.hits == 2  # the second: cached
+            assert 'serving_embedding_cache_lookups_total{result="hit"} 2.0' in httpx.get(f"{server.url}/metrics").text
+
+            def refused(part, status, *words):
+                r = httpx.post(f"{server.url}/v1/chat/completions", timeout=30, json={
+                    "model": "tiny-llava", "messages": [{"role": "user", "content": [part]}]})
+                assert r.status_code == status, r.text
+                assert all(w in r.json()["error"]["message"] for w in words), r.text
+
+            refused({"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}, 400, "network")
+            refused({"type": "image_url", "image_url": {"url": "data:image/png;base64,%%%"}}, 400, "base64")
+            refused({"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}, 400,
+                    "cannot be read")
+            refused({"type": "text", "text": "a <image> in text"}, 400, "image_url parts")
+            many = [{"type": "image_url", "image_url": {"url": data_uri(pictures[0])}}] * 5
+            r = httpx.post(f"{server.url}/v1/chat/completions", timeout=30, json={
+                "model": "tiny-llava", "messages": [{"role": "user", "content": many}]})
+            assert r.status_code == 400 and "at most 4" in r.json()["error"]["message"]
+            # and it goes on serving
+            assert client.chat.completions.create(model="tiny-llava", max_tokens=8, temperature=0, messages=[
+                {"role": "user", "content": content}]).choices[0].message.content == expected
