@@ -9,6 +9,7 @@ binds to 127.0.0.1 unless --host says otherwise. Bad options print one line to s
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -22,8 +23,8 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="serve a model over HTTP (OpenAI-compatible API)")
-    s.add_argument("--model", default="smollm2", help="an HF checkpoint directory, a .gguf file, or 'smollm2' "
-                   "(the default model that `make setup` installs)")
+    s.add_argument("--model", default="smollm2", help="an HF checkpoint directory (a LLaVA one serves images too), "
+                   "a .gguf file, or 'smollm2' (the default model that `make setup` installs)")
     s.add_argument("--name", default=None, help="the model name clients send (default: derived from --model)")
     s.add_argument("--devices", type=int, default=2, help="instances, one device each")
     s.add_argument("--policy", choices=POLICIES, default="coupled")
@@ -86,7 +87,8 @@ def _serve(args) -> None:
     from serving.context_store import ContextStore
     from serving.engine import Engine, EngineConfig
 
-    config = load_config(args.model)  # fails fast, before any weights are read
+    llava_config = _llava_config(args.model)
+    config = llava_config.text if llava_config is not None else load_config(args.model)  # before any weights
     width = -(-args.max_model_len // args.page_size)
     pages = args.pages or config.num_layers * config.num_kv_heads * width * PAGES_AUTO_REQUESTS + 1
     engine_config = EngineConfig(
@@ -96,11 +98,19 @@ def _serve(args) -> None:
         max_waiting=args.max_waiting, warmup=not args.no_warmup,
     )
     enable_compilation_cache()
-    model = LanguageModel.from_pretrained(args.model, dtype=None if args.dtype == "float32" else args.dtype)
+    dtype = None if args.dtype == "float32" else args.dtype
+    image = None
+    if llava_config is not None:  # a LLaVA checkpoint: the text model serves with its image encoder
+        from kvzip_jax.multimodal_lm import MultimodalLM
+
+        mm = MultimodalLM.from_pretrained(args.model, dtype=dtype)
+        model, image = LanguageModel(mm.config, mm.params, mm.tokenizer), mm.modalities["image"]
+    else:
+        model = LanguageModel.from_pretrained(args.model, dtype=dtype)
     name = args.name or os.path.basename(os.path.normpath(os.fspath(args.model))).removesuffix(".gguf")
     print(f"serving-jax: loading {name} onto {args.devices} instance(s) ({args.policy}) and compiling ...",
           file=sys.stderr)
-    engine = Engine(model.config, model.params, model.tokenizer, engine_config, model_name=name)
+    engine = Engine(model.config, model.params, model.tokenizer, engine_config, model_name=name, image=image)
     try:
         contexts = None
         if model.tokenizer is not None:
@@ -111,6 +121,18 @@ def _serve(args) -> None:
         uvicorn.run(create_app(engine, contexts=contexts), host=args.host, port=args.port, log_level="info")
     finally:
         engine.shutdown()
+
+
+def _llava_config(path: str):
+    """The LlavaConfig of a multimodal checkpoint directory (config.json with a vision_config), else None."""
+    from kvzip_jax.models.llava import LlavaConfig
+
+    file = os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+        return None
+    with open(file) as f:
+        hf = json.load(f)
+    return LlavaConfig.from_hf_dict(hf) if "vision_config" in hf else None
 
 
 def main(argv: list[str] | None = None) -> int:
