@@ -153,6 +153,9 @@ class LanguageModel:
         if gguf_file is not None:
             loaded = load_gguf(gguf_file, dtype=dtype, mesh=mesh)
             config, params = loaded.config, loaded.params
+            if tokenizer is True:  # not `pretrained_tokenizer`: it would parse the file's metadata again (seconds)
+                tokenizer = load_tokenizer(path, gguf_file) if loaded.has_tokenizer and _transformers_available() \
+                    else None
         else:
             config, params = load_params(path, dtype=dtype, mesh=mesh)
         if tokenizer is True:

@@ -11,6 +11,7 @@ Only the `llama` architecture is mapped (Llama, SmolLM, Mistral-style files). Th
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, NamedTuple
 
@@ -64,13 +65,21 @@ def find_gguf(path: str | os.PathLike) -> str | None:
 
 
 def open_gguf(file: str | os.PathLike) -> GGUFReader:
-    """GGUFReader, with whatever it raises on a truncated or corrupt file turned into a CheckpointError."""
+    """GGUFReader, with whatever it raises on a truncated or corrupt file turned into a CheckpointError. The last
+    file read is kept (keyed by its path, size and modification time): parsing a real model's metadata (its whole
+    vocabulary) takes seconds, and loading a model reads the config, the tokenizer check and the tensors."""
     file = os.fspath(file)
     try:
-        return GGUFReader(file)
+        stat = os.stat(file)
+        return _read_gguf(os.path.realpath(file), stat.st_size, stat.st_mtime_ns)
     except (ValueError, OSError, IndexError, KeyError, TypeError) as e:
         size = os.path.getsize(file) if os.path.exists(file) else 0
         raise CheckpointError(f"cannot read GGUF file {file} ({size} bytes; truncated or corrupt?): {e}") from e
+
+
+@functools.lru_cache(maxsize=1)
+def _read_gguf(file: str, _size: int, _mtime_ns: int) -> GGUFReader:
+    return GGUFReader(file)
 
 
 def _fields(reader: GGUFReader) -> dict[str, Any]:
