@@ -96,6 +96,13 @@ class EngineCollector:
         yield lookups
         yield GaugeMetricFamily("serving_embedding_cache_tokens", "encoder tokens the embedding cache holds",
                                 value=cache["tokens"])
+        prefix = CounterMetricFamily("serving_prefix_cache_tokens", "prompt tokens of requests that looked in a "
+                                     "prefix cache, and those found there (not prefilled again)", labels=["kind"])
+        prefix.add_metric(["queried"], s.prefix_query_tokens)
+        prefix.add_metric(["hit"], s.prefix_hit_tokens)
+        yield prefix
+        yield GaugeMetricFamily("serving_prefix_cache_pages", "KV pages the prefix caches keep",
+                                value=snap["prefix_cache_pages"])
         yield CounterMetricFamily("serving_kv_migrations", "requests whose KV moved between instances",
                                   value=s.migrations)
         yield CounterMetricFamily("serving_kv_migrated_bytes", "KV bytes moved between instances",

@@ -42,11 +42,12 @@ from serving.engine.detokenize import Detokenizer
 from serving.engine.executor import DecodeRow, ExecutorShape, HostInputError, InstanceExecutor, PrefillRow
 from serving.engine.invariants import check_engine_invariants
 from serving.engine.pages import PagePool, SequenceKV
+from serving.engine.prefix_kv import PrefixKVCache
 from serving.engine.request import EngineRequest, ImageInput, Phase, RequestOutput
 from serving.engine.sampling import SamplingParams
 from serving.model import Group, InstState, Modality, Stage
 from serving.policies import make_policy
-from serving.prefix_cache import EmbeddingCache
+from serving.prefix_cache import EmbeddingCache, block_keys
 from serving.simulator import RoleView, check_switch
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class EngineConfig:
     max_waiting: int = 256  # queued requests beyond which submit answers QueueFull
     encode_images: int = 4  # images per encode step, and the most one request may carry
     embedding_cache_tokens: int = 16384  # encoder output tokens the embedding cache keeps (0: no cache)
+    prefix_cache: bool = True  # prefill / coupled instances keep full prompt blocks for later prompts to share
     warmup: bool = True  # compile every shape bucket at start-up
     check_invariants: bool = False  # after every step (tests)
 
@@ -136,6 +138,7 @@ class EngineInstance:
     reserved: int = 0  # pages promised to arriving requests' growth
     steps: int = 0
     fault: bool = False  # the next step raises InjectedFault
+    prefix: PrefixKVCache | None = None  # its prompt blocks kept for sharing (prefill and coupled roles)
     thread: threading.Thread | None = None
 
     @property
@@ -145,6 +148,11 @@ class EngineInstance:
     @property
     def kv_used(self) -> int:
         return self.pool.used
+
+    @property
+    def cached_pages(self) -> int:
+        """Pages its prefix cache keeps (when no request runs, the only pages in use)."""
+        return 0 if self.prefix is None else len(self.prefix.pages())
 
     @property
     def kv_free(self) -> int:
@@ -183,6 +191,8 @@ class EngineStats:
     context_requests: int = 0  # requests that started from a served context
     context_tokens_saved: int = 0  # context tokens those requests did not prefill
     images_encoded: int = 0
+    prefix_hit_tokens: int = 0  # prompt tokens found in a prefix cache (not prefilled again)
+    prefix_query_tokens: int = 0  # prompt tokens of the requests that looked
     # the most recent finished requests only: a server runs for days (the API's histograms keep the whole history)
     ttft: deque = dataclasses.field(default_factory=lambda: deque(maxlen=RECENT))  # seconds
     tpot: deque = dataclasses.field(default_factory=lambda: deque(maxlen=RECENT))  # seconds per token after the 1st
@@ -226,6 +236,8 @@ class Engine(RoleView):
                            executor=InstanceExecutor(config, params, devices[i], self.shape, image=image))
             for i, (g, s) in enumerate(layout)
         ]
+        for inst in self.insts:
+            inst.prefix = PrefixKVCache(inst.pool, ec.page_size) if ec.prefix_cache else None
         self.inline_encode = getattr(self.policy, "inline_encode", True)
         self.embedding_cache = EmbeddingCache(ec.embedding_cache_tokens)
         self.embedding_store: dict[str, np.ndarray] = {}  # the arrays of the cache's entries
@@ -318,6 +330,8 @@ class Engine(RoleView):
             return
         inst.group, inst.stage = inst.pending_target
         inst.pending_target = None
+        if inst.prefix is not None:
+            inst.prefix.clear()  # another role or group: other prompts
         inst.state = InstState.ACTIVE
         inst.role_since = self.now
         self.layout_log.append((self.now, self.layout_counts()))
@@ -567,6 +581,7 @@ class Engine(RoleView):
                 "kv_bytes_per_page": self.insts[0].executor.kv_bytes_per_page,
                 "embedding_cache": {"hits": self.embedding_cache.hits, "misses": self.embedding_cache.misses,
                                     "tokens": self.embedding_cache.pool.used},
+                "prefix_cache_pages": sum(len(i.prefix.pages()) for i in self.insts if i.prefix is not None),
             }
 
     # ---- the worker: plan under the lock, run on the device without it, apply under the lock ----------------
@@ -750,7 +765,6 @@ class Engine(RoleView):
     def _admit(self, inst: EngineInstance, queue: deque, whole: bool) -> None:
         """FCFS: take queue heads while there are seats and pages (coupled: prompt + max_tokens; prefill: prompt)."""
         ec = self.engine_config
-        c = self.config
         while queue:
             if len(inst.prefilling) >= ec.prefill_rows:
                 return
@@ -768,13 +782,44 @@ class Engine(RoleView):
                 if kv is None:
                     return
             else:
-                kv = SequenceKV.empty(c.num_layers, c.num_kv_heads)
-                if kv.pages_to_hold(tokens, ec.page_size) > inst.kv_free:
+                kv = self._prefix_view(inst, r)
+                hit = kv.next_position
+                if not self._make_room(inst, kv.pages_to_hold(tokens - hit, ec.page_size)):
+                    inst.pool.release(kv.owned())  # the shared blocks go back; it waits for pages
                     return
                 queue.popleft()
+                tokens -= hit
+                r.prefilled = hit
+                if inst.prefix is not None:
+                    inst.prefix.record(hit, len(r.prompt))
+                    self.stats.prefix_hit_tokens += hit
+                    self.stats.prefix_query_tokens += len(r.prompt)
             kv.grow(inst.pool, tokens, ec.page_size)
             r.kv, r.owner, r.phase = kv, inst.iid, Phase.PREFILL
             inst.prefilling.append(r)
+
+    def _block_keys(self, r: EngineRequest) -> list[int]:
+        """Hash-chain keys of the request's full prompt blocks (images' content hashes included)."""
+        if r.block_keys is None:
+            spans = [(im.hash, at, im.v_tokens) for im, at in zip(r.images, r.image_starts, strict=True)]
+            r.block_keys = block_keys(r.prompt, spans, self.engine_config.page_size)
+        return r.block_keys
+
+    def _prefix_view(self, inst: EngineInstance, r: EngineRequest) -> SequenceKV:
+        """A sequence starting with the cached blocks of the request's prompt (shared; at least its last token
+        is left to prefill, for the logits of its first output token), or an empty one."""
+        c = self.config
+        if inst.prefix is None:
+            return SequenceKV.empty(c.num_layers, c.num_kv_heads)
+        limit = (len(r.prefill_ids) - 1) // self.engine_config.page_size
+        blocks = inst.prefix.match(self._block_keys(r), limit)
+        return inst.prefix.view(blocks) if blocks else SequenceKV.empty(c.num_layers, c.num_kv_heads)
+
+    def _make_room(self, inst: EngineInstance, pages: int) -> bool:
+        """True when `pages` pages are free on the instance, after evicting prefix blocks nobody uses if needed."""
+        if pages > inst.kv_free and inst.prefix is not None:
+            inst.prefix.evict(pages - inst.kv_free)
+        return pages <= inst.kv_free
 
     def _context_view(self, inst: EngineInstance, r: EngineRequest, served: ServedContext, queue: deque,
                       tokens: int):
@@ -783,11 +828,11 @@ class Engine(RoleView):
         page = self.engine_config.page_size
         resident = served.resident.get(inst.iid)
         if resident is None:
-            if inst.iid not in served.loading and served.num_pages <= inst.kv_free:
+            if inst.iid not in served.loading and self._make_room(inst, served.num_pages):
                 served.loading.add(inst.iid)
                 inst.context_loads.append((served, inst.pool.alloc(served.num_pages)))
             return None
-        if copies_needed(resident, page) + resident.pages_to_hold(tokens, page) > inst.kv_free:
+        if not self._make_room(inst, copies_needed(resident, page) + resident.pages_to_hold(tokens, page)):
             return None
         queue.popleft()
         kv, src, dst = share_for_request(resident, inst.pool, page)
@@ -818,6 +863,8 @@ class Engine(RoleView):
                 continue
             inst.prefilling.remove(r)
             self._release_embeddings(r)  # its KV holds them now (a restart re-uses r.embeds, not the cache)
+            if inst.prefix is not None and r.context is None:
+                inst.prefix.insert(self._block_keys(r), r.kv)
             if r.t_first is None:
                 r.t_first = self.now
                 self.stats.prompt_tokens += len(r.prompt)
@@ -915,6 +962,8 @@ class Engine(RoleView):
         in MAX_RESTARTS failed steps fails itself, with the error."""
         inst.state = InstState.FAILED
         inst.pending_target = None
+        if inst.prefix is not None:
+            inst.prefix.blocks.clear()  # its pool is abandoned with the device
         in_step = {id(r) for r in self._step_requests(kind, payload)}
         victims: list[EngineRequest] = []
         for queue in [*self.q.values(), inst.local_queue]:

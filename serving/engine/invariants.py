@@ -37,6 +37,9 @@ def check_engine_invariants(engine) -> None:
     for r in engine.requests.values():
         if r.kv is not None and r.owner >= 0:
             np.add.at(owners[r.owner], r.kv.owned(), 1)
+    for i in engine.insts:
+        if i.prefix is not None and i.state != InstState.FAILED:
+            np.add.at(owners[i.iid], i.prefix.pages(), 1)
     for served in engine.contexts.values():
         for iid, kv in served.resident.items():
             np.add.at(owners[iid], kv.owned(), 1)

@@ -77,6 +77,7 @@ class EngineRequest:
     image_starts: tuple[int, ...] = ()  # where each image's placeholder run starts in the prompt
     embeds: dict = dataclasses.field(default_factory=dict)  # image hash -> its embeddings [v_tokens, hidden]
     cache_holds: list = dataclasses.field(default_factory=list)  # embedding-cache entries it pins until prefilled
+    block_keys: list | None = None  # hash-chain keys of its full prompt blocks (the prefix cache's), once computed
     context: str | None = None  # a served KVzip context it starts from (its prompt is then the question turn)
     copies: tuple | None = None  # (source pages, destination pages) to copy before its first prefill chunk
     restarts: int = 0  # times its instance failed under it (its KV was recomputed elsewhere)

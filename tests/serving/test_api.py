@@ -84,7 +84,7 @@ def wait_idle(engine: Engine, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
         with engine.lock:
-            used = [inst.pool.used for inst in engine.insts]
+            used = [inst.pool.used - inst.cached_pages for inst in engine.insts]
             live = dict(engine.requests)
             if not live and not any(used):
                 assert all((i.reserved, i.arriving) == (0, 0) for i in engine.insts)
@@ -242,6 +242,10 @@ def test_models_health_metrics(client, http):
     assert values["serving_prompt_tokens_total"] > 0
     assert values['serving_requests_total{outcome="finished"}'] >= 2
     assert values['serving_kv_pages_total{instance="0"}'] == 4095
+    # the same chat prompt twice: the second finds the first's full blocks in the prefix cache
+    assert 0 < values['serving_prefix_cache_tokens_total{kind="hit"}'] < values[
+        'serving_prefix_cache_tokens_total{kind="queried"}']
+    assert values["serving_prefix_cache_pages"] > 0
 
 
 # ---- cancellation ------------------------------------------------------------------------------------------------

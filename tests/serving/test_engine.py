@@ -84,7 +84,8 @@ def assert_idle(engine: Engine) -> None:
         for inst in engine.insts:
             if inst.state.name == "FAILED":  # its pool was abandoned with its device
                 continue
-            assert inst.pool.used == 0, f"instance {inst.iid} leaks {inst.pool.used} pages"
+            leak = inst.pool.used - inst.cached_pages  # the prefix cache keeps prompt blocks for later requests
+            assert leak == 0, f"instance {inst.iid} leaks {leak} pages"
             assert (inst.reserved, inst.arriving) == (0, 0)
             assert not inst.running and not inst.prefilling and not inst.incoming and not inst.outgoing
         engine.check_invariants()
@@ -434,3 +435,34 @@ def test_a_step_whose_inputs_cannot_be_built_fails_its_requests_not_the_instance
     monkeypatch.undo()
     assert engine.generate(prompts[:2], SamplingParams(max_tokens=MAX_TOKENS)) == reference[:2]
     assert_idle(engine)
+
+
+# ---- the token-block prefix cache ------------------------------------------------------------------------------
+def test_prompts_that_share_a_prefix_share_its_blocks_and_answer_the_same(model):
+    cfg, params = model
+    rng = np.random.default_rng(3)
+    system = rng.integers(0, 128, 43).tolist()  # 5 full blocks of 8, and 3 tokens of a sixth
+    prompts = [system + rng.integers(0, 128, n).tolist() for n in (4, 9, 1)] + [system[:40]]
+    expected = reference_generate(params, cfg, prompts, max_new_tokens=MAX_TOKENS).tokens
+    # a pool of 6 requests' worth of pages: admitting them all needs the cache to give pages back
+    per_request = cfg.num_layers * cfg.num_kv_heads * -(-(53 + MAX_TOKENS) // SHAPE["page_size"])
+    shape = {**SHAPE, "pages_per_instance": 6 * per_request + 1}
+    config = EngineConfig(policy="static_pd", policy_options=(("n_prefill", 1),), num_instances=2, **shape)
+    with Engine(cfg, params, engine_config=config) as engine:
+        prefill = engine.insts[0]
+        assert engine.generate(prompts[:1], SamplingParams(max_tokens=MAX_TOKENS)) == expected[:1]
+        assert prefill.cached_pages == 5 * cfg.num_layers * cfg.num_kv_heads and engine.stats.prefix_hit_tokens == 0
+        assert engine.generate(prompts[1:], SamplingParams(max_tokens=MAX_TOKENS)) == expected[1:]
+        # 40 tokens each for the next two; the prompt of exactly 40 keeps its last block to prefill (its logits)
+        assert engine.stats.prefix_hit_tokens == 40 + 40 + 32
+        # unrelated prompts fill the pool: unused blocks are evicted for them, least recently used first
+        others = [rng.integers(0, 128, 50).tolist() for _ in range(8)]
+        assert engine.generate(others, SamplingParams(max_tokens=MAX_TOKENS), timeout=60) == \
+            reference_generate(params, cfg, others, max_new_tokens=MAX_TOKENS).tokens
+        assert prefill.prefix.evicted > 0
+        assert_idle(engine)
+    config = EngineConfig(policy="coupled", num_instances=1, prefix_cache=False, **SHAPE)
+    with Engine(cfg, params, engine_config=config) as engine:
+        assert engine.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS)) == expected
+        assert engine.insts[0].prefix is None and engine.stats.prefix_hit_tokens == 0
+        assert_idle(engine)

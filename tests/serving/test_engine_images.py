@@ -95,21 +95,25 @@ def coupled(mm):
         yield engine
 
 
-@pytest.mark.parametrize("name", ["coupled", "static_epd"])
+FIVE = {"static_epd": dict(policy="static_epd", policy_options=(("split", (1, 1, 1, 1, 1)),), num_instances=5),
+        "elasticmm": dict(policy="elasticmm", num_instances=5)}  # non-blocking: the MM group's encode instance
+
+
+@pytest.mark.parametrize("name", ["coupled", *FIVE])
 def test_greedy_answers_with_images_match_multimodal_generate(mm, coupled, cases, reference, name):
     prompts, images = inputs(mm, cases)
-    with (build(mm, policy="static_epd", policy_options=(("split", (1, 1, 1, 1, 1)),), num_instances=5)
-          if name == "static_epd" else contextlib.nullcontext(coupled)) as engine:
-        if name == "static_epd":
+    with build(mm, **FIVE[name]) if name in FIVE else contextlib.nullcontext(coupled) as engine:
+        if name in FIVE:
             assert engine.layout_counts()[(Group.MM, Stage.ENCODE)] == 1
         before = engine.stats.images_encoded
         assert engine.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS), images=images) == reference
         assert engine.stats.images_encoded - before == 3  # 3 distinct images: the shared one is encoded once
         encoded = [t for t in engine.timings if t[0] == "encode"]
         assert encoded and all(f[0] % 16 == 0 for _, f, _ in encoded)
-        if name == "static_epd":
-            enc = next(i for i in engine.insts if i.stage == Stage.ENCODE)
-            assert enc.steps >= 1 and enc.pool.used == 0  # encode instances hold no KV
+        if name in FIVE:
+            enc = [i for i in engine.insts if i.group == Group.MM and i.stage == Stage.ENCODE]
+            assert enc and all(i.pool.used == 0 for i in enc)  # encode instances hold no KV
+            assert name != "static_epd" or enc[0].steps >= 1
         # the same images again: every embedding comes from the cache, nothing is encoded
         hits = engine.embedding_cache.hits
         assert engine.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS), images=images) == reference
@@ -215,3 +219,17 @@ def test_chat_with_images_through_the_openai_client(mm, coupled):
         # and it goes on serving
         assert client.chat.completions.create(model="tiny-llava", max_tokens=8, temperature=0, messages=[
             {"role": "user", "content": content}]).choices[0].message.content == expected
+
+
+def test_prefix_blocks_with_other_images_are_not_shared(mm, coupled, cases, reference):
+    prompts, images = inputs(mm, cases)
+    prompt, other = prompts[3], images[1]  # the 4th prompt's text (25 tokens, the image, 3), the 2nd's image
+    expected = mm.generate([prompt], images=[[cases[1][1][0]]], max_new_tokens=MAX_TOKENS, stop_token_ids=[])
+    sampling = SamplingParams(max_tokens=MAX_TOKENS)
+    assert coupled.generate([prompt], sampling, images=[images[3]]) == [reference[3]]  # its blocks are cached
+    hits = coupled.stats.prefix_hit_tokens
+    assert coupled.generate([prompt], sampling, images=[other]) == expected
+    assert coupled.stats.prefix_hit_tokens - hits == 24  # the 3 blocks before the image; not the image's blocks
+    hits = coupled.stats.prefix_hit_tokens
+    assert coupled.generate([prompt], sampling, images=[other]) == expected
+    assert coupled.stats.prefix_hit_tokens - hits == 40  # now all but the last block (44 tokens in all)
