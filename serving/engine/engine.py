@@ -452,12 +452,17 @@ class Engine(RoleView):
         images = tuple(dataclasses.replace(im, v_tokens=m.tokens_per_item) for im in images)
         return expand_placeholders(prompt, m.token_id, m.tokens_per_item), images, starts
 
-    def _lookup_embeddings(self, r: EngineRequest) -> None:
-        """Take what the embedding cache holds of the request's images (pinned until its prefill ends)."""
+    def _lookup_embeddings(self, r: EngineRequest, recheck: bool = False) -> None:
+        """Take what the embedding cache holds of the request's images (pinned until its prefill ends). A recheck
+        (another request may have brought the same image since) is not counted in the hit statistics again."""
+        cache = self.embedding_cache
         for im in r.todo_images:
-            if self.embedding_cache.lookup_acquire(im.hash):
-                r.embeds[im.hash] = self.embedding_store[im.hash]
-                r.cache_holds.append(im.hash)
+            if recheck and im.hash in cache.pool:
+                cache.pool.acquire(im.hash)
+            elif recheck or not cache.lookup_acquire(im.hash):
+                continue
+            r.embeds[im.hash] = self.embedding_store[im.hash]
+            r.cache_holds.append(im.hash)
 
     def _release_embeddings(self, r: EngineRequest) -> None:
         for h in r.cache_holds:
@@ -721,7 +726,7 @@ class Engine(RoleView):
             return "encode", list(inst.encoding)
         for r in inst.prefilling:
             if r.todo_images:  # another instance may have encoded the same image since it was admitted
-                self._lookup_embeddings(r)
+                self._lookup_embeddings(r, recheck=True)
         inline = self._fit_images([r for r in inst.prefilling if r.todo_images])
         if inline:  # a blocking policy: the instance that prefills a request encodes its images first
             return "encode", inline
@@ -750,7 +755,7 @@ class Engine(RoleView):
         n = 0
         while queue:
             r = queue[0]
-            self._lookup_embeddings(r)  # what it pins stays pinned until its prefill ends, taken now or later
+            self._lookup_embeddings(r, recheck=True)  # what it pins stays pinned until its prefill ends
             if not r.todo_images:
                 queue.popleft()
                 self._enqueue_prefill(r)
