@@ -37,9 +37,16 @@ PERTURB_SCALE = 0.1
 
 @pytest.fixture(scope="session", autouse=True)
 def _private_kvzip_cache(tmp_path_factory):
-    """Converted GGUF tokenizers go to a per-session folder, not the user's cache (tests start from nothing)."""
+    """Converted GGUF tokenizers go to a folder of this run, not the user's cache (tests start from nothing). The
+    run's pytest-xdist workers share it (a tokenizer is written to a scratch folder and renamed), so SmolLM2's
+    tokenizer is converted once per run, not once per worker."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the workers' base folders are siblings in the run's folder
+    folder = root / "kvzip_jax_cache"
+    folder.mkdir(exist_ok=True)
     saved = os.environ.get("KVZIP_JAX_CACHE")
-    os.environ["KVZIP_JAX_CACHE"] = str(tmp_path_factory.mktemp("kvzip_jax_cache"))
+    os.environ["KVZIP_JAX_CACHE"] = str(folder)
     yield
     if saved is None:
         os.environ.pop("KVZIP_JAX_CACHE", None)
