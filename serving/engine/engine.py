@@ -14,6 +14,11 @@ its instance. The engine carries the decisions out on real devices:
   (non-blocking policies: static_epd, elasticmm), or by the prefill / coupled instance just before it prefills the
   request (blocking policies, as the simulator's `inline_encode`). Prefill splices the embeddings in where the
   image placeholders sit.
+- a prefix cache per prefill / coupled instance shares the KV of full prompt blocks with later prompts that
+  start the same way.
+
+The engine's parts: admission (`admission.py`), the image stage (`images.py`), faults (`faults.py`), the prefix
+cache (`prefix_kv.py`), the device side of an instance (`executor.py`), pages (`pages.py`).
 
 State lives on the host under one lock (a `threading.Condition`); device work runs outside it, so the instances'
 steps overlap (JAX releases the GIL while a step runs). Each instance's pool arrays are touched only by its own
@@ -35,19 +40,21 @@ import jax
 import numpy as np
 
 from kvzip_jax.config import ModelConfig
-from kvzip_jax.models.llava import check_placeholders, expand_placeholders
 from serving.costmodel import default_cost_model
-from serving.engine.contexts import ServedContext, copies_needed, share_for_request
+from serving.engine.admission import Admission
+from serving.engine.contexts import ServedContext
 from serving.engine.detokenize import Detokenizer
 from serving.engine.executor import DecodeRow, ExecutorShape, HostInputError, InstanceExecutor, PrefillRow
+from serving.engine.faults import FaultHandling
+from serving.engine.images import ImageStage
 from serving.engine.invariants import check_engine_invariants
-from serving.engine.pages import PagePool, SequenceKV
+from serving.engine.pages import PagePool
 from serving.engine.prefix_kv import PrefixKVCache
 from serving.engine.request import EngineRequest, ImageInput, Phase, RequestOutput
 from serving.engine.sampling import SamplingParams
 from serving.model import Group, InstState, Modality, Stage
 from serving.policies import make_policy
-from serving.prefix_cache import EmbeddingCache, block_keys
+from serving.prefix_cache import EmbeddingCache
 from serving.simulator import RoleView, check_switch
 
 log = logging.getLogger(__name__)
@@ -66,7 +73,6 @@ class InjectedFault(RuntimeError):
 
 
 RECENT = 100_000  # steps, latencies and decision times kept for calibration and statistics (bounded memory)
-MAX_RESTARTS = 2  # a request in this many failed steps is failed itself (it may be what breaks them)
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
@@ -198,7 +204,7 @@ class EngineStats:
     tpot: deque = dataclasses.field(default_factory=lambda: deque(maxlen=RECENT))  # seconds per token after the 1st
 
 
-class Engine(RoleView):
+class Engine(RoleView, Admission, ImageStage, FaultHandling):
     def __init__(self, config: ModelConfig, params, tokenizer=None, engine_config: EngineConfig = EngineConfig(),
                  *, devices: Sequence[jax.Device] | None = None, model_name: str = "model", image=None):
         """`image`: the model's image modality (`kvzip_jax.multimodal_lm.Modality`, e.g. a LLaVA checkpoint's
@@ -423,51 +429,6 @@ class Engine(RoleView):
                 return
         q = self.q[(r.group, Stage.PREFILL)]
         (q.appendleft if front else q.append)(r)
-
-    def _expand_images(self, prompt: list[int], images: tuple, context_id: str | None):
-        """The prompt with each image placeholder expanded to the encoder's tokens; the images with their token
-        count; where each image's tokens start."""
-        if not images:
-            if self.image is not None and self.image.token_id in prompt:
-                raise ValueError(f"the prompt holds image placeholder tokens (id {self.image.token_id}) but no "
-                                 "images were given")
-            return prompt, (), ()
-        if self.image is None:
-            raise ValueError("this model takes no images")
-        if context_id is not None:
-            raise ValueError("a request on a context takes no images (its question is text)")
-        if len(images) > self.engine_config.encode_images:
-            raise ValueError(f"{len(images)} images in one request; this engine takes at most "
-                             f"{self.engine_config.encode_images} (encode_images)")
-        m = self.image
-        for k, im in enumerate(images):
-            if not isinstance(im, ImageInput):
-                raise TypeError(f"image #{k + 1} is a {type(im).__name__}, not an ImageInput")
-            if tuple(im.pixel_values.shape) != tuple(m.input_shape):
-                raise ValueError(f"image #{k + 1} has pixels of shape {tuple(im.pixel_values.shape)}; this model "
-                                 f"takes {tuple(m.input_shape)}")
-        check_placeholders([prompt], m.token_id, [len(images)], "image")
-        starts = tuple(i + k * (m.tokens_per_item - 1)
-                       for k, i in enumerate(i for i, t in enumerate(prompt) if t == m.token_id))
-        images = tuple(dataclasses.replace(im, v_tokens=m.tokens_per_item) for im in images)
-        return expand_placeholders(prompt, m.token_id, m.tokens_per_item), images, starts
-
-    def _lookup_embeddings(self, r: EngineRequest, recheck: bool = False) -> None:
-        """Take what the embedding cache holds of the request's images (pinned until its prefill ends). A recheck
-        (another request may have brought the same image since) is not counted in the hit statistics again."""
-        cache = self.embedding_cache
-        for im in r.todo_images:
-            if recheck and im.hash in cache.pool:
-                cache.pool.acquire(im.hash)
-            elif recheck or not cache.lookup_acquire(im.hash):
-                continue
-            r.embeds[im.hash] = self.embedding_store[im.hash]
-            r.cache_holds.append(im.hash)
-
-    def _release_embeddings(self, r: EngineRequest) -> None:
-        for h in r.cache_holds:
-            self.embedding_cache.release(h)
-        r.cache_holds.clear()
 
     def cancel(self, rid: int) -> None:
         """Stop a request (its client went away); its pages are freed. Unknown or finished ids are ignored."""
@@ -738,115 +699,6 @@ class Engine(RoleView):
             return "decode", list(inst.running.values())[:self.engine_config.decode_rows]
         return None
 
-    def _fit_images(self, requests: list[EngineRequest]) -> list[EngineRequest]:
-        """The longest head of `requests` whose images fit one encode step (at least the first request)."""
-        out, n = [], 0
-        for r in requests:
-            k = len(r.todo_images)
-            if out and n + k > self.engine_config.encode_images:
-                break
-            out.append(r)
-            n += k
-        return out
-
-    def _take_encode(self, inst: EngineInstance, queue: deque) -> None:
-        """FCFS from an encode queue into this instance's encode step, while the images fit one step. A request
-        the embedding cache can now serve whole (another request brought the same image) goes on to prefill."""
-        n = 0
-        while queue:
-            r = queue[0]
-            self._lookup_embeddings(r, recheck=True)  # what it pins stays pinned until its prefill ends
-            if not r.todo_images:
-                queue.popleft()
-                self._enqueue_prefill(r)
-                continue
-            if inst.encoding and n + len(r.todo_images) > self.engine_config.encode_images:
-                return
-            queue.popleft()
-            n += len(r.todo_images)
-            r.phase = Phase.ENCODING
-            inst.encoding.append(r)
-
-    def _admit(self, inst: EngineInstance, queue: deque, whole: bool) -> None:
-        """FCFS: take queue heads while there are seats and pages (coupled: prompt + max_tokens; prefill: prompt)."""
-        ec = self.engine_config
-        while queue:
-            if len(inst.prefilling) >= ec.prefill_rows:
-                return
-            if whole and len(inst.prefilling) + len(inst.running) >= ec.decode_rows:
-                return
-            r = queue[0]
-            tokens = len(r.prefill_ids) + (r.sampling.max_tokens - r.produced if whole else 0)
-            if r.context is not None:
-                served = self.contexts.get(r.context)
-                if served is None:
-                    queue.popleft()
-                    self._finish(r, "error", f"context {r.context!r} was deleted before the request started")
-                    continue
-                kv = self._context_view(inst, r, served, queue, tokens)
-                if kv is None:
-                    return
-            else:
-                kv = self._prefix_view(inst, r)
-                hit = kv.next_position
-                if not self._make_room(inst, kv.pages_to_hold(tokens - hit, ec.page_size)):
-                    inst.pool.release(kv.owned())  # the shared blocks go back; it waits for pages
-                    return
-                queue.popleft()
-                tokens -= hit
-                r.prefilled = hit
-                if inst.prefix is not None:
-                    inst.prefix.record(hit, len(r.prompt))
-                    self.stats.prefix_hit_tokens += hit
-                    self.stats.prefix_query_tokens += len(r.prompt)
-            kv.grow(inst.pool, tokens, ec.page_size)
-            r.kv, r.owner, r.phase = kv, inst.iid, Phase.PREFILL
-            inst.prefilling.append(r)
-
-    def _block_keys(self, r: EngineRequest) -> list[int]:
-        """Hash-chain keys of the request's full prompt blocks (images' content hashes included)."""
-        if r.block_keys is None:
-            spans = [(im.hash, at, im.v_tokens) for im, at in zip(r.images, r.image_starts, strict=True)]
-            r.block_keys = block_keys(r.prompt, spans, self.engine_config.page_size)
-        return r.block_keys
-
-    def _prefix_view(self, inst: EngineInstance, r: EngineRequest) -> SequenceKV:
-        """A sequence starting with the cached blocks of the request's prompt (shared; at least its last token
-        is left to prefill, for the logits of its first output token), or an empty one."""
-        c = self.config
-        if inst.prefix is None:
-            return SequenceKV.empty(c.num_layers, c.num_kv_heads)
-        limit = (len(r.prefill_ids) - 1) // self.engine_config.page_size
-        blocks = inst.prefix.match(self._block_keys(r), limit)
-        return inst.prefix.view(blocks) if blocks else SequenceKV.empty(c.num_layers, c.num_kv_heads)
-
-    def _make_room(self, inst: EngineInstance, pages: int) -> bool:
-        """True when `pages` pages are free on the instance, after evicting prefix blocks nobody uses if needed."""
-        if pages > inst.kv_free and inst.prefix is not None:
-            inst.prefix.evict(pages - inst.kv_free)
-        return pages <= inst.kv_free
-
-    def _context_view(self, inst: EngineInstance, r: EngineRequest, served: ServedContext, queue: deque,
-                      tokens: int):
-        """The request's sequence over its context's pages in this instance's pool (popping it from `queue`), or
-        None while the context is still being loaded here or the pages are not free yet."""
-        page = self.engine_config.page_size
-        resident = served.resident.get(inst.iid)
-        if resident is None:
-            if inst.iid not in served.loading and self._make_room(inst, served.num_pages):
-                served.loading.add(inst.iid)
-                inst.context_loads.append((served, inst.pool.alloc(served.num_pages)))
-            return None
-        if not self._make_room(inst, copies_needed(resident, page) + resident.pages_to_hold(tokens, page)):
-            return None
-        queue.popleft()
-        kv, src, dst = share_for_request(resident, inst.pool, page)
-        r.copies = (src, dst) if len(src) else None
-        served.requests += 1
-        self.stats.context_requests += 1
-        self.stats.context_tokens_saved += served.context_tokens
-        return kv
-
     def _drop_cancelled(self, inst: EngineInstance) -> None:
         for r in [r for r in inst.prefilling if r.cancelled]:
             self._finish(r, "cancelled")
@@ -882,25 +734,6 @@ class Engine(RoleView):
                 r.phase = Phase.WAIT_DECODE
                 self.q[(r.group, Stage.DECODE)].append(r)
                 self._drain_decode_queue(r.group)
-
-    def _apply_encode(self, inst: EngineInstance, requests, embeddings: dict) -> None:
-        self.stats.images_encoded += len(embeddings)
-        for r in requests:
-            if r.phase == Phase.DONE:
-                continue
-            for im in r.todo_images:
-                r.embeds[im.hash] = embeddings[im.hash]
-                if self.embedding_cache.insert_acquired(im.hash, im.v_tokens):
-                    r.cache_holds.append(im.hash)
-                    self.embedding_store[im.hash] = embeddings[im.hash]
-            if r in inst.encoding:  # from an encode queue: on to its prefill queue
-                inst.encoding.remove(r)
-                if r.cancelled:
-                    self._finish(r, "cancelled")
-                else:
-                    self._enqueue_prefill(r)
-        for h in [h for h in self.embedding_store if h not in self.embedding_cache.pool]:
-            del self.embedding_store[h]  # evicted to make room
 
     def _apply_decode(self, inst: EngineInstance, rows, tokens) -> None:
         steps = self.engine_config.decode_steps
@@ -949,113 +782,6 @@ class Engine(RoleView):
             return
         r.phase = Phase.DECODE
         inst.running[r.rid] = r
-
-    # ---- faults ------------------------------------------------------------------------------------------------
-    def inject_fault(self, iid: int) -> None:
-        """Make instance `iid`'s next step fail, as a device error would (fault-tolerance tests)."""
-        with self.lock:
-            self.insts[iid].fault = True
-            self.lock.notify_all()
-
-    def _live(self, inst: EngineInstance) -> bool:
-        return inst.state != InstState.FAILED
-
-    def _instance_failed(self, inst: EngineInstance, kind: str, payload, error: str) -> None:
-        """A step failed: the instance leaves service for good (its pool, donated to the step, may be gone). Every
-        request it held starts over on the live instances: its prompt and the tokens it already produced are
-        prefilled again (the same next token as decode would give: greedy and seeded sampling alike). A request
-        in MAX_RESTARTS failed steps fails itself, with the error."""
-        inst.state = InstState.FAILED
-        inst.pending_target = None
-        if inst.prefix is not None:
-            inst.prefix.blocks.clear()  # its pool is abandoned with the device
-        in_step = {id(r) for r in self._step_requests(kind, payload)}
-        victims: list[EngineRequest] = []
-        for queue in [*self.q.values(), inst.local_queue]:
-            for r in [r for r in queue if r.owner == inst.iid or queue is inst.local_queue]:
-                queue.remove(r)
-                victims.append(r)
-        victims += inst.prefilling + inst.encoding + list(inst.running.values())
-        inst.prefilling.clear()
-        inst.encoding.clear()
-        inst.running.clear()
-        inst.local_queue.clear()
-        # migrations that involve it: in its outgoing / incoming queues, or the step that failed
-        moving = [m for m in inst.outgoing] + [m for m, _ in inst.incoming]
-        if kind in ("export", "import"):
-            moving.append(payload if kind == "export" else payload[0])
-        for other in self.insts:
-            if other is not inst:
-                moving += [m for m in other.outgoing if m.target is inst]
-                moving += [m for m, _ in other.incoming if m.source is inst]
-                other.outgoing = deque(m for m in other.outgoing if m.target is not inst)
-                other.incoming = deque((m, d) for m, d in other.incoming if m.source is not inst)
-        inst.outgoing.clear()
-        inst.incoming.clear()
-        for m in moving:
-            if m.target is not inst:  # the destination lives: give back what it reserved
-                m.target.pool.release(m.new_ids)
-                m.target.reserved -= m.growth
-                m.target.arriving -= 1
-            elif m.source is not inst and m.request.owner == m.source.iid:  # the source lives and still owns it
-                m.source.pool.release(m.request.kv.owned())
-            victims.append(m.request)
-        for served in self.contexts.values():
-            served.resident.pop(inst.iid, None)
-            served.loading.discard(inst.iid)
-        inst.context_loads.clear()
-        seen = set()
-        for r in sorted(victims, key=lambda r: r.rid):
-            if r.rid in seen or r.phase == Phase.DONE:
-                continue
-            seen.add(r.rid)
-            r.kv, r.owner, r.prefilled, r.copies = None, -1, 0, None
-            r.restarts += id(r) in in_step
-            if r.restarts >= MAX_RESTARTS:
-                self._finish(r, "error", f"{error} (the request was in {r.restarts} failed steps)")
-            else:
-                self._requeue(r)
-        self._fail_unservable(error)
-
-    @staticmethod
-    def _step_requests(kind: str, payload) -> list[EngineRequest]:
-        if kind == "prefill":
-            return [r for r, _ in payload]
-        if kind in ("decode", "encode"):
-            return list(payload)
-        if kind in ("export", "import"):
-            return [(payload if kind == "export" else payload[0]).request]
-        return []
-
-    def _requeue(self, r: EngineRequest) -> None:
-        if r.todo_images and not self.inline_encode:
-            r.phase = Phase.QUEUED
-            self.q[(r.group, Stage.ENCODE)].appendleft(r)
-            return
-        self._enqueue_prefill(r, front=True)
-
-    def _fail_unservable(self, error: str) -> None:
-        """Requests that no live instance can serve any more fail now, with the reason."""
-        live = [i for i in self.insts if self._live(i)]
-        if not live:
-            for q in [*self.q.values(), *(i.local_queue for i in self.insts)]:
-                q.clear()
-            for r in list(self.requests.values()):
-                self._finish(r, "error", f"no instance is left in service ({error})")
-            return
-        for (g, s), q in self.q.items():
-            if q and self._unservable(g, s):
-                for r in list(q):
-                    q.remove(r)
-                    self._finish(r, "error", f"no live {g.name}/{s.name} instance is left ({error})")
-
-    def _unservable(self, g: Group, s: Stage) -> bool:
-        """No live instance has (or is switching to) this role, and the policy never re-assigns instances (a
-        ticking policy such as ElasticMM covers an empty stage at its next tick)."""
-        if getattr(self.policy, "tick_interval", None):
-            return False
-        return not any(self._live(i) and ((i.group, i.stage) == (g, s) or self.effective_role(i) == (g, s))
-                       for i in self.insts)
 
     # ---- prefill -> decode hand-off ------------------------------------------------------------------------
     def _pick_decode(self, group: Group, copy: int, growth: int) -> EngineInstance | None:
