@@ -54,12 +54,21 @@ def _private_kvzip_cache(tmp_path_factory):
         os.environ["KVZIP_JAX_CACHE"] = saved
 
 
+# The files that take longest (minutes of subprocesses and real-model loads), run first. pytest-xdist hands whole
+# files (`--dist loadfile`) to its workers in collection order: with these at the end (where alphabetical order
+# puts test_readme.py and test_packaging.py), one worker ran them alone for minutes after the other had finished.
+LONGEST_FIRST = ("test_readme.py", "test_packaging.py", "test_gguf.py", "test_engine.py", "test_kvzip_evaluate.py",
+                 "test_real_demo.py", "test_engine_images.py", "test_moka_train.py", "test_api.py")
+
+
 def pytest_collection_modifyitems(config, items):
     backend = jax.default_backend()
     for item in items:
         for marker in ("gpu", "tpu"):
             if marker in item.keywords and backend != marker:
                 item.add_marker(pytest.mark.skip(reason=f"needs a {marker.upper()} (default backend is {backend})"))
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
 def _hf_classes(name: str):
