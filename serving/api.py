@@ -298,10 +298,10 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_body_bytes:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
+        images = []
         if body.context_id is not None:
             prompt_ids = context_question(body.context_id, _question(body.messages), "messages")
-        images = []
-        if body.context_id is None:
+        else:
             prompt_ids, urls = _chat_prompt(engine, body.messages, image_text)
             if urls:  # decoding and preprocessing run in the thread pool: the event loop keeps serving
                 images = await run_in_threadpool(image_inputs, engine.image, urls)
