@@ -49,6 +49,7 @@ class _RefLRU:
         self.size = {}  # key -> size
         self.ref = {}  # key -> refcount
         self.lru: OrderedDict = OrderedDict()  # refcount-0 keys, oldest first
+        self.on_evict = None  # called with each evicted key (an owner of the entries' values drops them)
         self.used = 0
         self.evictions = 0
 
@@ -110,6 +111,8 @@ class _RefLRU:
             self.used -= self.size.pop(old)
             del self.ref[old]
             self.evictions += 1
+            if self.on_evict is not None:
+                self.on_evict(old)
         return self.used + size <= self.capacity
 
     def check(self):

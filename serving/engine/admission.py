@@ -48,7 +48,6 @@ class Admission:
                 tokens -= hit
                 r.prefilled = hit
                 if inst.prefix is not None:
-                    inst.prefix.record(hit, len(r.prompt))
                     self.stats.prefix_hit_tokens += hit
                     self.stats.prefix_query_tokens += len(r.prompt)
             kv.grow(inst.pool, tokens, ec.page_size)

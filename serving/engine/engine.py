@@ -247,6 +247,7 @@ class Engine(RoleView, Admission, ImageStage, FaultHandling):
         self.inline_encode = getattr(self.policy, "inline_encode", True)
         self.embedding_cache = EmbeddingCache(ec.embedding_cache_tokens)
         self.embedding_store: dict[str, np.ndarray] = {}  # the arrays of the cache's entries
+        self.embedding_cache.pool.on_evict = self.embedding_store.pop
         self.q = {(g, s): deque() for g in Group for s in Stage}
         self.requests: dict[int, EngineRequest] = {}
         self.contexts: dict[str, ServedContext] = {}

@@ -149,11 +149,6 @@ class InstanceExecutor:
         self.pool = jax.device_put((jnp.zeros(kv, dtype), jnp.zeros(kv, dtype), jnp.zeros(pages, jnp.int32)), device)
 
     @property
-    def image_input_shape(self) -> tuple[int, ...]:
-        """One preprocessed image's shape, e.g. (3, 336, 336)."""
-        return tuple(self.image.input_shape)
-
-    @property
     def kv_bytes_per_page(self) -> int:
         return 2 * self.shape.page_size * self.config.head_dim * self.pool[0].dtype.itemsize
 
@@ -264,7 +259,7 @@ class InstanceExecutor:
                     self.prefill([PrefillRow(np.zeros(chunk, np.int32), empty, SamplingParams(), mm)])
         if self.image is not None:
             for n in s.encode_buckets():
-                self.encode(np.zeros((n, *self.image_input_shape), np.float32))
+                self.encode(np.zeros((n, *self.image.input_shape), np.float32))
         # migrations of every size a request can have (only the dummy page 0 is read and written)
         most = self.config.num_layers * self.config.num_kv_heads * s.max_table_width
         n = MIN_MOVE_PAGES

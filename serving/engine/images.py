@@ -108,5 +108,3 @@ class ImageStage:
                     self._finish(r, "cancelled")
                 else:
                     self._enqueue_prefill(r)
-        for h in [h for h in self.embedding_store if h not in self.embedding_cache.pool]:
-            del self.embedding_store[h]  # evicted to make room

@@ -26,8 +26,6 @@ class PrefixKVCache:
         self.pool = pool
         self.page_size = page_size
         self.blocks: OrderedDict[int, np.ndarray] = OrderedDict()  # key -> page ids [L, Hkv]; least recent first
-        self.hit_tokens = 0
-        self.query_tokens = 0
         self.evicted = 0  # blocks
 
     def __len__(self) -> int:
@@ -60,10 +58,6 @@ class PrefixKVCache:
         full = np.full((layers, heads), n, np.int32)
         return SequenceKV(table, full, full * self.page_size, n * self.page_size)
 
-    def record(self, hit_tokens: int, query_tokens: int) -> None:
-        self.hit_tokens += hit_tokens
-        self.query_tokens += query_tokens
-
     def insert(self, keys: list[int], kv: SequenceKV) -> int:
         """Keep the first len(keys) blocks of a prefilled sequence (those not kept already); returns how many
         are new. The sequence keeps its own references."""
@@ -76,9 +70,6 @@ class PrefixKVCache:
             self.blocks[key] = ids
             new += 1
         return new
-
-    def evictable_pages(self) -> int:
-        return sum(ids.size for ids in self.blocks.values() if np.all(self.pool.refs[ids] == 1))
 
     def evict(self, pages: int) -> int:
         """Free at least `pages` pages if it can, least recently used entries first, skipping entries a request
