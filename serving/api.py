@@ -87,7 +87,8 @@ class EngineCollector:
                                   value=s.context_requests)
         yield CounterMetricFamily("serving_context_tokens_saved", "context tokens those requests did not prefill",
                                   value=s.context_tokens_saved)
-        yield CounterMetricFamily("serving_images_encoded", "images run through the encoder", value=s.images_encoded)
+        yield CounterMetricFamily("serving_media_encoded", "images and sounds run through their encoders",
+                                  value=s.media_encoded)
         cache = snap["embedding_cache"]
         lookups = CounterMetricFamily("serving_embedding_cache_lookups", "image embedding cache lookups by result",
                                       labels=["result"])
@@ -189,8 +190,8 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_body_bytes:
     created = int(time.time())
     app.state.engine, app.state.registry = engine, registry
     image_text = None  # what an image part becomes in the chat template's text: the placeholder token
-    if engine.image is not None and engine.tokenizer is not None:
-        image_text = placeholder_text(engine.tokenizer, engine.image.token_id)
+    if "image" in engine.modalities and engine.tokenizer is not None:
+        image_text = placeholder_text(engine.tokenizer, engine.modalities["image"].token_id)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -216,7 +217,7 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_body_bytes:
 
     def submit(prompt_ids: list[int], sampling, outputs: _Outputs, context_id: str | None, images=()) -> int:
         try:
-            return engine.submit(prompt_ids, sampling, outputs.sink, context_id=context_id, images=images)
+            return engine.submit(prompt_ids, sampling, outputs.sink, context_id=context_id, media=images)
         except KeyError as e:
             raise RequestError(e.args[0], 404, "context_id") from e
         except QueueFull as e:
@@ -304,7 +305,7 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_body_bytes:
         else:
             prompt_ids, urls = _chat_prompt(engine, body.messages, image_text)
             if urls:  # decoding and preprocessing run in the thread pool: the event loop keeps serving
-                images = await run_in_threadpool(image_inputs, engine.image, urls)
+                images = await run_in_threadpool(image_inputs, engine.modalities["image"], urls)
         sampling = body.sampling(context_start(body.context_id) + len(prompt_ids), engine.max_model_len,
                                  body.max_completion_tokens)
         cid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

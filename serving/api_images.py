@@ -15,7 +15,7 @@ import warnings
 from PIL import Image, UnidentifiedImageError
 
 from serving.api_schema import RequestError
-from serving.engine import ImageInput
+from serving.engine import MediaInput
 
 MAX_IMAGE_PIXELS = 40_000_000  # a decoded image beyond this is refused (a decompression bomb otherwise)
 
@@ -58,13 +58,13 @@ def decode_data_uri(url: str, where: str) -> Image.Image:
     return image
 
 
-def image_inputs(modality, urls: list[tuple[str, str]]) -> list[ImageInput]:
+def image_inputs(modality, urls: list[tuple[str, str]]) -> list[MediaInput]:
     """(url, where in the request) of each image -> the engine's inputs, in order."""
     out = []
     for url, where in urls:
         picture = decode_data_uri(url, where)
         try:
-            out.append(ImageInput.from_item(modality, picture))
+            out.append(MediaInput.from_item(modality, picture))
         except ValueError as e:
             raise RequestError(f"{where}: {e}", param="messages") from e
     return out

@@ -99,18 +99,19 @@ def _serve(args) -> None:
     )
     enable_compilation_cache()
     dtype = None if args.dtype == "float32" else args.dtype
-    image = None
+    modalities = None
     if llava_config is not None:  # a LLaVA checkpoint: the text model serves with its image encoder
         from kvzip_jax.multimodal_lm import MultimodalLM
 
         mm = MultimodalLM.from_pretrained(args.model, dtype=dtype)
-        model, image = LanguageModel(mm.config, mm.params, mm.tokenizer), mm.modalities["image"]
+        model, modalities = LanguageModel(mm.config, mm.params, mm.tokenizer), mm.modalities
     else:
         model = LanguageModel.from_pretrained(args.model, dtype=dtype)
     name = args.name or os.path.basename(os.path.normpath(os.fspath(args.model))).removesuffix(".gguf")
     print(f"serving-jax: loading {name} onto {args.devices} instance(s) ({args.policy}) and compiling ...",
           file=sys.stderr)
-    engine = Engine(model.config, model.params, model.tokenizer, engine_config, model_name=name, image=image)
+    engine = Engine(model.config, model.params, model.tokenizer, engine_config, model_name=name,
+                    modalities=modalities)
     try:
         contexts = None
         if model.tokenizer is not None:

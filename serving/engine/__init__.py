@@ -1,7 +1,7 @@
 """The ElasticMM serving engine on JAX: instances on device subsets, driven by the `serving` policies."""
 
 from serving.engine.engine import Engine, EngineConfig, EngineError, QueueFull
-from serving.engine.request import ImageInput, RequestOutput
+from serving.engine.request import MediaInput, RequestOutput
 from serving.engine.sampling import SamplingParams
 
-__all__ = ["Engine", "EngineConfig", "EngineError", "ImageInput", "QueueFull", "RequestOutput", "SamplingParams"]
+__all__ = ["Engine", "EngineConfig", "EngineError", "MediaInput", "QueueFull", "RequestOutput", "SamplingParams"]

@@ -57,7 +57,7 @@ class Admission:
     def _block_keys(self, r: EngineRequest) -> list[int]:
         """Hash-chain keys of the request's full prompt blocks (images' content hashes included)."""
         if r.block_keys is None:
-            spans = [(im.hash, at, im.v_tokens) for im, at in zip(r.images, r.image_starts, strict=True)]
+            spans = [(im.hash, at, im.v_tokens) for im, at in zip(r.media, r.media_starts, strict=True)]
             r.block_keys = block_keys(r.prompt, spans, self.engine_config.page_size)
         return r.block_keys
 

@@ -9,15 +9,17 @@ its instance. The engine carries the decisions out on real devices:
   the pages, `jax.device_put` moves them to the destination's device, the destination scatters them into pages it
   reserved; only after that insert completes does the request change owner and the source free its pages;
 - decode instances run continuous batching, `decode_steps` tokens per dispatch;
-- images (a model with an image encoder): the embedding cache (content hash -> embeddings, pinned while a request
-  needs them, LRU among the rest) answers what it can; the rest are encoded on an encode instance of the group
-  (non-blocking policies: static_epd, elasticmm), or by the prefill / coupled instance just before it prefills the
-  request (blocking policies, as the simulator's `inline_encode`). Prefill splices the embeddings in where the
-  image placeholders sit.
+- images and sounds (a model with encoders): the embedding cache (content hash -> embeddings, pinned while a
+  request needs them, LRU among the rest) answers what it can; the rest are encoded on an encode instance of the
+  group (non-blocking policies: static_epd, elasticmm), or by the prefill / coupled instance just before it
+  prefills the request (blocking policies, as the simulator's `inline_encode`). Prefill splices the embeddings in
+  where the placeholders sit.
+- MokA adapters (`moka.py`): requests with images or sounds are prefilled in one step through the adapted
+  forward; decode runs on the text path folded into the base weights.
 - a prefix cache per prefill / coupled instance shares the KV of full prompt blocks with later prompts that
   start the same way.
 
-The engine's parts: admission (`admission.py`), the image stage (`images.py`), faults (`faults.py`), the prefix
+The engine's parts: admission (`admission.py`), the image and sound stage (`media.py`), faults (`faults.py`), the prefix
 cache (`prefix_kv.py`), the device side of an instance (`executor.py`), pages (`pages.py`).
 
 State lives on the host under one lock (a `threading.Condition`); device work runs outside it, so the instances'
@@ -34,7 +36,8 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -46,11 +49,12 @@ from serving.engine.contexts import ServedContext
 from serving.engine.detokenize import Detokenizer
 from serving.engine.executor import DecodeRow, ExecutorShape, HostInputError, InstanceExecutor, PrefillRow
 from serving.engine.faults import FaultHandling
-from serving.engine.images import ImageStage
 from serving.engine.invariants import check_engine_invariants
+from serving.engine.media import MediaStage
+from serving.engine.moka import MokAServing
 from serving.engine.pages import PagePool
 from serving.engine.prefix_kv import PrefixKVCache
-from serving.engine.request import EngineRequest, ImageInput, Phase, RequestOutput
+from serving.engine.request import EngineRequest, MediaInput, Phase, RequestOutput
 from serving.engine.sampling import SamplingParams
 from serving.model import Group, InstState, Modality, Stage
 from serving.policies import make_policy
@@ -87,7 +91,7 @@ class EngineConfig:
     prefill_chunk: int = 128
     max_model_len: int | None = None  # prompt + max_tokens; default: the model's max_position_embeddings
     max_waiting: int = 256  # queued requests beyond which submit answers QueueFull
-    encode_images: int = 4  # images per encode step, and the most one request may carry
+    encode_items: int = 4  # images and sounds per encode step, and the most one request may carry
     embedding_cache_tokens: int = 16384  # encoder output tokens the embedding cache keeps (0: no cache)
     prefix_cache: bool = True  # prefill / coupled instances keep full prompt blocks for later prompts to share
     warmup: bool = True  # compile every shape bucket at start-up
@@ -95,7 +99,7 @@ class EngineConfig:
 
     def __post_init__(self):
         for name in ("num_instances", "page_size", "decode_rows", "decode_steps", "prefill_rows", "prefill_chunk",
-                     "encode_images"):
+                     "encode_items"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -196,7 +200,7 @@ class EngineStats:
     migrated_pages: int = 0
     context_requests: int = 0  # requests that started from a served context
     context_tokens_saved: int = 0  # context tokens those requests did not prefill
-    images_encoded: int = 0
+    media_encoded: int = 0
     prefix_hit_tokens: int = 0  # prompt tokens found in a prefix cache (not prefilled again)
     prefix_query_tokens: int = 0  # prompt tokens of the requests that looked
     # the most recent finished requests only: a server runs for days (the API's histograms keep the whole history)
@@ -204,17 +208,25 @@ class EngineStats:
     tpot: deque = dataclasses.field(default_factory=lambda: deque(maxlen=RECENT))  # seconds per token after the 1st
 
 
-class Engine(RoleView, Admission, ImageStage, FaultHandling):
+class Engine(RoleView, Admission, MediaStage, FaultHandling):
     def __init__(self, config: ModelConfig, params, tokenizer=None, engine_config: EngineConfig = EngineConfig(),
-                 *, devices: Sequence[jax.Device] | None = None, model_name: str = "model", image=None):
-        """`image`: the model's image modality (`kvzip_jax.multimodal_lm.Modality`, e.g. a LLaVA checkpoint's
-        `MultimodalLM.modalities["image"]`); without it the engine serves text only."""
+                 *, devices: Sequence[jax.Device] | None = None, model_name: str = "model",
+                 modalities: Mapping[str, Any] | None = None, moka: MokAServing | None = None):
+        """`modalities`: the model's non-text inputs (name -> `kvzip_jax.multimodal_lm.Modality`, e.g. a LLaVA
+        checkpoint's `MultimodalLM.modalities`); without them the engine serves text only. `moka`: the MokA-adapted
+        decoder that prefills requests with images or sounds (`params` are then its text path folded into the base
+        weights, `MokAServing.text_params`)."""
         ec = engine_config
         self.config, self.tokenizer, self.engine_config, self.model_name = config, tokenizer, ec, model_name
-        if image is not None and (image.name != "image" or not 0 <= image.token_id < config.vocab_size):
-            raise ValueError(f"image: a {image.name!r} modality with placeholder id {image.token_id}; the engine takes "
-                             f"an image modality whose placeholder is in the vocabulary [0, {config.vocab_size})")
-        self.image = image
+        self.modalities = dict(modalities or {})
+        for name, m in self.modalities.items():
+            if name != m.name or not 0 <= m.token_id < config.vocab_size:
+                raise ValueError(f"modalities[{name!r}]: a {m.name!r} modality with placeholder id {m.token_id}; "
+                                 f"the engine takes modalities under their own name whose placeholders are in the "
+                                 f"vocabulary [0, {config.vocab_size})")
+        if moka is not None and not self.modalities:
+            raise ValueError("moka: MokA adapts the tokens of images and sounds; give the model's modalities too")
+        self.moka = moka
         devices = list(jax.devices() if devices is None else devices)
         if ec.num_instances > len(devices):
             raise ValueError(f"num_instances = {ec.num_instances} needs that many devices; {len(devices)} exist "
@@ -235,11 +247,11 @@ class Engine(RoleView, Admission, ImageStage, FaultHandling):
         self.shape = ExecutorShape(
             num_pages=ec.pages_per_instance, page_size=ec.page_size, decode_rows=ec.decode_rows,
             decode_steps=ec.decode_steps, prefill_rows=ec.prefill_rows, prefill_chunk=ec.prefill_chunk,
-            max_table_width=width, encode_images=ec.encode_images if image is not None else 0,
+            max_table_width=width, encode_items=ec.encode_items if self.modalities else 0,
         )
         self.insts = [
             EngineInstance(iid=i, group=g, stage=s, pool=PagePool(ec.pages_per_instance),
-                           executor=InstanceExecutor(config, params, devices[i], self.shape, image=image))
+                           executor=InstanceExecutor(config, params, devices[i], self.shape, self.modalities, moka))
             for i, (g, s) in enumerate(layout)
         ]
         for inst in self.insts:
@@ -362,19 +374,21 @@ class Engine(RoleView, Admission, ImageStage, FaultHandling):
 
     # ---- the client surface ---------------------------------------------------------------------------------
     def submit(self, prompt: Sequence[int], sampling: SamplingParams, sink: Callable[[RequestOutput], None],
-               context_id: str | None = None, images: Sequence[ImageInput] = ()) -> int:
+               context_id: str | None = None, media: Sequence[MediaInput] = (), modality_ids=None,
+               key_mask=None) -> int:
         """Queue a request; `sink` receives its outputs (from a worker thread). Returns its id. With `context_id`
-        (a served KVzip context) the prompt is what follows the context: the question turn. With `images` the
-        prompt holds one image placeholder token per image, in order; the engine expands each to the encoder's
-        tokens (the usage's prompt_tokens count the expanded prompt, as the model sees it)."""
+        (a served KVzip context) the prompt is what follows the context: the question turn. With `media` (images
+        and sounds) the prompt holds one placeholder token per item, in order; the engine expands each to the
+        encoder's tokens (the usage's prompt_tokens count the expanded prompt, as the model sees it). Or the prompt
+        comes expanded with its `modality_ids` (`kvzip_jax.models.llava.MODALITY_IDS`, TEXT elsewhere). MokA:
+        `key_mask` marks the question tokens the items' tokens attend to (default none)."""
         prompt = [int(t) for t in prompt]
         if not prompt:
             raise ValueError("the prompt is empty (0 tokens)")
         bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
-        images = tuple(images)
-        prompt, images, starts = self._expand_images(prompt, images, context_id)
+        prompt, media, starts, key_mask = self._expand_media(prompt, tuple(media), context_id, modality_ids, key_mask)
         start = 0
         if context_id is not None:
             with self.lock:
@@ -403,14 +417,15 @@ class Engine(RoleView, Admission, ImageStage, FaultHandling):
                 raise QueueFull(f"{waiting} requests are waiting (the limit is {self.engine_config.max_waiting})")
             r = EngineRequest(rid=next(self._ids), prompt=prompt, sampling=sampling, sink=sink,
                               stop_ids=frozenset(stops), detok=detok, t_arrival=self.now, context=context_id,
-                              images=images, image_starts=starts, modality=Modality.MM if images else Modality.TEXT)
+                              media=media, media_starts=starts, key_mask=key_mask,
+                              modality=Modality.MM if media else Modality.TEXT)
             r.group = self.policy.route(r)
             if not any(self._live(i) for i in self.insts):
                 raise EngineError("no instance is left in service")
             self.requests[r.rid] = r
             self.stats.submitted += 1
             self._lookup_embeddings(r)
-            if r.todo_images and not self.inline_encode:
+            if r.todo_media and not self.inline_encode:
                 self.q[(r.group, Stage.ENCODE)].append(r)
             else:
                 self._enqueue_prefill(r)
@@ -482,9 +497,9 @@ class Engine(RoleView, Admission, ImageStage, FaultHandling):
             self.lock.notify_all()
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, timeout: float = 300.0,
-                 images: Sequence[Sequence[ImageInput]] | None = None):
-        """Blocking helper: every prompt's generated token ids (stop token included), in order. `images[b]` lists
-        prompt b's images (one placeholder token each in the prompt)."""
+                 media: Sequence[Sequence[MediaInput]] | None = None, modality_ids=None, key_mask=None):
+        """Blocking helper: every prompt's generated token ids (stop token included), in order. `media[b]`,
+        `modality_ids[b]`, `key_mask[b]`: prompt b's, as `submit` takes them."""
         done = threading.Event()
         results: dict[int, RequestOutput] = {}
         tokens: dict[int, list[int]] = {}
@@ -498,7 +513,9 @@ class Engine(RoleView, Admission, ImageStage, FaultHandling):
                     done.set()
 
         for b, p in enumerate(prompts):
-            order.append(self.submit(p, sampling, sink, images=images[b] if images is not None else ()))
+            order.append(self.submit(p, sampling, sink, media=media[b] if media is not None else (),
+                                     modality_ids=None if modality_ids is None else modality_ids[b],
+                                     key_mask=None if key_mask is None else key_mask[b]))
         if not done.wait(timeout):
             raise TimeoutError(f"{len(prompts) - len(results)} of {len(prompts)} requests unfinished after {timeout}s")
         errors = [results[i].error for i in order if results[i].finish_reason == "error"]
@@ -621,7 +638,7 @@ class Engine(RoleView, Admission, ImageStage, FaultHandling):
             # one token step of the dispatch, at its middle context (each step adds one pair per row)
             self.timings.append((kind, (len(payload), ctx + len(payload) * (steps - 1) / 2), took / steps))
         elif kind == "encode":
-            tokens = [im.v_tokens for im in {im.hash: im for r in payload for im in r.todo_images}.values()]
+            tokens = [im.v_tokens for im in {im.hash: im for r in payload for im in r.todo_media}.values()]
             self.timings.append((kind, (sum(tokens), sum(t * t for t in tokens)), took))
         elif kind in ("export", "import"):
             m = payload if kind == "export" else payload[0]
@@ -638,13 +655,14 @@ class Engine(RoleView, Admission, ImageStage, FaultHandling):
                     ex.copy_pages(*r.copies)
             hidden = self.config.hidden_size
             return ex.prefill([PrefillRow(np.asarray(chunk, np.int32), r.kv, r.sampling,
-                                          r.chunk_embeddings(r.prefilled, len(chunk), hidden) if r.images else None)
+                                          r.chunk_embeddings(r.prefilled, len(chunk), hidden) if r.media else None,
+                                          # the adapted step: the one chunk that holds the whole prompt
+                                          r.chunk_moka(0, len(chunk)) if r.moka and r.prefilled == 0 else None)
                                for r, chunk in payload])
         if kind == "decode":
             return ex.decode([DecodeRow(r.output[-1], r.kv, r.sampling) for r in payload])
         if kind == "encode":
-            todo = {im.hash: im for r in payload for im in r.todo_images}
-            return dict(zip(todo, ex.encode(np.stack([im.pixel_values for im in todo.values()])), strict=True))
+            return ex.encode(list({im.hash: im for r in payload for im in r.todo_media}.values()))
         if kind == "export":
             return ex.export_pages(payload.old_ids, payload.target.executor.device)
         if kind == "import":
@@ -687,9 +705,9 @@ class Engine(RoleView, Admission, ImageStage, FaultHandling):
         if inst.encoding:
             return "encode", list(inst.encoding)
         for r in inst.prefilling:
-            if r.todo_images:  # another instance may have encoded the same image since it was admitted
+            if r.todo_media:  # another instance may have encoded the same image since it was admitted
                 self._lookup_embeddings(r, recheck=True)
-        inline = self._fit_images([r for r in inst.prefilling if r.todo_images])
+        inline = self._fit_media([r for r in inst.prefilling if r.todo_media])
         if inline:  # a blocking policy: the instance that prefills a request encodes its images first
             return "encode", inline
         if inst.prefilling:

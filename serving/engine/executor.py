@@ -18,6 +18,9 @@ import numpy as np
 from kvzip_jax.cache import PagedKVCache
 from kvzip_jax.config import ModelConfig
 from kvzip_jax.models.decoder import embed, forward
+from kvzip_jax.models.llava import PAD, TEXT
+from moka_jax.context import make_context
+from moka_jax.model import forward as moka_forward
 from serving.engine.pages import SequenceKV
 from serving.engine.sampling import RowSampling, SamplingParams, sample_rows
 
@@ -42,10 +45,10 @@ class ExecutorShape:
     max_table_width: int  # pages per head sequence: ceil(max sequence length / page_size)
     min_table_width: int = 8
     min_prefill_width: int = 16
-    encode_images: int = 0  # images per encode step (0: the model takes no images)
+    encode_items: int = 0  # images and sounds per encode step (0: the model takes neither)
 
     def encode_buckets(self) -> list[int]:
-        return sorted({pow2_at_least(n, 1) for n in range(1, self.encode_images + 1)})
+        return sorted({pow2_at_least(n, 1) for n in range(1, self.encode_items + 1)})
 
     def table_buckets(self) -> list[int]:
         out, w = [], pow2_at_least(1, self.min_table_width)
@@ -73,11 +76,28 @@ def _prefill_step(params, pool, tokens, positions, n_valid, table, num_pages, le
     k_pages, v_pages, pos_pages = pool
     cache = PagedKVCache(k_pages, v_pages, pos_pages, table, num_pages, lengths, positions[:, 0])
     inputs = tokens
-    if mm is not None:  # (embeddings [B, T, H], mask [B, T]): encoder outputs where the image placeholders sit
-        text = embed(params, tokens, config=config)
-        inputs = jnp.where(mm[1][..., None], mm[0].astype(text.dtype), text)
+    if mm is not None:
+        inputs = _splice(params, tokens, mm, config)
     logits, cache = forward(params, inputs, positions, cache, config=config, n_valid=n_valid, logits_at="last")
     # the first generated token sits right after the last prompt token
+    first = sample_rows(logits, sampling, positions[:, 0] + n_valid)
+    return (cache.k_pages, cache.v_pages, cache.pos_pages), first
+
+
+def _splice(params, tokens, mm, config):
+    """(embeddings [B, T, H], mask [B, T]): encoder outputs where the placeholders sit, token embeddings elsewhere."""
+    text = embed(params, tokens, config=config)
+    return jnp.where(mm[1][..., None], mm[0].astype(text.dtype), text)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "moka"), donate_argnums=(2,))
+def _moka_prefill_step(params, adapted, pool, tokens, positions, n_valid, table, num_pages, lengths, sampling, mm,
+                       context, *, config, moka):
+    """`_prefill_step` through the MokA-adapted decoder (`adapted`): per-token modality slots and the question keys
+    in `context` (a `moka_jax.context.MokAContext` over this step's [B, T])."""
+    cache = PagedKVCache(*pool, table, num_pages, lengths, positions[:, 0])
+    logits, cache = moka_forward(adapted, _splice(params, tokens, mm, config), positions, cache, config=config,
+                                 moka=moka, context=context, n_valid=n_valid, logits_at="last")
     first = sample_rows(logits, sampling, positions[:, 0] + n_valid)
     return (cache.k_pages, cache.v_pages, cache.pos_pages), first
 
@@ -106,6 +126,13 @@ def _scatter_pages(pool, ids, data):
     return tuple(x.at[ids].set(d) for x, d in zip(pool, data, strict=True))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Blank:  # an item of the warm-up's encode steps (the fields of a MediaInput that `encode` reads)
+    hash: str
+    values: np.ndarray
+    modality: str
+
+
 class HostInputError(ValueError):
     """A step's inputs could not be built on the host (a request's values do not fit): nothing reached the device,
     so the instance is fine; only that step's requests fail."""
@@ -124,7 +151,8 @@ class PrefillRow:
     tokens: np.ndarray  # this step's chunk of the prompt
     kv: SequenceKV  # pages already hold room for the chunk
     sampling: SamplingParams
-    mm: tuple[np.ndarray, np.ndarray] | None = None  # (embeddings [chunk, H], mask [chunk]) where images sit
+    mm: tuple[np.ndarray, np.ndarray] | None = None  # (embeddings [chunk, H], mask [chunk]) where items sit
+    moka: tuple[np.ndarray, np.ndarray] | None = None  # MokA: (modality ids [chunk], question-key mask [chunk])
 
 
 @dataclasses.dataclass
@@ -135,15 +163,18 @@ class DecodeRow:
 
 
 class InstanceExecutor:
-    def __init__(self, config: ModelConfig, params, device: jax.Device, shape: ExecutorShape, dtype=jnp.float32,
-                 image=None):
-        """`image`: a `kvzip_jax.multimodal_lm.Modality` whose encoder this instance runs (its own copy)."""
+    def __init__(self, config: ModelConfig, params, device: jax.Device, shape: ExecutorShape, modalities=None,
+                 moka=None, dtype=jnp.float32):
+        """`modalities`: name -> `kvzip_jax.multimodal_lm.Modality` whose encoders this instance runs (its own
+        copies); `moka`: a `serving.engine.moka.MokAServing` whose adapted decoder prefills requests with items."""
         self.config = config
         self.device = device
         self.shape = shape
         self.params = jax.device_put(params, device)
-        self.image = image
-        self.image_params = None if image is None else jax.device_put(image.params, device)
+        self.modalities = dict(modalities or {})
+        self.encoder_params = {name: jax.device_put(m.params, device) for name, m in self.modalities.items()}
+        self.moka = moka
+        self.moka_params = None if moka is None else jax.device_put(moka.params, device)
         pages = (shape.num_pages, shape.page_size)
         kv = (*pages, config.head_dim)
         self.pool = jax.device_put((jnp.zeros(kv, dtype), jnp.zeros(kv, dtype), jnp.zeros(pages, jnp.int32)), device)
@@ -169,8 +200,21 @@ class InstanceExecutor:
         meaningful for rows whose chunk ends the prompt)."""
         with host_inputs():
             args = self._prefill_inputs(rows)
-        self.pool, first = _prefill_step(self.params, self.pool, *args, config=self.config)
+            context = self._moka_context(rows, args[0].shape) if any(r.moka is not None for r in rows) else None
+        if context is not None:
+            self.pool, first = _moka_prefill_step(self.params, self.moka_params, self.pool, *args, context,
+                                                  config=self.config, moka=self.moka.moka)
+        else:
+            self.pool, first = _prefill_step(self.params, self.pool, *args, config=self.config)
         return np.asarray(first)[:len(rows)]
+
+    def _moka_context(self, rows: list[PrefillRow], shape: tuple[int, int]):
+        ids, keys = np.full(shape, PAD, np.int8), np.zeros(shape, bool)
+        for i, r in enumerate(rows):
+            ids[i, :len(r.tokens)] = TEXT  # a text row in an adapted step: every token takes the text path
+            if r.moka is not None:
+                ids[i, :len(r.tokens)], keys[i, :len(r.tokens)] = r.moka
+        return make_context(self.moka.moka, ids, keys, max_keys=self.moka.max_keys)
 
     def _prefill_inputs(self, rows: list[PrefillRow]):
         n, width = self.shape.prefill_rows, self.shape.prefill_width(max(len(r.tokens) for r in rows))
@@ -191,15 +235,21 @@ class InstanceExecutor:
                     mm[0][i, :len(r.tokens)], mm[1][i, :len(r.tokens)] = r.mm
         return tokens, positions, n_valid, table, num_pages, lengths, sampling, mm
 
-    def encode(self, pixel_values: np.ndarray) -> np.ndarray:
-        """Encoder embeddings [N, tokens per image, H] of N preprocessed images, in one step padded to a bucket."""
-        n = len(pixel_values)
-        with host_inputs():
-            bucket = next(b for b in self.shape.encode_buckets() if b >= n)
-            batch = np.zeros((bucket, *pixel_values.shape[1:]), np.float32)
-            batch[:n] = pixel_values
-        out = self.image.encode_fn(self.image_params, jax.device_put(batch, self.device))
-        return np.asarray(out)[:n]
+    def encode(self, items) -> dict[str, np.ndarray]:
+        """Encoder embeddings [tokens per item, H] of each item (`MediaInput`s), by content hash: one encoder call
+        per modality, its batch padded to a bucket."""
+        out = {}
+        for name, m in self.modalities.items():
+            mine = [it for it in items if it.modality == name]
+            if not mine:
+                continue
+            with host_inputs():
+                bucket = next(b for b in self.shape.encode_buckets() if b >= len(mine))
+                batch = np.zeros((bucket, *m.input_shape), np.float32)
+                batch[:len(mine)] = np.stack([it.values for it in mine])
+            embeds = np.asarray(m.encode_fn(self.encoder_params[name], jax.device_put(batch, self.device)))
+            out.update((it.hash, e) for it, e in zip(mine, embeds, strict=False))
+        return out
 
     def decode(self, rows: list[DecodeRow]) -> np.ndarray:
         """`decode_steps` tokens per row [len(rows), steps]; each row's input is its last token."""
@@ -254,12 +304,15 @@ class InstanceExecutor:
             self.decode([DecodeRow(0, empty, SamplingParams())])
             for chunk in s.prefill_buckets():
                 self.prefill([PrefillRow(np.zeros(chunk, np.int32), empty, SamplingParams())])
-                if self.image is not None:
+                if self.modalities:
                     mm = (np.zeros((chunk, c.hidden_size), np.float32), np.zeros(chunk, bool))
                     self.prefill([PrefillRow(np.zeros(chunk, np.int32), empty, SamplingParams(), mm)])
-        if self.image is not None:
+                if self.moka is not None:
+                    moka = (np.full(chunk, TEXT, np.int8), np.zeros(chunk, bool))
+                    self.prefill([PrefillRow(np.zeros(chunk, np.int32), empty, SamplingParams(), mm, moka)])
+        for name, m in self.modalities.items():
             for n in s.encode_buckets():
-                self.encode(np.zeros((n, *self.image.input_shape), np.float32))
+                self.encode([_Blank(f"{name}{k}", np.zeros(m.input_shape, np.float32), name) for k in range(n)])
         # migrations of every size a request can have (only the dummy page 0 is read and written)
         most = self.config.num_layers * self.config.num_kv_heads * s.max_table_width
         n = MIN_MOVE_PAGES

@@ -96,7 +96,7 @@ class FaultHandling:
         return []
 
     def _requeue(self, r: EngineRequest) -> None:
-        if r.todo_images and not self.inline_encode:
+        if r.todo_media and not self.inline_encode:
             r.phase = Phase.QUEUED
             self.q[(r.group, Stage.ENCODE)].appendleft(r)
             return

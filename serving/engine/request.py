@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from kvzip_jax.models.llava import MODALITY_IDS
 from kvzip_jax.preprocess.hashing import content_hash
 from serving.engine.detokenize import Detokenizer
 from serving.engine.pages import SequenceKV
@@ -22,24 +23,25 @@ class Phase(enum.IntEnum):
     MIGRATING = 3  # its KV is on its way to a decode instance
     DECODE = 4  # in a decode batch
     DONE = 5
-    ENCODING = 6  # its images are being encoded on an encode instance (or a prefill instance lent to encode)
+    ENCODING = 6  # its images / sounds are being encoded on an encode instance (or a prefill instance lent to encode)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class ImageInput:
-    """One image of a request: preprocessed pixels and their content hash (the embedding cache's key,
-    `kvzip_jax.preprocess.content_hash`). `v_tokens` is set by the engine: the encoder's tokens per image."""
+class MediaInput:
+    """One image or sound of a request: the encoder's preprocessed input and its content hash (the embedding cache's
+    key, `kvzip_jax.preprocess.content_hash`). `v_tokens` is set by the engine: the encoder's tokens per item."""
 
     hash: str
-    pixel_values: np.ndarray
+    values: np.ndarray
+    modality: str = "image"
     v_tokens: int = 0
 
     @classmethod
-    def from_item(cls, modality, item) -> ImageInput:
-        """An image as a user gives it (a picture, or preprocessed float pixels), through the model's image
-        processor (`kvzip_jax.multimodal_lm.Modality.prepare`), keyed by the content hash of the pixels."""
-        pixels = np.ascontiguousarray(modality.prepare(item), np.float32)
-        return cls(content_hash(pixels, {"modality": modality.name}), pixels)
+    def from_item(cls, modality, item) -> MediaInput:
+        """An item as a user gives it (a picture, a waveform, or a preprocessed float array), through the model's
+        processor (`kvzip_jax.multimodal_lm.Modality.prepare`), keyed by the content hash of what the encoder gets."""
+        values = np.ascontiguousarray(modality.prepare(item), np.float32)
+        return cls(content_hash(values, {"modality": modality.name}), values, modality.name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,9 +75,10 @@ class EngineRequest:
     cancelled: bool = False
     finish_reason: str | None = None
     migrations: int = 0
-    images: tuple[ImageInput, ...] = ()  # in prompt order (the policies read their v_tokens)
-    image_starts: tuple[int, ...] = ()  # where each image's placeholder run starts in the prompt
-    embeds: dict = dataclasses.field(default_factory=dict)  # image hash -> its embeddings [v_tokens, hidden]
+    media: tuple[MediaInput, ...] = ()  # its images and sounds, in prompt order
+    media_starts: tuple[int, ...] = ()  # where each item's placeholder run starts in the prompt
+    embeds: dict = dataclasses.field(default_factory=dict)  # content hash -> its embeddings [v_tokens, hidden]
+    key_mask: np.ndarray | None = None  # MokA: bool [len(prompt)], the question tokens non-text tokens attend to
     cache_holds: list = dataclasses.field(default_factory=list)  # embedding-cache entries it pins until prefilled
     block_keys: list | None = None  # hash-chain keys of its full prompt blocks (the prefix cache's), once computed
     context: str | None = None  # a served KVzip context it starts from (its prompt is then the question turn)
@@ -96,19 +99,28 @@ class EngineRequest:
         return self.prompt + self.output
 
     @property
-    def todo_images(self) -> list[ImageInput]:
-        """Its images whose embeddings it does not hold yet, each content once."""
-        seen: dict[str, ImageInput] = {}
-        for im in self.images:
+    def images(self) -> tuple[MediaInput, ...]:  # the policies' name: they plan with every item's v_tokens
+        return self.media
+
+    @property
+    def moka(self) -> bool:
+        """Prefilled through the MokA adapters: a request with images or sounds on a MokA engine."""
+        return self.key_mask is not None
+
+    @property
+    def todo_media(self) -> list[MediaInput]:
+        """Its items whose embeddings it does not hold yet, each content once."""
+        seen: dict[str, MediaInput] = {}
+        for im in self.media:
             if im.hash not in self.embeds:
                 seen.setdefault(im.hash, im)
         return list(seen.values())
 
     def chunk_embeddings(self, start: int, n: int, hidden: int) -> tuple[np.ndarray, np.ndarray] | None:
         """Input embeddings [n, hidden] and their mask [n] for prefill positions start..start+n-1 where the
-        image placeholders sit (the rest come from the token embedding table); None when no image is there."""
+        placeholders sit (the rest come from the token embedding table); None when no item is there."""
         embeds = mask = None
-        for im, at in zip(self.images, self.image_starts, strict=True):
+        for im, at in zip(self.media, self.media_starts, strict=True):
             lo, hi = max(start, at), min(start + n, at + im.v_tokens)
             if lo >= hi:
                 continue
@@ -117,6 +129,19 @@ class EngineRequest:
             embeds[lo - start:hi - start] = self.embeds[im.hash][lo - at:hi - at]
             mask[lo - start:hi - start] = True
         return None if embeds is None else (embeds, mask)
+
+    def chunk_moka(self, start: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """MokA's per-token inputs for prefill positions start..start+n-1: modality ids [n] (`MODALITY_IDS`; tokens
+        generated before a restart are text) and the question-key mask [n]."""
+        ids = np.full(n, MODALITY_IDS["text"], np.int8)
+        for im, at in zip(self.media, self.media_starts, strict=True):
+            lo, hi = max(start, at), min(start + n, at + im.v_tokens)
+            if lo < hi:
+                ids[lo - start:hi - start] = MODALITY_IDS[im.modality]
+        keys = np.zeros(n, bool)
+        mine = self.key_mask[start:start + n]
+        keys[:len(mine)] = mine
+        return ids, keys
 
     @property
     def input_len(self) -> int:  # the policies' name for the prompt length

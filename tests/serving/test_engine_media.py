@@ -23,7 +23,7 @@ from kvzip_jax.models.decoder import init_params
 from kvzip_jax.multimodal_lm import MultimodalLM, image_modality
 from kvzip_jax.preprocess import ImageProcessor
 from serving.api import create_app
-from serving.engine import Engine, EngineConfig, ImageInput, SamplingParams
+from serving.engine import Engine, EngineConfig, MediaInput, SamplingParams
 from serving.model import Group, Stage
 from serving.server import ServerThread
 
@@ -79,13 +79,13 @@ def reference(mm, cases):
 
 
 def inputs(mm, cases):
-    return [p for p, _ in cases], [[ImageInput.from_item(mm.modalities["image"], x) for x in imgs]
+    return [p for p, _ in cases], [[MediaInput.from_item(mm.modalities["image"], x) for x in imgs]
                                    for _, imgs in cases]
 
 
 def build(mm, **config) -> Engine:
     return Engine(mm.config, mm.params, mm.tokenizer, engine_config=EngineConfig(**config, **SHAPE),
-                  image=mm.modalities["image"], model_name="tiny-llava")
+                  modalities=mm.modalities, model_name="tiny-llava")
 
 
 @pytest.fixture(scope="module")
@@ -105,9 +105,9 @@ def test_greedy_answers_with_images_match_multimodal_generate(mm, coupled, cases
     with build(mm, **FIVE[name]) if name in FIVE else contextlib.nullcontext(coupled) as engine:
         if name in FIVE:
             assert engine.layout_counts()[(Group.MM, Stage.ENCODE)] == 1
-        before = engine.stats.images_encoded
-        assert engine.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS), images=images) == reference
-        assert engine.stats.images_encoded - before == 3  # 3 distinct images: the shared one is encoded once
+        before = engine.stats.media_encoded
+        assert engine.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS), media=images) == reference
+        assert engine.stats.media_encoded - before == 3  # 3 distinct images: the shared one is encoded once
         encoded = [t for t in engine.timings if t[0] == "encode"]
         assert encoded and all(f[0] % 16 == 0 for _, f, _ in encoded)
         if name in FIVE:
@@ -116,8 +116,8 @@ def test_greedy_answers_with_images_match_multimodal_generate(mm, coupled, cases
             assert name != "static_epd" or enc[0].steps >= 1
         # the same images again: every embedding comes from the cache, nothing is encoded
         hits = engine.embedding_cache.hits
-        assert engine.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS), images=images) == reference
-        assert engine.stats.images_encoded - before == 3 and engine.embedding_cache.hits - hits == 4
+        assert engine.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS), media=images) == reference
+        assert engine.stats.media_encoded - before == 3 and engine.embedding_cache.hits - hits == 4
         with engine.lock:
             assert engine.requests == {} and all(n == 0 for n in engine.embedding_cache.pool.ref.values())
             engine.check_invariants()
@@ -128,7 +128,7 @@ def test_a_cache_of_one_image_evicts_and_answers_the_same(mm, cases, reference):
     with build(mm, policy="static_epd", policy_options=(("split", (1, 1, 1, 1, 1)),), num_instances=5,
                embedding_cache_tokens=16) as engine:
         for k in (0, 3, 1):  # two images (only one fits: the other is used uncached), a new one, the first again
-            assert engine.generate([prompts[k]], SamplingParams(max_tokens=MAX_TOKENS), images=[images[k]]) \
+            assert engine.generate([prompts[k]], SamplingParams(max_tokens=MAX_TOKENS), media=[images[k]]) \
                 == [reference[k]]
         assert engine.embedding_cache.pool.evictions >= 1 and len(engine.embedding_store) <= 1
 
@@ -140,7 +140,7 @@ def test_a_failed_encode_step_restarts_its_request_elsewhere(mm, cases, referenc
         engine.inject_fault(1)
         with engine.lock:
             engine.insts[1].fault = False  # only instance 0 fails, at its first step: the encode of a request
-        out = engine.generate(prompts[:2], SamplingParams(max_tokens=MAX_TOKENS), images=images[:2])
+        out = engine.generate(prompts[:2], SamplingParams(max_tokens=MAX_TOKENS), media=images[:2])
         assert out == reference[:2]
         assert engine.insts[0].state.name == "FAILED" and engine.stats.errors == 0
 
@@ -149,21 +149,21 @@ def test_image_input_errors(mm, coupled, cases):
     prompts, images = inputs(mm, cases)
     sampling = SamplingParams(max_tokens=2)
     engine = coupled
-    with pytest.raises(ValueError, match="5 images in one request; this engine takes at most 4"):
-        engine.submit([IMAGE_ID] * 5, sampling, print, images=images[0] * 2 + images[1])
+    with pytest.raises(ValueError, match="5 images and sounds in one request; this engine takes at most 4"):
+        engine.submit([IMAGE_ID] * 5, sampling, print, media=images[0] * 2 + images[1])
     with pytest.raises(ValueError, match="placeholder"):
-        engine.submit(prompts[1] + [IMAGE_ID], sampling, print, images=images[1])
-    with pytest.raises(ValueError, match="no images were given"):
+        engine.submit(prompts[1] + [IMAGE_ID], sampling, print, media=images[1])
+    with pytest.raises(ValueError, match="no image was given"):
         engine.submit(prompts[1], sampling, print)
-    wrong = ImageInput("x", np.zeros((3, 16, 16), np.float32))
+    wrong = MediaInput("x", np.zeros((3, 16, 16), np.float32))
     with pytest.raises(ValueError, match=r"shape \(3, 16, 16\); this model takes \(3, 32, 32\)"):
-        engine.submit([IMAGE_ID], sampling, print, images=[wrong])
-    with pytest.raises(TypeError, match="not an ImageInput"):
-        engine.submit([IMAGE_ID], sampling, print, images=[np.zeros((3, 32, 32))])
+        engine.submit([IMAGE_ID], sampling, print, media=[wrong])
+    with pytest.raises(TypeError, match="not a MediaInput"):
+        engine.submit([IMAGE_ID], sampling, print, media=[np.zeros((3, 32, 32))])
     assert engine.requests == {}
     with Engine(mm.config, mm.params, engine_config=EngineConfig(**SHAPE)) as text_only:
-        with pytest.raises(ValueError, match="this model takes no images"):
-            text_only.submit(prompts[1], sampling, print, images=images[1])
+        with pytest.raises(ValueError, match="this model takes no images or sounds"):
+            text_only.submit(prompts[1], sampling, print, media=images[1])
 
 
 # ---- the OpenAI API with image parts --------------------------------------------------------------------------
@@ -185,7 +185,7 @@ def test_chat_with_images_through_the_openai_client(mm, coupled):
                {"type": "text", "text": " and"}, {"type": "image_url", "image_url": {"url": data_uri(pictures[1])}},
                {"type": "text", "text": ": which?"}]
     engine = coupled
-    encoded, hits = engine.stats.images_encoded, engine.embedding_cache.hits
+    encoded, hits = engine.stats.media_encoded, engine.embedding_cache.hits
     with ServerThread(create_app(engine, model_name="tiny-llava")) as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
         reply = client.chat.completions.create(model="tiny-llava", max_tokens=8, temperature=0,
@@ -196,7 +196,7 @@ def test_chat_with_images_through_the_openai_client(mm, coupled):
                                                 messages=[{"role": "user", "content": content}])
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
         # the second request found both images in the cache
-        assert engine.stats.images_encoded - encoded == 2 and engine.embedding_cache.hits - hits == 2
+        assert engine.stats.media_encoded - encoded == 2 and engine.embedding_cache.hits - hits == 2
         metrics = httpx.get(f"{server.url}/metrics").text
         assert f'serving_embedding_cache_lookups_total{{result="hit"}} {float(engine.embedding_cache.hits)}' \
             in metrics
@@ -226,10 +226,10 @@ def test_prefix_blocks_with_other_images_are_not_shared(mm, coupled, cases, refe
     prompt, other = prompts[3], images[1]  # the 4th prompt's text (25 tokens, the image, 3), the 2nd's image
     expected = mm.generate([prompt], images=[[cases[1][1][0]]], max_new_tokens=MAX_TOKENS, stop_token_ids=[])
     sampling = SamplingParams(max_tokens=MAX_TOKENS)
-    assert coupled.generate([prompt], sampling, images=[images[3]]) == [reference[3]]  # its blocks are cached
+    assert coupled.generate([prompt], sampling, media=[images[3]]) == [reference[3]]  # its blocks are cached
     hits = coupled.stats.prefix_hit_tokens
-    assert coupled.generate([prompt], sampling, images=[other]) == expected
+    assert coupled.generate([prompt], sampling, media=[other]) == expected
     assert coupled.stats.prefix_hit_tokens - hits == 24  # the 3 blocks before the image; not the image's blocks
     hits = coupled.stats.prefix_hit_tokens
-    assert coupled.generate([prompt], sampling, images=[other]) == expected
+    assert coupled.generate([prompt], sampling, media=[other]) == expected
     assert coupled.stats.prefix_hit_tokens - hits == 40  # now all but the last block (44 tokens in all)
