@@ -9,19 +9,27 @@ scored on the held-out split.
     from moka_jax.demo import load_demo
     demo = load_demo()
     demo.answer(images, sounds, ["how many beeps are there?", ...])   # [32, 32, 3] pictures, 1 s sounds at 16 kHz
+
+For a server: `demo.modalities()` (the encoders with their projectors, as `kvzip_jax.multimodal_lm.Modality`s) and
+`demo.prompt(question)` (the expanded prompt with its modality ids and question keys) are what the serving engine
+takes (`serving.moka_demo`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
 from collections.abc import Sequence
 
+import jax
 import numpy as np
 from flax import nnx
 
+from kvzip_jax.models import projector
+from kvzip_jax.multimodal_lm import Modality
 from moka_jax import avqa, avqa_model, checkpoint, data, experiment
 from moka_jax.config import MokAConfig
 from moka_jax.train import AdaptedMultimodalLM, split_trainable
@@ -61,6 +69,62 @@ class AVQADemo:
                    for k in rows[0]}
         return experiment.generate_answers(self.model, self.moka, self.encoders, prompts, active=active,
                                            max_new_tokens=max_new_tokens)
+
+
+    def prompt(self, question: str, *, max_new_tokens: int = 6) -> dict[str, np.ndarray]:
+        """The generation prompt `answer` builds for `question`, unpadded: tokens [T] (the pad id where the picture's
+        and the sound's tokens go), modality_ids [T] and key_mask [T] (the instruction + question tokens)."""
+        tokenizer = data.load_demo_tokenizer()
+        row = data.encode_question(tokenizer, np.zeros(IMAGE_SHAPE, np.float32), np.zeros(AUDIO_SAMPLES, np.float32),
+                                   question, seq_len=self.model.config.max_position_embeddings - max_new_tokens,
+                                   n_image_tokens=avqa_model.N_IMAGE_TOKENS, n_audio_tokens=avqa_model.N_AUDIO_TOKENS)
+        n = int(row["length"])
+        return {k: row[k][:n] for k in ("tokens", "modality_ids", "key_mask")}
+
+    def modalities(self) -> dict[str, Modality]:
+        """The picture and the sound as a server takes them: each through its frozen encoder and its trained
+        projector, to [tokens, hidden] embeddings. `prepare` checks and preprocesses one item as `answer` does."""
+        hidden = self.model.config.hidden_size
+        configs = experiment.projector_configs(hidden)
+        pad = data._special_id(data.load_demo_tokenizer(), "<|pad|>")  # the prompts' placeholder token
+        image = Modality(
+            name="image", token_id=pad, tokens_per_item=avqa_model.N_IMAGE_TOKENS,
+            input_shape=(IMAGE_SHAPE[2], *IMAGE_SHAPE[:2]),
+            encode_fn=functools.partial(_image_embeddings, config=configs["image"]),
+            params={"encoder": self.encoders["image"], "projector": nnx.state(self.model.projectors.image)},
+            prepare=_picture_pixels,
+        )
+        sound = Modality(
+            name="audio", token_id=pad, tokens_per_item=avqa_model.N_AUDIO_TOKENS,
+            input_shape=(avqa_model.LOG_MEL.feature_size, avqa_model.AUDIO.num_frames),
+            encode_fn=functools.partial(_audio_embeddings, config=configs["audio"]),
+            params={"encoder": self.encoders["audio"], "projector": nnx.state(self.model.projectors.audio)},
+            prepare=_sound_features,
+        )
+        return {"image": image, "audio": sound}
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _image_embeddings(params, pixel_values, *, config):
+    return projector.project(params["projector"], avqa_model.image_tokens(params["encoder"], pixel_values),
+                             config=config)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _audio_embeddings(params, mels, *, config):
+    return projector.project(params["projector"], avqa_model.audio_tokens(params["encoder"], mels), config=config)
+
+
+def _picture_pixels(image) -> np.ndarray:
+    """One picture (uint8 or floats in [0, 1], [32, 32, 3], or a PIL image) -> normalised [3, 32, 32] pixels."""
+    if hasattr(image, "convert"):  # a PIL image
+        image = np.asarray(image.convert("RGB"))
+    return avqa_model.pixels(_picture(0, image)[None])[0]
+
+
+def _sound_features(sound) -> np.ndarray:
+    """One 1 s, 16 kHz sound -> its [40, 100] log-mel."""
+    return avqa_model.log_mel(_sound(0, sound)[None])[0]
 
 
 _TOKEN_ARRAYS = ("tokens", "modality_ids", "key_mask", "loss_weights")

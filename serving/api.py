@@ -12,6 +12,7 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,7 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 
-from serving.api_images import image_inputs, placeholder_text
+from serving.api_media import ChatPrompt, image_inputs, placeholder_text
 from serving.api_schema import (
     ChatCompletionRequest,
     ChatMessage,
@@ -178,8 +179,11 @@ class _Outputs:
 
 
 def create_app(engine: Engine, *, model_name: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
-               contexts: ContextStore | None = None) -> FastAPI:
-    """The app over a running engine; `contexts` (optional) serves KVzip contexts under /v1/contexts."""
+               contexts: ContextStore | None = None,
+               chat_prompt: Callable[[list[ChatMessage]], ChatPrompt] | None = None) -> FastAPI:
+    """The app over a running engine; `contexts` (optional) serves KVzip contexts under /v1/contexts.
+    `chat_prompt` builds a model's own chat prompts (it runs in the thread pool; a `RequestError` is a 4xx);
+    default: the tokenizer's chat template, with the image placeholder where each image part sits."""
     model_name = model_name or engine.model_name
     app = FastAPI(title="kvzip-jax serving", version="0.1.0")
     registry = CollectorRegistry()
@@ -215,9 +219,10 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_body_bytes:
         if name != model_name:
             raise RequestError(f"model {name!r} not found; this server serves {model_name!r}", 404, "model")
 
-    def submit(prompt_ids: list[int], sampling, outputs: _Outputs, context_id: str | None, images=()) -> int:
+    def submit(prompt: ChatPrompt, sampling, outputs: _Outputs, context_id: str | None) -> int:
         try:
-            return engine.submit(prompt_ids, sampling, outputs.sink, context_id=context_id, media=images)
+            return engine.submit(prompt.ids, sampling, outputs.sink, context_id=context_id, media=prompt.media,
+                                 modality_ids=prompt.modality_ids, key_mask=prompt.key_mask)
         except KeyError as e:
             raise RequestError(e.args[0], 404, "context_id") from e
         except QueueFull as e:
@@ -248,11 +253,11 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_body_bytes:
             if n_tokens > 1:
                 tpot.observe((time.perf_counter() - t_first) / (n_tokens - 1))
 
-    async def run(request: Request, prompt_ids: list[int], sampling, stream: bool, include_usage: bool,
-                  make_chunk, make_final, context_id: str | None = None, images=()):
+    async def run(request: Request, prompt: ChatPrompt, sampling, stream: bool, include_usage: bool,
+                  make_chunk, make_final, context_id: str | None = None):
         outputs = _Outputs(asyncio.get_running_loop())
         t0 = time.perf_counter()
-        rid = submit(prompt_ids, sampling, outputs, context_id, images)
+        rid = submit(prompt, sampling, outputs, context_id)
         if not stream:
             text, ids, t_first = [], [], None
             while True:
@@ -299,14 +304,16 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_body_bytes:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
-        images = []
+        # decoding and preprocessing images and sounds run in the thread pool: the event loop keeps serving
         if body.context_id is not None:
-            prompt_ids = context_question(body.context_id, _question(body.messages), "messages")
+            prompt = ChatPrompt(context_question(body.context_id, _question(body.messages), "messages"))
+        elif chat_prompt is not None:
+            prompt = await run_in_threadpool(chat_prompt, body.messages)
         else:
-            prompt_ids, urls = _chat_prompt(engine, body.messages, image_text)
-            if urls:  # decoding and preprocessing run in the thread pool: the event loop keeps serving
-                images = await run_in_threadpool(image_inputs, engine.modalities["image"], urls)
-        sampling = body.sampling(context_start(body.context_id) + len(prompt_ids), engine.max_model_len,
+            ids, urls = _chat_prompt(engine, body.messages, image_text)
+            images = await run_in_threadpool(image_inputs, engine.modalities["image"], urls) if urls else ()
+            prompt = ChatPrompt(ids, tuple(images))
+        sampling = body.sampling(context_start(body.context_id) + len(prompt.ids), engine.max_model_len,
                                  body.max_completion_tokens)
         cid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -325,7 +332,7 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_body_bytes:
                     "usage": _usage(out)}
 
         include = bool(body.stream_options and body.stream_options.include_usage)
-        return await run(request, prompt_ids, sampling, body.stream, include, chunk, final, body.context_id, images)
+        return await run(request, prompt, sampling, body.stream, include, chunk, final, body.context_id)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -357,7 +364,8 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_body_bytes:
                     "choices": [choice], "usage": _usage(out)}
 
         include = bool(body.stream_options and body.stream_options.include_usage)
-        return await run(request, prompt_ids, sampling, body.stream, include, chunk, final, body.context_id)
+        return await run(request, ChatPrompt(prompt_ids), sampling, body.stream, include, chunk, final,
+                         body.context_id)
 
     def context_store() -> ContextStore:
         if contexts is None:
@@ -490,6 +498,8 @@ def _chat_prompt(engine: Engine, messages: list[ChatMessage], image_text: str | 
                     urls.append((url, f"messages[{i}].content[{j}]"))
                     texts.append(image_text)
                     continue
+                if part.type == "input_audio":
+                    raise RequestError(f"messages[{i}].content[{j}]: this model takes no sound", param="messages")
                 if image_text is not None and image_text in (part.text or ""):
                     raise RequestError(f"messages[{i}]: the text holds the image placeholder {image_text!r}; send "
                                        "images as image_url parts", param="messages")

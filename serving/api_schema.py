@@ -30,11 +30,17 @@ class ImageURL(BaseModel):
     detail: str | None = None
 
 
+class InputAudio(BaseModel):
+    data: str  # base64
+    format: str
+
+
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    type: Literal["text", "image_url"]
+    type: Literal["text", "image_url", "input_audio"]
     text: str | None = None
     image_url: ImageURL | None = None
+    input_audio: InputAudio | None = None
 
 
 class ChatMessage(BaseModel):

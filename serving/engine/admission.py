@@ -55,7 +55,10 @@ class Admission:
             inst.prefilling.append(r)
 
     def _block_keys(self, r: EngineRequest) -> list[int]:
-        """Hash-chain keys of the request's full prompt blocks (images' content hashes included)."""
+        """Hash-chain keys of the request's full prompt blocks (images' content hashes included); none for a MokA
+        request: the KV of its image and sound tokens depends on its question, so it shares no block."""
+        if r.moka:
+            r.block_keys = []
         if r.block_keys is None:
             spans = [(im.hash, at, im.v_tokens) for im, at in zip(r.media, r.media_starts, strict=True)]
             r.block_keys = block_keys(r.prompt, spans, self.engine_config.page_size)
