@@ -116,14 +116,24 @@ def _audio_embeddings(params, mels, *, config):
 
 
 def _picture_pixels(image) -> np.ndarray:
-    """One picture (uint8 or floats in [0, 1], [32, 32, 3], or a PIL image) -> normalised [3, 32, 32] pixels."""
+    """One picture (uint8 or floats in [0, 1], [32, 32, 3], or a PIL image of any size, resized to 32 x 32 with
+    a bicubic filter as CLIP's processor does) -> normalised [3, 32, 32] pixels."""
     if hasattr(image, "convert"):  # a PIL image
-        image = np.asarray(image.convert("RGB"))
+        from PIL import Image
+
+        image = image.convert("RGB")
+        if image.size != IMAGE_SHAPE[:2]:
+            image = image.resize(IMAGE_SHAPE[:2], Image.Resampling.BICUBIC)
+        image = np.asarray(image)
     return avqa_model.pixels(_picture(0, image)[None])[0]
 
 
 def _sound_features(sound) -> np.ndarray:
-    """One 1 s, 16 kHz sound -> its [40, 100] log-mel."""
+    """One sound at 16 kHz, at most 1 s (a shorter one is padded with silence, as Whisper's extractor pads) -> its
+    [40, 100] log-mel."""
+    sound = np.asarray(sound, np.float32)
+    if sound.ndim == 1 and len(sound) < AUDIO_SAMPLES:
+        sound = np.pad(sound, (0, AUDIO_SAMPLES - len(sound)))
     return avqa_model.log_mel(_sound(0, sound)[None])[0]
 
 

@@ -26,12 +26,12 @@ from serving.simulator import SimConfig, simulate
 
 def fit_profile(engine: Engine, timings: list, *, name: str, base: CostModel | None = None,
                 description: str = "") -> dict:
-    """A cost profile for `engine`: prefill and decode coefficients fitted to `timings` (`Engine.timings` of one
-    or more engines of this shape), the KV link to their migrations (when there were any), and the engine's
-    structure (instances, pages, batch limits, KV bytes per token)."""
+    """A cost profile for `engine`: prefill and decode coefficients (and encode, when it served images) fitted
+    to `timings` (`Engine.timings` of one or more engines of this shape), the KV link to their migrations (when
+    there were any), and the engine's structure (instances, pages, batch limits, KV bytes per token)."""
     base = base or default_cost_model()
     steps = {k: ([f for kind, f, _ in timings if kind == k], [s for kind, _, s in timings if kind == k])
-             for k in ("prefill", "decode", "export", "import")}
+             for k in ("encode", "prefill", "decode", "export", "import")}
     for k in ("prefill", "decode"):
         if len(steps[k][0]) < 4:
             raise ValueError(f"too few {k} timings ({len(steps[k][0])}) to fit: serve a workload first")
@@ -41,6 +41,8 @@ def fit_profile(engine: Engine, timings: list, *, name: str, base: CostModel | N
     cost = CostModel(prof).refit("prefill", *steps["prefill"])
     decode_x = [(b, ctx) for b, ctx in steps["decode"][0]]
     cost = cost.refit("decode", decode_x, steps["decode"][1])
+    if len(steps["encode"][0]) >= 4:  # a model with an image encoder that served images
+        cost = cost.refit("encode", *steps["encode"])
     prof = copy.deepcopy(cost.profile)
     d = prof["decode"]
     d.update(large_a_ms=d["a_ms"], large_b_ms_per_ctx_token=d["b_ms_per_ctx_token"],

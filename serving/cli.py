@@ -1,6 +1,6 @@
 """`serving-jax`: the OpenAI-compatible server on the JAX engine.
 
-    serving-jax serve [--model smollm2|DIR|FILE.gguf] [--devices 2] [--policy coupled] [--port 8000] [...]
+    serving-jax serve [--model smollm2|moka-demo|DIR|FILE.gguf] [--devices 2] [--policy coupled] [--port 8000] [...]
 
 Each instance takes one device; on a CPU-only host the CLI exposes as many host devices as instances. The server
 binds to 127.0.0.1 unless --host says otherwise. Bad options print one line to stderr and exit with status 2.
@@ -13,9 +13,10 @@ import json
 import os
 import sys
 
-POLICIES = ("coupled", "static_pd", "static_epd")
+POLICIES = ("coupled", "static_pd", "static_epd", "elasticmm")
 DTYPES = ("float32", "bfloat16")
-PAGES_AUTO_REQUESTS = 4  # the default pool holds this many requests of max_model_len tokens
+PAGES_AUTO_REQUESTS = 4
+MOKA_DEMO = "moka-demo"  # the default pool holds this many requests of max_model_len tokens
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,7 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="serve a model over HTTP (OpenAI-compatible API)")
     s.add_argument("--model", default="smollm2", help="an HF checkpoint directory (a LLaVA one serves images too), "
-                   "a .gguf file, or 'smollm2' (the default model that `make setup` installs)")
+                   "a .gguf file, 'smollm2' (the default model that `make setup` installs) or 'moka-demo' (the "
+                   "shipped MokA audio-visual demo: a picture, a sound and a question per request)")
     s.add_argument("--name", default=None, help="the model name clients send (default: derived from --model)")
     s.add_argument("--devices", type=int, default=2, help="instances, one device each")
     s.add_argument("--policy", choices=POLICIES, default="coupled")
@@ -64,8 +66,11 @@ def _check(args) -> None:
     for name in ("devices", "max_model_len", "page_size", "decode_rows", "decode_steps", "prefill_chunk"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.model == MOKA_DEMO and args.dtype != "float32":
+        raise ValueError(f"--dtype {args.dtype}: the MokA demo is served in float32, as it was trained")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port} is not a TCP port (0-65535)")
+    _policy_options(args)  # a malformed --split is refused before anything loads
 
 
 def _expose_host_devices(n: int) -> None:
@@ -87,8 +92,14 @@ def _serve(args) -> None:
     from serving.context_store import ContextStore
     from serving.engine import Engine, EngineConfig
 
-    llava_config = _llava_config(args.model)
-    config = llava_config.text if llava_config is not None else load_config(args.model)  # before any weights
+    if args.model == MOKA_DEMO:
+        from moka_jax.demo import load_demo
+
+        demo = load_demo()
+        config = demo.model.config
+    else:
+        llava_config = _llava_config(args.model)
+        config = llava_config.text if llava_config is not None else load_config(args.model)  # before any weights
     width = -(-args.max_model_len // args.page_size)
     pages = args.pages or config.num_layers * config.num_kv_heads * width * PAGES_AUTO_REQUESTS + 1
     engine_config = EngineConfig(
@@ -99,6 +110,9 @@ def _serve(args) -> None:
     )
     enable_compilation_cache()
     dtype = None if args.dtype == "float32" else args.dtype
+    if args.model == MOKA_DEMO:
+        _serve_moka_demo(args, demo, engine_config)
+        return
     modalities = None
     if llava_config is not None:  # a LLaVA checkpoint: the text model serves with its image encoder
         from kvzip_jax.multimodal_lm import MultimodalLM
@@ -120,6 +134,26 @@ def _serve(args) -> None:
             print(f"serving-jax: {len(contexts.infos)} KVzip context(s) reloaded from {directory}", file=sys.stderr)
         print(f"serving-jax: {name} at http://{args.host}:{args.port}/v1", file=sys.stderr)
         uvicorn.run(create_app(engine, contexts=contexts), host=args.host, port=args.port, log_level="info")
+    finally:
+        engine.shutdown()
+
+
+def _serve_moka_demo(args, demo, engine_config) -> None:
+    """The MokA demo: prefill through its adapters, chat prompts in the layout it was trained on (no KVzip
+    contexts: its questions are about a picture and a sound)."""
+    import uvicorn
+
+    from serving.api import create_app
+    from serving.moka_demo import MODEL_NAME, demo_chat_prompt, demo_engine
+
+    name = args.name or MODEL_NAME
+    print(f"serving-jax: loading {name} onto {args.devices} instance(s) ({args.policy}) and compiling ...",
+          file=sys.stderr)
+    engine = demo_engine(engine_config, demo=demo, model_name=name)
+    try:
+        print(f"serving-jax: {name} at http://{args.host}:{args.port}/v1", file=sys.stderr)
+        app = create_app(engine, chat_prompt=demo_chat_prompt(demo, engine))
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     finally:
         engine.shutdown()
 

@@ -1,10 +1,11 @@
 """The shipped MokA audio-visual demo model (`moka_jax.demo`), served: its engine and its chat prompt.
 
-A chat request for the demo is one user message with one picture (an `image_url` part, a data URI), one sound (an
-`input_audio` part: base64 WAV, 1 s at 16 kHz) and the question as text. It becomes the prompt the demo was trained
-on (`AVQADemo.prompt`): the fixed system prompt, the picture's and the sound's tokens, and the instruction +
-question, whose tokens are MokA's keys. The engine prefills it through the MokA adapters and decodes on the
-folded text path (`serving.engine.moka`), so the answer is the one `AVQADemo.answer` gives.
+A chat request for the demo is one user message with one picture (an `image_url` part, a data URI; any size, it
+is resized to 32 x 32), one sound (an `input_audio` part: base64 WAV at 16 kHz, up to 1 s) and the question as
+text. It becomes the prompt the demo was trained on (`AVQADemo.prompt`): the fixed system prompt, the picture's
+and the sound's tokens, and the instruction + question, whose tokens are MokA's keys. The engine prefills it
+through the MokA adapters and decodes on the folded text path (`serving.engine.moka`), so the answer is the one
+`AVQADemo.answer` gives.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ MAX_NEW_TOKENS = 6  # the demo's answers are one or two words; `prompt` leaves r
 
 
 def demo_engine(engine_config: EngineConfig, *, demo: AVQADemo | None = None,
-                devices: Sequence[jax.Device] | None = None, tokenizer=None) -> Engine:
+                devices: Sequence[jax.Device] | None = None, tokenizer=None, model_name: str = MODEL_NAME) -> Engine:
     """An engine serving the demo (default: the shipped one). Its prefill_chunk must hold a whole prompt."""
     from kvzip_jax.kvzip_demo import DEMO_MODEL_DIR
     from kvzip_jax.lm import pretrained_tokenizer
@@ -36,7 +37,7 @@ def demo_engine(engine_config: EngineConfig, *, demo: AVQADemo | None = None,
     config = demo.model.config
     moka = MokAServing(nnx.state(demo.model.decoder), demo.moka, max_keys=experiment.MAX_KEYS)
     tokenizer = pretrained_tokenizer(DEMO_MODEL_DIR) if tokenizer is None else tokenizer
-    return Engine(config, moka.text_params(config), tokenizer, engine_config, devices=devices, model_name=MODEL_NAME,
+    return Engine(config, moka.text_params(config), tokenizer, engine_config, devices=devices, model_name=model_name,
                   modalities=demo.modalities(), moka=moka)
 
 

@@ -1,8 +1,8 @@
 """Replay a workload (`serving.workloads`) on the real engine, open loop: each request is submitted at its arrival
 time, whatever the engine's state, and measured as the simulator measures it (TTFT: arrival to first token;
-TPOT: the time per output token after the first). The prompts are random token ids of each request's length and
-every request generates exactly its output length (`ignore_eos`), so the engine does the work the simulator
-models."""
+TPOT: the time per output token after the first). The prompts are random token ids of each request's length (and
+its images, as the served model's encoder takes them: `engine_images`), and every request generates exactly its
+output length (`ignore_eos`), so the engine does the work the simulator models."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import time
 
 import numpy as np
 
-from serving.engine import Engine, SamplingParams
-from serving.model import Modality, Request
+from serving.engine import Engine, MediaInput, SamplingParams
+from serving.model import Image, Request
 
 FIRST_TOKEN_ID = 16  # random prompts avoid the low ids, where tokenizers keep their special tokens
 
@@ -55,16 +55,47 @@ def simulated_summary(requests: list[Request]) -> LatencySummary:
                      [r.output_len for r in done], errors=len(requests) - len(done))
 
 
-def prompts_for(requests: list[Request], vocab_size: int, seed: int = 0) -> list[list[int]]:
+def engine_images(requests: list[Request], tokens_per_image: int) -> list[Request]:
+    """The workload with every image as the engine's encoder sees it: `tokens_per_image` tokens each (a served
+    model's encoder has one input size), so the simulator, given these requests, models the work the engine does."""
+    return [dataclasses.replace(r, images=tuple(Image(im.hash, im.pixels, tokens_per_image) for im in r.images))
+            if r.images else r for r in requests]
+
+
+def inputs_for(requests: list[Request], engine: Engine, seed: int = 0) -> list[tuple[list[int], tuple]]:
+    """(prompt, images) per request: random token ids for its text; for a multimodal request one image
+    placeholder per image right after its system prompt (where a chat template puts a user's images), and
+    pixels drawn from the image's content hash (an image that repeats has the same pixels, so the engine's
+    embedding cache sees the repeats the workload has)."""
     rng = np.random.default_rng(seed)
-    if any(r.modality != Modality.TEXT for r in requests):
-        raise ValueError("the engine replays text requests only (images are not served yet)")
-    return [rng.integers(FIRST_TOKEN_ID, vocab_size, r.input_len).tolist() for r in requests]
+    image = engine.modalities.get("image")
+    out = []
+    for r in requests:
+        text = rng.integers(FIRST_TOKEN_ID, engine.config.vocab_size, r.text_tokens)
+        if not r.images:
+            out.append((text.tolist(), ()))
+            continue
+        if image is None:
+            raise ValueError(f"request {r.rid} has images; the engine's model takes none")
+        if any(im.v_tokens != image.tokens_per_item for im in r.images):
+            raise ValueError(f"request {r.rid}: its images have {[im.v_tokens for im in r.images]} tokens; the "
+                             f"engine's encoder gives {image.tokens_per_item} (use engine_images)")
+        text[text == image.token_id] = image.token_id + 1 if image.token_id + 1 < engine.config.vocab_size \
+            else FIRST_TOKEN_ID
+        prompt = [*text[:r.sys_len].tolist(), *[image.token_id] * len(r.images), *text[r.sys_len:].tolist()]
+        media = tuple(MediaInput(f"workload-image-{im.hash}", _pixels(im.hash, image.input_shape), "image")
+                      for im in r.images)
+        out.append((prompt, media))
+    return out
+
+
+def _pixels(content: int, shape: tuple) -> np.ndarray:
+    return np.random.default_rng(content).standard_normal(shape).astype(np.float32)
 
 
 def replay(engine: Engine, requests: list[Request], *, seed: int = 0, timeout: float = 600.0) -> LatencySummary:
     """Submit every request at its arrival time; returns the measured latencies once all have finished."""
-    prompts = prompts_for(requests, engine.config.vocab_size, seed)
+    inputs = inputs_for(requests, engine, seed)
     lock = threading.Lock()
     first: dict[int, float] = {}
     done: dict[int, float] = {}
@@ -88,12 +119,12 @@ def replay(engine: Engine, requests: list[Request], *, seed: int = 0, timeout: f
 
     arrived = np.zeros(total)
     start = time.perf_counter()
-    for i, (r, prompt) in enumerate(zip(requests, prompts, strict=True)):
+    for i, (r, (prompt, media)) in enumerate(zip(requests, inputs, strict=True)):
         delay = start + r.t_arrival - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
         arrived[i] = time.perf_counter()
-        engine.submit(prompt, SamplingParams(max_tokens=r.output_len, ignore_eos=True), sink_for(i))
+        engine.submit(prompt, SamplingParams(max_tokens=r.output_len, ignore_eos=True), sink_for(i), media=media)
     if total and not finished.wait(timeout):
         raise TimeoutError(f"{total - len(done)} of {total} requests unfinished {timeout}s after the last arrival")
     ok = [i for i in range(total) if i not in failed]

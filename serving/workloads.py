@@ -47,6 +47,11 @@ DATASETS = {
     "cpu_text": Dataset("cpu_text", mm_fraction=0.0, images_per_req=(1.0,), img_width_median=640,
                         img_width_sigma=0.5, img_aspect_median=0.75, mm_prompt=(96, 0.6, 384),
                         text_prompt=(96, 0.6, 384), output=(48, 0.5, 128), sys_prompts=(16, 32, 64)),
+    # cpu_text's sizes with half the requests carrying one or two images (the serving benchmark's multimodal load;
+    # the engine's encoder fixes each image's token count, see serving.replay.engine_images).
+    "cpu_mm": Dataset("cpu_mm", mm_fraction=0.5, images_per_req=(0.8, 0.2), img_width_median=640,
+                      img_width_sigma=0.5, img_aspect_median=0.75, mm_prompt=(48, 0.6, 256),
+                      text_prompt=(96, 0.6, 384), output=(48, 0.5, 128), sys_prompts=(16, 32, 64)),
 }
 
 ARRIVALS = ("poisson", "gamma", "mmpp", "diurnal")

@@ -226,6 +226,9 @@ class Engine(RoleView, Admission, MediaStage, FaultHandling):
                                  f"vocabulary [0, {config.vocab_size})")
         if moka is not None and not self.modalities:
             raise ValueError("moka: MokA adapts the tokens of images and sounds; give the model's modalities too")
+        if moka is not None and set(self.modalities) - set(moka.moka.modalities):
+            raise ValueError(f"modalities {sorted(self.modalities)}: the MokA adapter has A matrices for "
+                             f"{list(moka.moka.modalities)} only")
         self.moka = moka
         devices = list(jax.devices() if devices is None else devices)
         if ec.num_instances > len(devices):

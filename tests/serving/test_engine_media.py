@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import io
 
 import httpx
@@ -23,9 +24,13 @@ from kvzip_jax.models.decoder import init_params
 from kvzip_jax.multimodal_lm import MultimodalLM, image_modality
 from kvzip_jax.preprocess import ImageProcessor
 from serving.api import create_app
+from serving.calibrate import fit_profile
+from serving.costmodel import CostModel, default_cost_model
 from serving.engine import Engine, EngineConfig, MediaInput, SamplingParams
 from serving.model import Group, Stage
+from serving.replay import engine_images, replay
 from serving.server import ServerThread
+from serving.workloads import WorkloadSpec, generate
 
 openai = pytest.importorskip("openai")
 
@@ -164,6 +169,25 @@ def test_image_input_errors(mm, coupled, cases):
     with Engine(mm.config, mm.params, engine_config=EngineConfig(**SHAPE)) as text_only:
         with pytest.raises(ValueError, match="this model takes no images or sounds"):
             text_only.submit(prompts[1], sampling, print, media=images[1])
+
+
+def test_a_multimodal_workload_replays_on_the_engine_and_calibrates_its_encode_stage(coupled):
+    spec = WorkloadSpec(arrival="poisson", rate=20.0, duration=1.0, dataset="cpu_mm", dup_rate=0.5, seed=3)
+    requests = engine_images(generate(spec, default_cost_model()), 16)  # the tiny tower's 16 tokens per image
+    # CPU-test sizes: the engine here holds 128 positions per request
+    requests = [dataclasses.replace(r, text_tokens=min(r.text_tokens, 40), sys_len=min(r.sys_len, 8),
+                                    output_len=min(r.output_len, 8)) for r in requests]
+    images = {im.hash for r in requests for im in r.images}
+    assert len(images) >= 4 and sum(len(r.images) for r in requests) > len(images)  # repeats: cache hits
+    encoded = coupled.stats.media_encoded
+    summary = replay(coupled, requests)
+    assert summary.requests == len(requests) and summary.errors == 0
+    assert coupled.stats.media_encoded - encoded == len(images)  # each distinct image once
+    prof = fit_profile(coupled, list(coupled.timings), name="tiny-llava")
+    steps = [(f, t) for kind, f, t in coupled.timings if kind == "encode"]
+    fitted = CostModel(prof)
+    predicted = np.median([fitted.encode_time(*f) for f, _ in steps])
+    assert 0.5 < predicted / np.median([t for _, t in steps]) < 2.0  # the fit describes its steps (seconds)
 
 
 # ---- the OpenAI API with image parts --------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The shipped MokA audio-visual demo, served by the engine: requests with a picture and a sound are prefilled in
 one step through the MokA adapters (modality ids and the question keys from the request) and decoded on the
 folded text path. Greedy answers equal `moka_jax`'s own generation (`moka_jax.generate.generate`, and the demo's
-`answer`) under a blocking policy and the non-blocking ones (encode instances), also for a request restarted
+`answer`) under a blocking policy and a non-blocking one (encode instances), also for a request restarted
 after its instance failed mid-decode (its generated tokens are prefilled again as text); the input errors; and
 the OpenAI API with a picture and a sound, through the official client."""
 
@@ -37,8 +37,7 @@ openai = pytest.importorskip("openai")
 SHAPE = dict(page_size=8, pages_per_instance=1024, prefill_chunk=128, max_model_len=128, check_invariants=True,
              warmup=False)
 LONG = 24  # tokens per answer where eos is ignored (the answers proper are 1-3 tokens)
-FIVE = {"static_epd": dict(policy="static_epd", policy_options=(("split", (1, 1, 1, 1, 1)),), num_instances=5),
-        "elasticmm": dict(policy="elasticmm", num_instances=5)}
+FIVE = {"elasticmm": dict(policy="elasticmm", num_instances=5)}  # non-blocking: encode instances
 
 
 @pytest.fixture(scope="module")
@@ -217,6 +216,15 @@ def test_the_openai_client_asks_the_demo_about_a_picture_and_a_sound(demo, coupl
         junk = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}
         assert "cannot be read as WAV" in refused([content[0], junk, content[2]])
         assert "the question is empty" in refused(content[:2])
+        long = {"type": "input_audio", "input_audio": {"data": wav_b64(np.tile(s.audio, 2)), "format": "wav"}}
+        assert "has shape (32000,)" in refused([content[0], long, content[2]])
+        # a picture of another size is resized as CLIP's processor does; a shorter sound is padded with silence
+        big = np.asarray(Image.fromarray(s.image).resize((64, 48)))
+        short = {"type": "input_audio", "input_audio": {"data": wav_b64(s.audio[:8000]), "format": "wav"}}
+        other = client.chat.completions.create(model=coupled.model_name, max_tokens=6, temperature=0, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_uri(big)}}, short,
+                                         content[2]]}])
+        assert other.choices[0].finish_reason in ("stop", "length")
         # and it keeps serving
         again = client.chat.completions.create(model=coupled.model_name, max_tokens=6, temperature=0,
                                                messages=[{"role": "user", "content": content}])

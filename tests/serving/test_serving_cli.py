@@ -1,0 +1,104 @@
+"""`serving-jax serve` as users start it: a real server process on 127.0.0.1, asked through the openai client, then
+stopped; and its bad options, each refused with one line that names the value."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import wave
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from moka_jax.demo import held_out_samples
+from serving.cli import main
+
+openai = pytest.importorskip("openai")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--devices", "0"], "--devices must be >= 1, got 0"),
+    (["--port", "70000"], "--port 70000 is not a TCP port"),
+    (["--policy", "static_epd", "--split", "1,x"], "--split '1,x' must be 5 comma-separated integers"),
+    (["--model", "moka-demo", "--dtype", "bfloat16"], "the MokA demo is served in float32"),
+    (["--model", "no/such/dir"], "no/such/dir"),
+])
+def test_bad_options_exit_2_with_one_line_naming_the_value(argv, message, capsys, monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # the CLI sets it; put it back after
+    assert main(["serve", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) >= 1 and err[-1].startswith("serving-jax: error:") and message in err[-1]
+
+
+def test_an_unknown_policy_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--policy", "round_robin"])
+    assert e.value.code == 2 and "invalid choice: 'round_robin'" in capsys.readouterr().err
+
+
+def _png(image: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _wav(sound: np.ndarray) -> str:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(16_000)
+        f.writeframes((np.clip(sound, -1, 1) * 32767).astype("<i2").tobytes())
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_serve_the_moka_demo_and_ask_it_about_a_picture_and_a_sound():
+    # a held-out sample the demo answers right ("how many shapes and beeps are there in total?" -> "two"); that the
+    # engine's answers are the demo's own is checked in-process (test_engine_moka.py)
+    sample = held_out_samples(1, start=5)[0]
+    expected = sample.answer
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    server = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve", "--model", "moka-demo", "--devices",
+                               "1", "--no-warmup", "--max-model-len", "128", "--port", str(port)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, f"the server exited:\n{server.stdout.read()[-3000:]}"
+            assert time.monotonic() < deadline, "the server did not come up in 180 s"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["moka-avqa-demo"]
+        content = [{"type": "image_url", "image_url": {"url": _png(sample.image)}},
+                   {"type": "input_audio", "input_audio": {"data": _wav(sample.audio), "format": "wav"}},
+                   {"type": "text", "text": sample.question}]
+        stream = client.chat.completions.create(model="moka-avqa-demo", max_tokens=6, temperature=0, stream=True,
+                                                messages=[{"role": "user", "content": content}])
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices).strip() == expected
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(10)
+    assert server.returncode in (0, -signal.SIGINT), server.stdout.read()[-3000:]
