@@ -96,6 +96,11 @@ def main(argv=None) -> int:
                     modalities={"image": image}) as engine:
             replay(engine, engine_images(generate(spec, CostModel(load_profile("demo_cpu2_coupled"))),
                                          image.tokens_per_item), seed=args.seed + 1000)
+            steps = sum(1 for kind, _, _ in engine.timings if kind == "encode")
+            if steps < 4:
+                print(f"bench_serving: only {steps} encode steps in the calibration replay; raise --duration or "
+                      "--rate", file=sys.stderr)
+                return 2
             encode = fit_profile(engine, list(engine.timings), name="encode")["encode"]
         tqdm.write(f"encode calibrated: {encode}")
     rows = []
