@@ -1,9 +1,10 @@
 """`serving-jax`: the OpenAI-compatible server on the JAX engine.
 
-    serving-jax serve [--model smollm2|moka-demo|DIR|FILE.gguf] [--devices 2] [--policy coupled] [--port 8000] [...]
+    serving-jax serve [--model smollm2|moka-demo|DIR|FILE.gguf] [--devices 2] [--tp 1] [--policy coupled] [...]
 
-Each instance takes one device; on a CPU-only host the CLI exposes as many host devices as instances. The server
-binds to 127.0.0.1 unless --host says otherwise. Bad options print one line to stderr and exit with status 2.
+Each instance takes --tp devices (1: one device each); on a CPU-only host the CLI exposes --devices host devices.
+The server binds to 127.0.0.1 unless --host says otherwise. Bad options print one line to stderr and exit with
+status 2.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ def _parser() -> argparse.ArgumentParser:
                    "a .gguf file, 'smollm2' (the default model that `make setup` installs) or 'moka-demo' (the "
                    "shipped MokA audio-visual demo: a picture, a sound and a question per request)")
     s.add_argument("--name", default=None, help="the model name clients send (default: derived from --model)")
-    s.add_argument("--devices", type=int, default=2, help="instances, one device each")
+    s.add_argument("--devices", type=int, default=2, help="devices to serve on (instances = devices / --tp)")
+    s.add_argument("--tp", type=int, default=1, help="devices per instance (tensor parallel: the weights sharded "
+                   "over them)")
     s.add_argument("--policy", choices=POLICIES, default="coupled")
     s.add_argument("--n-prefill", type=int, default=1, help="static_pd: prefill instances")
     s.add_argument("--split", default="1,1,1,1,1", help="static_epd: text P,D and multimodal E,P,D instances")
@@ -63,9 +66,11 @@ def _policy_options(args) -> tuple:
 
 
 def _check(args) -> None:
-    for name in ("devices", "max_model_len", "page_size", "decode_rows", "decode_steps", "prefill_chunk"):
+    for name in ("devices", "tp", "max_model_len", "page_size", "decode_rows", "decode_steps", "prefill_chunk"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.devices % args.tp:
+        raise ValueError(f"--devices {args.devices} does not divide into instances of --tp {args.tp} devices")
     if args.model == MOKA_DEMO and args.dtype != "float32":
         raise ValueError(f"--dtype {args.dtype}: the MokA demo is served in float32, as it was trained")
     if not 0 <= args.port <= 65535:
@@ -103,10 +108,10 @@ def _serve(args) -> None:
     width = -(-args.max_model_len // args.page_size)
     pages = args.pages or config.num_layers * config.num_kv_heads * width * PAGES_AUTO_REQUESTS + 1
     engine_config = EngineConfig(
-        policy=args.policy, policy_options=_policy_options(args), num_instances=args.devices,
+        policy=args.policy, policy_options=_policy_options(args), num_instances=args.devices // args.tp,
         page_size=args.page_size, pages_per_instance=pages, decode_rows=args.decode_rows,
         decode_steps=args.decode_steps, prefill_chunk=args.prefill_chunk, max_model_len=args.max_model_len,
-        max_waiting=args.max_waiting, warmup=not args.no_warmup,
+        max_waiting=args.max_waiting, warmup=not args.no_warmup, devices_per_instance=args.tp,
     )
     enable_compilation_cache()
     dtype = None if args.dtype == "float32" else args.dtype
@@ -122,7 +127,8 @@ def _serve(args) -> None:
     else:
         model = LanguageModel.from_pretrained(args.model, dtype=dtype)
     name = args.name or os.path.basename(os.path.normpath(os.fspath(args.model))).removesuffix(".gguf")
-    print(f"serving-jax: loading {name} onto {args.devices} instance(s) ({args.policy}) and compiling ...",
+    print(f"serving-jax: loading {name} onto {args.devices // args.tp} instance(s) of {args.tp} device(s) "
+          f"({args.policy}) and compiling ...",
           file=sys.stderr)
     engine = Engine(model.config, model.params, model.tokenizer, engine_config, model_name=name,
                     modalities=modalities)
@@ -147,7 +153,8 @@ def _serve_moka_demo(args, demo, engine_config) -> None:
     from serving.moka_demo import MODEL_NAME, demo_chat_prompt, demo_engine
 
     name = args.name or MODEL_NAME
-    print(f"serving-jax: loading {name} onto {args.devices} instance(s) ({args.policy}) and compiling ...",
+    print(f"serving-jax: loading {name} onto {args.devices // args.tp} instance(s) of {args.tp} device(s) "
+          f"({args.policy}) and compiling ...",
           file=sys.stderr)
     engine = demo_engine(engine_config, demo=demo, model_name=name)
     try:

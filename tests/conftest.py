@@ -21,10 +21,6 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
-# Random params of the tiny test models: XLA compiles threefry's hash much more slowly than the RngBitGenerator op
-# (a tiny Whisper encoder's jitted init: 8.7 s -> 2.5 s, a tiny decoder's 4.2 s -> 2.9 s, on 2 CPU cores), and no
-# test needs threefry's streams (the library's default, the same on every backend): references run in-process.
-jax.config.update("jax_default_prng_impl", "rbg")
 
 # The tiny shape every parity config starts from (G = 4 heads / 2 kv heads = 2, head_dim 16 != hidden / heads).
 TINY = dict(

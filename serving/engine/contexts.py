@@ -50,16 +50,16 @@ class ServedContext:
     def num_pages(self) -> int:
         return int(self.kv.num_pages.sum())
 
-    def pages_for(self, device: jax.Device, padded_ids: np.ndarray):
+    def pages_for(self, placement, padded_ids: np.ndarray):
         """The context's pages (K, V, positions) in `owned()` order padded like `padded_ids` (the executor's
-        padding of the destination ids), on their way to `device`."""
+        padding of the destination ids), on their way to `placement` (a device, or an instance's submesh)."""
         ids = np.zeros(len(padded_ids), np.int32)
         owned = self.kv.owned()
         ids[:len(owned)] = owned
         cache = self.compressed.cache
         data = tuple(x[ids] for x in (cache.k_pages, cache.v_pages, cache.pos_pages))
         jax.block_until_ready(data)
-        return jax.device_put(data, device)
+        return jax.device_put(data, placement)
 
 
 def share_for_request(resident: SequenceKV, pool: PagePool, page_size: int) -> tuple[SequenceKV, np.ndarray,

@@ -95,11 +95,12 @@ class EngineConfig:
     embedding_cache_tokens: int = 16384  # encoder output tokens the embedding cache keeps (0: no cache)
     prefix_cache: bool = True  # prefill / coupled instances keep full prompt blocks for later prompts to share
     warmup: bool = True  # compile every shape bucket at start-up
+    devices_per_instance: int = 1  # tensor parallel: each instance's weights sharded over this many devices
     check_invariants: bool = False  # after every step (tests)
 
     def __post_init__(self):
         for name in ("num_instances", "page_size", "decode_rows", "decode_steps", "prefill_rows", "prefill_chunk",
-                     "encode_items"):
+                     "encode_items", "devices_per_instance"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -201,6 +202,7 @@ class EngineStats:
     context_requests: int = 0  # requests that started from a served context
     context_tokens_saved: int = 0  # context tokens those requests did not prefill
     media_encoded: int = 0
+    policy_errors: int = 0  # policy ticks that raised (logged; serving goes on without that tick's decisions)
     prefix_hit_tokens: int = 0  # prompt tokens found in a prefix cache (not prefilled again)
     prefix_query_tokens: int = 0  # prompt tokens of the requests that looked
     # the most recent finished requests only: a server runs for days (the API's histograms keep the whole history)
@@ -231,9 +233,10 @@ class Engine(RoleView, Admission, MediaStage, FaultHandling):
                              f"{list(moka.moka.modalities)} only")
         self.moka = moka
         devices = list(jax.devices() if devices is None else devices)
-        if ec.num_instances > len(devices):
-            raise ValueError(f"num_instances = {ec.num_instances} needs that many devices; {len(devices)} exist "
-                             f"({devices[0].platform})")
+        k = ec.devices_per_instance
+        if ec.num_instances * k > len(devices):
+            raise ValueError(f"num_instances = {ec.num_instances} x devices_per_instance = {k} needs "
+                             f"{ec.num_instances * k} devices; {len(devices)} exist ({devices[0].platform})")
         self.policy = make_policy(ec.policy, **dict(ec.policy_options))
         self.cost = default_cost_model()
         layout = self.policy.layout(ec.num_instances, self.cost)
@@ -254,7 +257,8 @@ class Engine(RoleView, Admission, MediaStage, FaultHandling):
         )
         self.insts = [
             EngineInstance(iid=i, group=g, stage=s, pool=PagePool(ec.pages_per_instance),
-                           executor=InstanceExecutor(config, params, devices[i], self.shape, self.modalities, moka))
+                           executor=InstanceExecutor(config, params, devices[i * k:(i + 1) * k], self.shape,
+                                                     self.modalities, moka))
             for i, (g, s) in enumerate(layout)
         ]
         for inst in self.insts:
@@ -371,6 +375,7 @@ class Engine(RoleView, Admission, MediaStage, FaultHandling):
                 try:
                     self.policy.on_tick(self, self.now)
                 except Exception:  # a policy error must not stop serving; it is logged with its trace
+                    self.stats.policy_errors += 1
                     log.exception("policy %s: tick failed", self.policy.name)
                 self.decision_times.append(time.perf_counter() - t0)
                 self.lock.notify_all()
@@ -667,14 +672,14 @@ class Engine(RoleView, Admission, MediaStage, FaultHandling):
         if kind == "encode":
             return ex.encode(list({im.hash: im for r in payload for im in r.todo_media}.values()))
         if kind == "export":
-            return ex.export_pages(payload.old_ids, payload.target.executor.device)
+            return ex.export_pages(payload.old_ids, payload.target.executor.placement)
         if kind == "import":
             migration, data = payload
             ex.import_pages(migration.new_ids, data)
             return None
         if kind == "load_context":
             served, ids = payload
-            ex.import_pages(ids, served.pages_for(ex.device, ex.padded_ids(ids)))
+            ex.import_pages(ids, served.pages_for(ex.placement, ex.padded_ids(ids)))
             return None
         raise AssertionError(kind)
 

@@ -1,4 +1,11 @@
-"""One instance's device side: its weights and paged KV pool on its own device, and the jitted stage steps.
+"""One instance's device side: its weights and paged KV pool on its own device (or its own submesh), and the jitted
+stage steps.
+
+Tensor parallelism: an instance of k devices holds its weights sharded over a ("data", "model") mesh of those
+devices by the library's logical-axis rules (`kvzip_jax.sharding`: heads, KV heads, MLP and vocab over "model"),
+and the jitted steps are partitioned by XLA (GSPMD). Its KV pool is replicated over the k devices: a page holds
+one (layer, KV head) run and the page table maps heads to pages freely, so the pool cannot be split by head
+without a pool per shard (the weights' memory is divided by k, the KV's is not).
 
 Only the instance's worker thread calls an executor, so the pool arrays (donated to every step, updated in
 place) have one owner. Shapes come from a few buckets (table width, prefill chunk) so that every executable can
@@ -10,16 +17,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from kvzip_jax.cache import PagedKVCache
 from kvzip_jax.config import ModelConfig
 from kvzip_jax.models.decoder import embed, forward
 from kvzip_jax.models.llava import PAD, TEXT
+from kvzip_jax.sharding import make_mesh, shard_params
 from moka_jax.context import make_context
+from moka_jax.model import MOKA_LOGICAL_AXES
 from moka_jax.model import forward as moka_forward
 from serving.engine.pages import SequenceKV
 from serving.engine.sampling import RowSampling, SamplingParams, sample_rows
@@ -163,21 +174,30 @@ class DecodeRow:
 
 
 class InstanceExecutor:
-    def __init__(self, config: ModelConfig, params, device: jax.Device, shape: ExecutorShape, modalities=None,
-                 moka=None, dtype=jnp.float32):
-        """`modalities`: name -> `kvzip_jax.multimodal_lm.Modality` whose encoders this instance runs (its own
-        copies); `moka`: a `serving.engine.moka.MokAServing` whose adapted decoder prefills requests with items."""
+    def __init__(self, config: ModelConfig, params, devices: Sequence[jax.Device], shape: ExecutorShape,
+                 modalities=None, moka=None, dtype=jnp.float32):
+        """`devices`: the instance's device, or its submesh's (tensor parallel). `modalities`: name ->
+        `kvzip_jax.multimodal_lm.Modality` whose encoders this instance runs (its own copies, replicated over a
+        submesh); `moka`: a `serving.engine.moka.MokAServing` whose adapted decoder prefills requests with items."""
         self.config = config
-        self.device = device
+        self.devices = list(devices)
         self.shape = shape
-        self.params = jax.device_put(params, device)
+        if len(self.devices) == 1:
+            self.placement = self.devices[0]  # where the instance's arrays go: its device, or its mesh, replicated
+            self.params = jax.device_put(params, self.placement)
+            self.moka_params = None if moka is None else jax.device_put(moka.params, self.placement)
+        else:
+            mesh = make_mesh(data=1, model=len(self.devices), devices=self.devices)
+            self.placement = NamedSharding(mesh, PartitionSpec())
+            self.params = shard_params(params, mesh)
+            self.moka_params = None if moka is None else shard_params(moka.params, mesh, table=MOKA_LOGICAL_AXES)
         self.modalities = dict(modalities or {})
-        self.encoder_params = {name: jax.device_put(m.params, device) for name, m in self.modalities.items()}
+        self.encoder_params = {name: jax.device_put(m.params, self.placement) for name, m in self.modalities.items()}
         self.moka = moka
-        self.moka_params = None if moka is None else jax.device_put(moka.params, device)
         pages = (shape.num_pages, shape.page_size)
         kv = (*pages, config.head_dim)
-        self.pool = jax.device_put((jnp.zeros(kv, dtype), jnp.zeros(kv, dtype), jnp.zeros(pages, jnp.int32)), device)
+        self.pool = jax.device_put((jnp.zeros(kv, dtype), jnp.zeros(kv, dtype), jnp.zeros(pages, jnp.int32)),
+                                   self.placement)
 
     @property
     def kv_bytes_per_page(self) -> int:
@@ -247,7 +267,7 @@ class InstanceExecutor:
                 bucket = next(b for b in self.shape.encode_buckets() if b >= len(mine))
                 batch = np.zeros((bucket, *m.input_shape), np.float32)
                 batch[:len(mine)] = np.stack([it.values for it in mine])
-            embeds = np.asarray(m.encode_fn(self.encoder_params[name], jax.device_put(batch, self.device)))
+            embeds = np.asarray(m.encode_fn(self.encoder_params[name], jax.device_put(batch, self.placement)))
             out.update((it.hash, e) for it, e in zip(mine, embeds, strict=False))
         return out
 
@@ -278,8 +298,9 @@ class InstanceExecutor:
         out[:len(ids)] = ids
         return out
 
-    def export_pages(self, ids: np.ndarray, destination: jax.Device):
-        """Copies of pages `ids` (K, V and positions; padded, see `padded_ids`), on their way to `destination`."""
+    def export_pages(self, ids: np.ndarray, destination):
+        """Copies of pages `ids` (K, V and positions; padded, see `padded_ids`), on their way to `destination` (the
+        importing executor's `placement`: a device, or its submesh)."""
         gathered = _gather_pages(self.pool, self.padded_ids(ids))
         jax.block_until_ready(gathered)  # read before a later step donates (and deletes) this pool version
         return jax.device_put(gathered, destination)

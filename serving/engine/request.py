@@ -103,6 +103,10 @@ class EngineRequest:
         return self.media
 
     @property
+    def todo_imgs(self) -> list[MediaInput]:  # the policies' name (ElasticMM sizes the encode queue's work)
+        return self.todo_media
+
+    @property
     def moka(self) -> bool:
         """Prefilled through the MokA adapters: a request with images or sounds on a MokA engine."""
         return self.key_mask is not None

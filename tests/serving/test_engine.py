@@ -59,6 +59,9 @@ ENGINES = {
     "coupled": dict(policy="coupled", num_instances=2),
     "static_pd": dict(policy="static_pd", policy_options=(("n_prefill", 1),), num_instances=2),
     "static_epd": dict(policy="static_epd", policy_options=(("split", (1, 1, 1, 1, 1)),), num_instances=5),
+    # tensor parallel: two instances of two devices each, weights sharded over each pair; KV moves between pairs
+    "static_pd_tp2": dict(policy="static_pd", policy_options=(("n_prefill", 1),), num_instances=2,
+                          devices_per_instance=2),
 }
 
 
@@ -122,7 +125,19 @@ def test_greedy_matches_reference_generate(engines, name, prompts, reference):
         assert engine.stats.migrations == before == 0
     else:
         assert engine.stats.migrations - before == len(prompts)
+    if name == "static_pd_tp2":
+        ex = engine.insts[1].executor
+        assert len({d for i in engine.insts for d in i.executor.devices}) == 4
+        q = ex.params["layers"]["attn"]["q_proj"]["kernel"][...]
+        assert q.sharding.shard_shape(q.shape)[-1] == q.shape[-1] // 2  # the heads are split over the pair
     assert_idle(engine)
+
+
+def test_a_layout_needing_more_devices_than_exist_is_refused(model):
+    cfg, params = model
+    config = EngineConfig(policy="coupled", num_instances=5, devices_per_instance=2, **SHAPE)
+    with pytest.raises(ValueError, match=r"num_instances = 5 x devices_per_instance = 2 needs 10 devices; 8 exist"):
+        Engine(cfg, params, engine_config=config)
 
 
 # ---- stop tokens and lengths -----------------------------------------------------------------------------------
@@ -276,7 +291,7 @@ def test_warmup_compiles_every_step_before_serving(model, prompts, reference):
     with Engine(cfg, params, engine_config=EngineConfig(policy="coupled", num_instances=1,
                                                         **dict(SHAPE, warmup=True)),
                 devices=jax.devices()[-1:]) as engine:
-        assert engine.insts[0].executor.device == jax.devices()[-1]
+        assert engine.insts[0].executor.devices == [jax.devices()[-1]]
         sizes = (executor_mod._decode_steps._cache_size(), executor_mod._prefill_step._cache_size())
         out = engine.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS))
         assert out == reference

@@ -10,6 +10,7 @@ import base64
 import contextlib
 import dataclasses
 import io
+import threading
 
 import httpx
 import numpy as np
@@ -126,6 +127,26 @@ def test_greedy_answers_with_images_match_multimodal_generate(mm, coupled, cases
         with engine.lock:
             assert engine.requests == {} and all(n == 0 for n in engine.embedding_cache.pool.ref.values())
             engine.check_invariants()
+        assert engine.stats.policy_errors == 0
+
+
+def test_elasticmm_sizes_an_encode_queue_of_engine_requests(mm, cases, reference):
+    """ElasticMM's scaling reads the queued requests' images still to encode (`todo_imgs`, the simulator's name)."""
+    prompts, images = inputs(mm, cases)
+    with build(mm, **FIVE["elasticmm"]) as engine:
+        out, done = [], threading.Event()
+
+        def sink(o):
+            out.extend(o.token_ids)
+            if o.finish_reason is not None:
+                done.set()
+
+        with engine.lock:  # the workers wait: the request stays in its encode queue while the policy looks
+            engine.submit(prompts[0], SamplingParams(max_tokens=MAX_TOKENS), sink, media=images[0])
+            assert len(engine.q[(Group.MM, Stage.ENCODE)]) == 1
+            finish, lengths = engine.policy._finish_times(engine, Group.MM, Stage.ENCODE, engine.now)
+            assert len(finish) == 1 and lengths == [len(prompts[0]) + 2 * 15]  # 2 placeholders -> 16 tokens each
+        assert done.wait(60) and out == reference[0]
 
 
 def test_a_cache_of_one_image_evicts_and_answers_the_same(mm, cases, reference):

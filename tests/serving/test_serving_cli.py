@@ -33,6 +33,7 @@ def free_port() -> int:
 @pytest.mark.parametrize("argv, message", [
     (["--devices", "0"], "--devices must be >= 1, got 0"),
     (["--port", "70000"], "--port 70000 is not a TCP port"),
+    (["--devices", "3", "--tp", "2"], "--devices 3 does not divide into instances of --tp 2 devices"),
     (["--policy", "static_epd", "--split", "1,x"], "--split '1,x' must be 5 comma-separated integers"),
     (["--model", "moka-demo", "--dtype", "bfloat16"], "the MokA demo is served in float32"),
     (["--model", "no/such/dir"], "no/such/dir"),
