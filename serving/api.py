@@ -81,6 +81,8 @@ class EngineCollector:
         yield CounterMetricFamily("serving_prompt_tokens", "prompt tokens prefilled", value=s.prompt_tokens)
         yield CounterMetricFamily("serving_generated_tokens", "tokens generated", value=s.generated_tokens)
         yield CounterMetricFamily("serving_role_switches", "instance role switches", value=snap["switches"])
+        yield CounterMetricFamily("serving_policy_errors", "scheduler ticks that raised (logged; serving went on)",
+                                  value=s.policy_errors)
         yield GaugeMetricFamily("serving_contexts", "KVzip contexts served", value=snap["contexts"])
         yield GaugeMetricFamily("serving_context_kv_bytes_saved", "KV bytes the served contexts do not hold "
                                 "(full cache minus compressed)", value=snap["context_kv_bytes_saved"])
@@ -91,8 +93,8 @@ class EngineCollector:
         yield CounterMetricFamily("serving_media_encoded", "images and sounds run through their encoders",
                                   value=s.media_encoded)
         cache = snap["embedding_cache"]
-        lookups = CounterMetricFamily("serving_embedding_cache_lookups", "image embedding cache lookups by result",
-                                      labels=["result"])
+        lookups = CounterMetricFamily("serving_embedding_cache_lookups",
+                                      "embedding cache lookups (images, sounds) by result", labels=["result"])
         lookups.add_metric(["hit"], cache["hits"])
         lookups.add_metric(["miss"], cache["misses"])
         yield lookups

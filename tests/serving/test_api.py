@@ -242,6 +242,7 @@ def test_models_health_metrics(client, http):
     assert values["serving_prompt_tokens_total"] > 0
     assert values['serving_requests_total{outcome="finished"}'] >= 2
     assert values['serving_kv_pages_total{instance="0"}'] == 4095
+    assert values["serving_policy_errors_total"] == 0
     # the same chat prompt twice: the second finds the first's full blocks in the prefix cache
     assert 0 < values['serving_prefix_cache_tokens_total{kind="hit"}'] < values[
         'serving_prefix_cache_tokens_total{kind="queried"}']
