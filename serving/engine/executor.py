@@ -33,6 +33,7 @@ from moka_jax.context import make_context
 from moka_jax.model import MOKA_LOGICAL_AXES
 from moka_jax.model import forward as moka_forward
 from serving.engine.pages import SequenceKV
+from serving.engine.request import MediaInput
 from serving.engine.sampling import RowSampling, SamplingParams, sample_rows
 
 
@@ -135,13 +136,6 @@ def _gather_pages(pool, ids):
 @functools.partial(jax.jit, donate_argnums=(0,))
 def _scatter_pages(pool, ids, data):
     return tuple(x.at[ids].set(d) for x, d in zip(pool, data, strict=True))
-
-
-@dataclasses.dataclass(frozen=True)
-class _Blank:  # an item of the warm-up's encode steps (the fields of a MediaInput that `encode` reads)
-    hash: str
-    values: np.ndarray
-    modality: str
 
 
 class HostInputError(ValueError):
@@ -333,7 +327,7 @@ class InstanceExecutor:
                     self.prefill([PrefillRow(np.zeros(chunk, np.int32), empty, SamplingParams(), mm, moka)])
         for name, m in self.modalities.items():
             for n in s.encode_buckets():
-                self.encode([_Blank(f"{name}{k}", np.zeros(m.input_shape, np.float32), name) for k in range(n)])
+                self.encode([MediaInput(f"{name}{k}", np.zeros(m.input_shape, np.float32), name) for k in range(n)])
         # migrations of every size a request can have (only the dummy page 0 is read and written)
         most = self.config.num_layers * self.config.num_kv_heads * s.max_table_width
         n = MIN_MOVE_PAGES
