@@ -7,18 +7,16 @@ the OpenAI API with a picture and a sound, through the official client."""
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import io
 import threading
 import time
-import wave
 
 import httpx
 import numpy as np
 import pytest
 from flax import nnx
 from PIL import Image
+from serving_testutil import png_data_uri, wav_base64
 
 from kvzip_jax.generate import generate as lm_generate
 from moka_jax import experiment
@@ -171,22 +169,6 @@ def test_moka_input_errors(demo, coupled, requests_):
 
 
 # ---- the OpenAI API: a picture and a sound -----------------------------------------------------------------------
-def png_uri(image: np.ndarray) -> str:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def wav_b64(sound: np.ndarray, rate: int = 16_000) -> str:
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as f:
-        f.setnchannels(1)
-        f.setsampwidth(2)
-        f.setframerate(rate)
-        f.writeframes((np.clip(sound, -1, 1) * 32767).astype("<i2").tobytes())
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 def test_the_openai_client_asks_the_demo_about_a_picture_and_a_sound(demo, coupled, samples):
     s = samples[1]
     pcm = (np.clip(s.audio, -1, 1) * 32767).astype(np.int16).astype(np.float32) / 32768.0  # what the WAV carries
@@ -194,8 +176,8 @@ def test_the_openai_client_asks_the_demo_about_a_picture_and_a_sound(demo, coupl
     app = create_app(coupled, chat_prompt=demo_chat_prompt(demo, coupled))
     with ServerThread(app) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
-        content = [{"type": "image_url", "image_url": {"url": png_uri(s.image)}},
-                   {"type": "input_audio", "input_audio": {"data": wav_b64(s.audio), "format": "wav"}},
+        content = [{"type": "image_url", "image_url": {"url": png_data_uri(s.image)}},
+                   {"type": "input_audio", "input_audio": {"data": wav_base64(s.audio), "format": "wav"}},
                    {"type": "text", "text": s.question}]
         reply = client.chat.completions.create(model=coupled.model_name, max_tokens=6, temperature=0,
                                                messages=[{"role": "user", "content": content}])
@@ -209,20 +191,20 @@ def test_the_openai_client_asks_the_demo_about_a_picture_and_a_sound(demo, coupl
             return r.json()["error"]["message"]
 
         assert "one picture and one sound" in refused(content[:1] + content[2:])
-        slow = {"type": "input_audio", "input_audio": {"data": wav_b64(s.audio, 8_000), "format": "wav"}}
+        slow = {"type": "input_audio", "input_audio": {"data": wav_base64(s.audio, 8_000), "format": "wav"}}
         assert "sampled at 8000 Hz; this model takes 16000 Hz" in refused([content[0], slow, content[2]])
         mp3 = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "mp3"}}
         assert "must be WAV" in refused([content[0], mp3, content[2]])
         junk = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}
         assert "cannot be read as WAV" in refused([content[0], junk, content[2]])
         assert "the question is empty" in refused(content[:2])
-        long = {"type": "input_audio", "input_audio": {"data": wav_b64(np.tile(s.audio, 2)), "format": "wav"}}
+        long = {"type": "input_audio", "input_audio": {"data": wav_base64(np.tile(s.audio, 2)), "format": "wav"}}
         assert "has shape (32000,)" in refused([content[0], long, content[2]])
         # a picture of another size is resized as CLIP's processor does; a shorter sound is padded with silence
         big = np.asarray(Image.fromarray(s.image).resize((64, 48)))
-        short = {"type": "input_audio", "input_audio": {"data": wav_b64(s.audio[:8000]), "format": "wav"}}
+        short = {"type": "input_audio", "input_audio": {"data": wav_base64(s.audio[:8000]), "format": "wav"}}
         other = client.chat.completions.create(model=coupled.model_name, max_tokens=6, temperature=0, messages=[
-            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_uri(big)}}, short,
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_uri(big)}}, short,
                                          content[2]]}])
         assert other.choices[0].finish_reason in ("stop", "length")
         # and it keeps serving

@@ -3,20 +3,16 @@ stopped; and its bad options, each refused with one line that names the value.""
 
 from __future__ import annotations
 
-import base64
-import io
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-import wave
 
 import httpx
-import numpy as np
 import pytest
-from PIL import Image
+from serving_testutil import png_data_uri, wav_base64
 
 from moka_jax.demo import held_out_samples
 from serving.cli import main
@@ -51,22 +47,6 @@ def test_an_unknown_policy_is_refused_by_the_parser(capsys):
     assert e.value.code == 2 and "invalid choice: 'round_robin'" in capsys.readouterr().err
 
 
-def _png(image: np.ndarray) -> str:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def _wav(sound: np.ndarray) -> str:
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as f:
-        f.setnchannels(1)
-        f.setsampwidth(2)
-        f.setframerate(16_000)
-        f.writeframes((np.clip(sound, -1, 1) * 32767).astype("<i2").tobytes())
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 def test_serve_the_moka_demo_and_ask_it_about_a_picture_and_a_sound():
     # a held-out sample the demo answers right ("how many shapes and beeps are there in total?" -> "two"); that the
     # engine's answers are the demo's own is checked in-process (test_engine_moka.py)
@@ -89,8 +69,8 @@ def test_serve_the_moka_demo_and_ask_it_about_a_picture_and_a_sound():
                 time.sleep(0.5)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["moka-avqa-demo"]
-        content = [{"type": "image_url", "image_url": {"url": _png(sample.image)}},
-                   {"type": "input_audio", "input_audio": {"data": _wav(sample.audio), "format": "wav"}},
+        content = [{"type": "image_url", "image_url": {"url": png_data_uri(sample.image)}},
+                   {"type": "input_audio", "input_audio": {"data": wav_base64(sample.audio), "format": "wav"}},
                    {"type": "text", "text": sample.question}]
         stream = client.chat.completions.create(model="moka-avqa-demo", max_tokens=6, temperature=0, stream=True,
                                                 messages=[{"role": "user", "content": content}])
