@@ -55,6 +55,7 @@ def logits_of(params, moka, x, ids, keys, **kw):
 
 # One method per adapter layout (routed A + shared B with attention, routed A and B, parallel pairs): the
 # adapter-level tests cover all six methods, and each compile here costs seconds.
+@pytest.mark.xla_optimized  # bitwise equal to a different program: as the optimized compiler builds both (conftest)
 @pytest.mark.parametrize("method", ["moka", "unimodal_lora", "multi_lora"])
 def test_fresh_adapters_leave_the_model_unchanged(method):
     moka = MokAConfig(method=method)
