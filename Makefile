@@ -19,7 +19,7 @@ COMPILE := pip compile -q --python-version 3.11 --annotation-style line --no-emi
 	--custom-compile-command "make lock" --extra hf --extra test --extra train --extra serve pyproject.toml requirements/dev.in
 LATEST_VENV ?= .venv-latest
 
-.PHONY: setup test demo demo-synthetic parity-demo serve bench lock test-latest mutate clean
+.PHONY: setup test test-cluster demo demo-synthetic parity-demo serve bench lock test-latest mutate clean
 
 setup: $(VENV)/.installed
 
@@ -35,6 +35,10 @@ $(VENV)/.installed: $(LOCK) $(MODELS) pyproject.toml Makefile
 # built once: XLA compiles on one thread, so two workers run the suite in ~0.8x the time of one (732 s vs 928 s).
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
+
+# The multi-process tests (`slow`): real local clusters of training processes on 127.0.0.1 (minutes on 2 cores).
+test-cluster: setup
+	$(PY) -m pytest -q -p no:cacheprovider -m slow
 
 # The main job: KVzip on a real model (SmolLM2-135M-Instruct, GGUF from PyPI) over the shipped English documents:
 # each compressed once to 30% without seeing the questions, every question answered from full, KVzip and SnapKV.

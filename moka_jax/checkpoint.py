@@ -18,6 +18,7 @@ from flax import nnx
 
 from kvzip_jax.models.safetensors_index import place_tensors
 from kvzip_jax.sharding import path_str
+from moka_jax.cluster import host_copy
 from moka_jax.config import MokAConfig
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -61,7 +62,8 @@ def restore_training(directory: str, trainable: nnx.State, opt_state, step: int 
 
 
 def _flat(state) -> dict[str, np.ndarray]:
-    return {path_str(p): np.asarray(jax.device_get(x)) for p, x in jax.tree_util.tree_leaves_with_path(state)}
+    """Host copies by param path (arrays replicated over many processes read from this process's copy)."""
+    return {path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(host_copy(state))}
 
 
 def save_state(path: str, state) -> None:

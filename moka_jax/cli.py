@@ -5,6 +5,11 @@
     moka-jax export --work DIR [--method moka] [--seed 0] --out OUT_DIR
     moka-jax demo   [--samples 12] [--model DIR]     the shipped trained demo model on held-out questions
 
+Many processes, one job (multi-controller JAX, data parallel over every process's devices): run `train` once per
+process with `--coordinator HOST:PORT --num-processes N --process-id I` (or `--cluster-auto` where JAX detects the
+job: SLURM, Open MPI, Kubernetes, TPU pods), the same `--work` directory on a shared file system. `--cpu-devices K`
+gives a CPU process K devices. The global batch, hence the training, is the same for any process count.
+
 `DIR/base` holds the encoders and aligned projectors (stages 0-1, trained once and shared by every run);
 `DIR/<method>-seed<k>` one instruction-tuning run: Orbax checkpoints (an interrupted `train` resumes where it
 stopped), `metrics.jsonl`, `training.png` and the exported adapter (`adapter/`: safetensors + JSON).
@@ -34,10 +39,18 @@ def _parser() -> argparse.ArgumentParser:
         if name == "train":
             p.add_argument("--steps", type=int, default=250, help="instruction-tuning steps")
             p.add_argument("--encoder-steps", type=int, default=400)
+            p.add_argument("--encoder-samples", type=int, default=4096, help="stage 0's labelled pictures and sounds")
             p.add_argument("--align-steps", type=int, default=300)
             p.add_argument("--batch-size", type=int, default=16)
             p.add_argument("--lr", type=float, default=2e-3)
             p.add_argument("--checkpoint-every", type=int, default=100)
+            p.add_argument("--coordinator", help="HOST:PORT of process 0 (many processes; with the next two)")
+            p.add_argument("--num-processes", type=int)
+            p.add_argument("--process-id", type=int)
+            p.add_argument("--cluster-auto", action="store_true", help="let JAX find the job in the environment")
+            p.add_argument("--cpu-devices", type=int, help="CPU devices of this process")
+            p.add_argument("--cluster-timeout", type=int, default=120,
+                           help="seconds every process waits for the others to join")
         if name == "eval":
             p.add_argument("--samples", type=int, default=240, help="held-out questions")
             p.add_argument("--json", action="store_true")
@@ -49,13 +62,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _cluster(args):
+    from moka_jax.cluster import ClusterConfig
+
+    return ClusterConfig(coordinator=args.coordinator, num_processes=args.num_processes, process_id=args.process_id,
+                         auto=args.cluster_auto, cpu_devices=args.cpu_devices, timeout_s=args.cluster_timeout)
+
+
 def _check(args) -> None:
-    for name in ("steps", "encoder_steps", "align_steps", "batch_size", "checkpoint_every", "samples"):
+    for name in ("steps", "encoder_steps", "encoder_samples", "align_steps", "batch_size", "checkpoint_every",
+                 "samples"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if getattr(args, "lr", 1.0) <= 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
+    if args.command == "train":
+        _cluster(args)  # its errors name the setting and the value
     if args.command == "demo" and args.model is not None and not os.path.isdir(args.model):
         raise ValueError(f"--model {args.model} is not a directory")
     if args.command in ("eval", "export") and not os.path.isdir(_run_dir(args)):
@@ -71,44 +94,64 @@ def _config(args):
     from moka_jax import avqa_model, experiment
 
     return experiment.ExperimentConfig(
-        encoder=avqa_model.EncoderTraining(steps=getattr(args, "encoder_steps", 400)),
+        encoder=avqa_model.EncoderTraining(steps=getattr(args, "encoder_steps", 400),
+                                           samples=getattr(args, "encoder_samples", 4096)),
         align_steps=getattr(args, "align_steps", 300), tune_steps=getattr(args, "steps", 250),
         batch_size=getattr(args, "batch_size", 16), learning_rate=getattr(args, "lr", 2e-3),
         test_samples=getattr(args, "samples", 240))
 
 
 def _train(args) -> None:
+    import jax
     from tqdm import tqdm
 
+    from moka_jax import cluster
+
+    cluster.initialize(_cluster(args))  # before any JAX computation
     from moka_jax import checkpoint, experiment
     from moka_jax.train import split_trainable
 
+    primary = cluster.is_primary()
     cfg = _config(args)
     run_dir = _run_dir(args)
     os.makedirs(run_dir, exist_ok=True)
+    mesh = cluster.data_mesh()
+    if cfg.batch_size % mesh.size:  # before stages 0-1 start (a resumed job may have another device count)
+        raise ValueError(f"--batch-size {cfg.batch_size} does not split over the job's {mesh.size} devices "
+                         f"({jax.process_count()} process(es)): use a multiple of {mesh.size}")
+    if primary and jax.process_count() > 1:
+        print(f"{jax.process_count()} processes, {mesh.size} devices in all; global batch {cfg.batch_size}")
     llm = experiment.load_llm()
-    encoders, projectors = experiment.prepare(cfg, os.path.join(args.work, "base"), llm, progress=print)
+    encoders, projectors = experiment.prepare(cfg, os.path.join(args.work, "base"), llm, mesh=mesh,
+                                              progress=print if primary else lambda _: None)
     moka = cfg.moka(args.method)
     model = experiment.build_model(llm, moka, seed=args.seed, projectors=projectors)
     checkpoints = os.path.join(run_dir, "checkpoints")
     done = checkpoint.latest_step(checkpoints) or 0
-    bar = tqdm(total=cfg.tune_steps, initial=done, desc=f"{args.method} seed {args.seed}", unit="step")
+    bar = tqdm(total=cfg.tune_steps, initial=done, desc=f"{args.method} seed {args.seed}", unit="step",
+               disable=not primary)
     t0 = time.perf_counter()
-    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as metrics:
+    # every process logs its metrics (the same numbers: the loss is global); process 0 writes the shared log
+    with open(os.path.join(run_dir, "metrics.jsonl") if primary else os.devnull, "a") as metrics:
         def log(row):
             row["elapsed_s"] = round(time.perf_counter() - t0, 3)
             metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.3f}", token_acc=f"{row['token_accuracy']:.3f}")
 
         experiment.train_stage(model, moka, encoders, kind="qa", steps=cfg.tune_steps, cfg=cfg, seed=args.seed,
-                               log=log, checkpoint_dir=checkpoints, checkpoint_every=args.checkpoint_every)
+                               log=log, checkpoint_dir=checkpoints, checkpoint_every=args.checkpoint_every,
+                               mesh=mesh)
     bar.close()
-    plot_metrics(os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "training.png"))
     _, trainable, _ = split_trainable(model)
-    checkpoint.save_adapter(os.path.join(run_dir, "adapter"), trainable, moka, base_model="kvzip_jax demo_model",
-                            seed=args.seed, steps=cfg.tune_steps)
-    print(f"adapter: {os.path.join(run_dir, 'adapter')}")
+    if primary:
+        plot_metrics(os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "training.png"))
+        checkpoint.save_adapter(os.path.join(run_dir, "adapter"), trainable, moka, base_model="kvzip_jax demo_model",
+                                seed=args.seed, steps=cfg.tune_steps)
+        print(f"adapter: {os.path.join(run_dir, 'adapter')}")
+    cluster.barrier("moka: adapter saved")
+    cluster.shutdown()
 
 
 def _load_trained(args):
@@ -183,10 +226,12 @@ def plot_metrics(log_path: str, png_path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from moka_jax.cluster import ClusterError
+
     try:
         _check(args)
         {"train": _train, "eval": _eval, "export": _export, "demo": _demo}[args.command](args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ClusterError) as e:
         print(f"moka-jax: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -219,6 +219,8 @@ def make_dataset(
     sample_rate: int = 16_000,
     seconds: float = 1.0,
     read_options: Any = None,
+    process_index: int = 0,
+    process_count: int = 1,
 ) -> grain.IterDataset:
     """A Grain pipeline of dict batches (the arrays of `encode_example`, stacked on a leading batch axis).
 
@@ -226,6 +228,10 @@ def make_dataset(
     reshuffled per epoch; `num_epochs=None` repeats forever). Split `train` is sample indices [0, num_samples),
     `test` the same count from SPLIT_SIZE on: disjoint, each answer-balanced. `kind="caption"` alternates image
     and audio captions. `iter(dataset)` is a checkpointable iterator: `get_state()` / `set_state(state)`.
+
+    Many processes (`process_count` > 1): each reads only its rows of every global batch, process p the p-th of
+    `process_count` equal slices, so the global batches are those of one process whatever the count. The iterator
+    state counts batches, so a checkpoint resumes on another process count.
     """
     if split not in SPLIT_STARTS:
         raise ValueError(f"split must be one of {tuple(SPLIT_STARTS)}, got {split!r}")
@@ -235,6 +241,13 @@ def make_dataset(
         raise ValueError(f"num_samples={num_samples} must be in [1, {SPLIT_SIZE}] (the size of a split)")
     if batch_size < 1 or (drop_remainder and num_samples < batch_size):
         raise ValueError(f"batch_size={batch_size} with num_samples={num_samples} gives no full batch")
+    if not 0 <= process_index < process_count or batch_size % process_count:
+        raise ValueError(f"batch_size={batch_size} must split evenly over process_count={process_count} "
+                         f"(process_index={process_index} must be in [0, {process_count}))")
+    if process_count > 1 and num_epochs is not None and (num_samples * num_epochs) % batch_size:
+        # a last, partial global batch would give the processes different batch counts, and a collective would hang
+        raise ValueError(f"{num_epochs} epoch(s) of {num_samples} samples do not fill whole batches of {batch_size} "
+                         f"over {process_count} processes; use num_epochs=None or a multiple of the batch size")
     tokenizer = load_demo_tokenizer() if tokenizer is None else tokenizer
     longest = max_example_length(tokenizer, n_image_tokens=n_image_tokens, n_audio_tokens=n_audio_tokens, kind=kind)
     if seq_len < longest:  # fail here, not at some later batch
@@ -252,7 +265,9 @@ def make_dataset(
         n_image_tokens=n_image_tokens, n_audio_tokens=n_audio_tokens, image_size=image_size,
         sample_rate=sample_rate, seconds=seconds,
     ))
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    ds = ds.batch(batch_size // process_count, drop_remainder=drop_remainder)
+    if process_count > 1:  # consecutive slices of the shuffled stream make one global batch; this process's slice
+        ds = ds[process_index::process_count]
     # A few batches ahead on two threads: the work is small numpy, and the machine's cores are shared.
     options = read_options or grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
     return ds.to_iter_dataset(options)

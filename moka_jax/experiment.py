@@ -18,15 +18,17 @@ import os
 import time
 from collections.abc import Callable, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from kvzip_jax.kvzip_demo import DEMO_MODEL_DIR
 from kvzip_jax.models import audio, vision
 from kvzip_jax.models.hf_io import load_params
 from kvzip_jax.models.projector import ProjectorConfig
-from moka_jax import avqa, avqa_model, checkpoint, data
+from moka_jax import avqa, avqa_model, checkpoint, cluster, data
 from moka_jax import generate as moka_generate
 from moka_jax.config import MokAConfig
 from moka_jax.context import make_context
@@ -86,21 +88,29 @@ def build_model(llm, moka: MokAConfig, *, seed: int, projectors: nnx.State | Non
     return model
 
 
-def model_inputs(batch: dict, encoders: dict) -> dict:
-    """A pipeline batch (numpy) -> the train step's batch: token arrays and the frozen encoders' features."""
-    feats = avqa_model.encode_features(encoders, jnp.asarray(avqa_model.pixels(batch["image"])),
-                                       jnp.asarray(avqa_model.log_mel(batch["audio"])))
-    return {"tokens": jnp.asarray(batch["tokens"]), "modality_ids": jnp.asarray(batch["modality_ids"]),
-            "loss_weights": jnp.asarray(batch["loss_weights"]), "features": feats}
+def model_inputs(batch: dict, encoders: dict, mesh: Mesh | None = None) -> dict:
+    """A pipeline batch (numpy) -> the train step's batch: token arrays and the frozen encoders' features. With
+    `mesh`, `batch` holds this process's rows, and the arrays are global ones split over the mesh's "data" axis."""
+    put = jnp.asarray if mesh is None else (lambda x: cluster.global_batch(x, mesh))
+    feats = avqa_model.encode_features(encoders, put(avqa_model.pixels(batch["image"])),
+                                       put(avqa_model.log_mel(batch["audio"])))
+    return {"tokens": put(batch["tokens"]), "modality_ids": put(batch["modality_ids"]),
+            "loss_weights": put(batch["loss_weights"]), "features": feats}
 
 
 def train_stage(model: AdaptedMultimodalLM, moka: MokAConfig, encoders: dict, *, kind: str, steps: int,
                 cfg: ExperimentConfig, seed: int, trainable=TRAINABLE, log: Callable[[dict], None] | None = None,
-                checkpoint_dir: str | None = None, checkpoint_every: int = 100):
+                checkpoint_dir: str | None = None, checkpoint_every: int = 100, mesh: Mesh | None = None):
     """Train `model`'s `trainable` group for `steps` on `kind` ("qa" | "caption") batches; the model is updated
     in place. Returns the losses of the steps taken. With `checkpoint_dir`, the trainable state, the optimizer
     state and the data iterator are saved every `checkpoint_every` steps, and a run finds its latest checkpoint
-    there and resumes from it (taking exactly the steps an uninterrupted run takes)."""
+    there and resumes from it (taking exactly the steps an uninterrupted run takes).
+
+    `mesh` (`cluster.data_mesh()`): data parallel over its devices, in one process or many; each process reads its
+    rows of every batch, the state is replicated, and a checkpoint resumes on any process count. Without it, the
+    stage runs on the default device."""
+    if mesh is not None and cfg.batch_size % mesh.size:
+        raise ValueError(f"batch_size={cfg.batch_size} does not split over the mesh's {mesh.size} devices")
     tokenizer = data.load_demo_tokenizer()
     seq_len = data.max_example_length(tokenizer, n_image_tokens=avqa_model.N_IMAGE_TOKENS,
                                       n_audio_tokens=avqa_model.N_AUDIO_TOKENS, kind=kind)
@@ -108,12 +118,15 @@ def train_stage(model: AdaptedMultimodalLM, moka: MokAConfig, encoders: dict, *,
     dataset = data.make_dataset(tokenizer, seed=seed, num_samples=cfg.train_samples, batch_size=cfg.batch_size,
                                 seq_len=seq_len, n_image_tokens=avqa_model.N_IMAGE_TOKENS,
                                 n_audio_tokens=avqa_model.N_AUDIO_TOKENS, kind=kind, num_epochs=None,
-                                data_seed=cfg.data_seed)
+                                data_seed=cfg.data_seed, **_process_slice(mesh))
     # No remat: at this size activations are small, and recomputing them would cost a quarter of the step.
     train_cfg = TrainConfig(steps=steps, learning_rate=cfg.learning_rate, seed=seed, remat=False)
     tx = optimizer(train_cfg)
     graphdef, params, frozen = split_trainable(model, trainable)
     opt_state = tx.init(params)
+    if mesh is not None:  # the optimizer's step counts too: a restored checkpoint keeps its arrays' shardings
+        params, frozen, encoders, opt_state = (cluster.replicate(x, mesh) for x in (params, frozen, encoders,
+                                                                                    opt_state))
     step_fn = make_train_step(graphdef, tx, train_cfg)
     losses = []
     iterator = iter(dataset)
@@ -124,8 +137,11 @@ def train_stage(model: AdaptedMultimodalLM, moka: MokAConfig, encoders: dict, *,
     for i in range(start, steps):
         batch = next(iterator)
         ctx = make_context(moka, batch["modality_ids"], batch["key_mask"], max_keys=MAX_KEYS)
-        params, opt_state, loss, acc = step_fn(params, opt_state, frozen, model_inputs(batch, encoders), ctx,
-                                               jnp.int32(i))
+        if mesh is not None:
+            ctx = cluster.global_batch(ctx, mesh)
+        params, opt_state, loss, acc = step_fn(params, opt_state, frozen, model_inputs(batch, encoders, mesh), ctx,
+                                               np.int32(i))
+        loss, acc = cluster.host_copy((loss, acc))
         losses.append(float(loss))
         if log is not None:
             log({"step": i + 1, "loss": losses[-1], "token_accuracy": float(acc)})
@@ -135,13 +151,20 @@ def train_stage(model: AdaptedMultimodalLM, moka: MokAConfig, encoders: dict, *,
     return losses
 
 
+def _process_slice(mesh: Mesh | None) -> dict:
+    return {} if mesh is None else {"process_index": jax.process_index(), "process_count": jax.process_count()}
+
+
 def encoder_target() -> dict:
     return {"image": vision.abstract_params(avqa_model.VISION), "audio": audio.abstract_params(avqa_model.AUDIO)}
 
 
-def prepare(cfg: ExperimentConfig, base_dir: str, llm, *, progress: Callable[[str], None] = print):
+def prepare(cfg: ExperimentConfig, base_dir: str, llm, *, progress: Callable[[str], None] = print,
+            mesh: Mesh | None = None):
     """Stages 0 and 1, shared by every method and seed: the frozen encoders and the aligned projectors, loaded
-    from `base_dir` when an earlier run saved them there (with the same configuration), else trained and saved."""
+    from `base_dir` when an earlier run saved them there (with the same configuration), else trained and saved.
+    With `mesh` the alignment is data parallel (`train_stage`); over many processes every process pre-trains the
+    same encoders (deterministic, no collectives), and process 0 alone writes the files."""
     os.makedirs(base_dir, exist_ok=True)
     saved_cfg = os.path.join(base_dir, "stages.json")
     stages = {"encoder": dataclasses.asdict(cfg.encoder), "align_steps": cfg.align_steps,
@@ -160,14 +183,16 @@ def prepare(cfg: ExperimentConfig, base_dir: str, llm, *, progress: Callable[[st
     progress(f"encoders: train accuracy image {enc_acc['image']:.3f} audio {enc_acc['audio']:.3f} "
              f"({time.perf_counter() - t0:.0f} s)")
     losses = train_stage(aligned, cfg.moka("lora"), encoders, kind="caption", steps=cfg.align_steps, cfg=cfg,
-                         seed=0, trainable=PROJECTOR_PARAMS)
+                         seed=0, trainable=PROJECTOR_PARAMS, mesh=mesh)
     progress(f"alignment: caption loss {losses[0]:.3f} -> {np.mean(losses[-20:]):.3f} "
              f"({time.perf_counter() - t0:.0f} s)")
     projectors = nnx.state(aligned.projectors)
-    checkpoint.save_state(encoders_file, encoders)
-    checkpoint.save_state(projectors_file, projectors)
-    with open(saved_cfg, "w") as f:
-        json.dump(stages, f, indent=2)
+    if cluster.is_primary():
+        checkpoint.save_state(encoders_file, encoders)
+        checkpoint.save_state(projectors_file, projectors)
+        with open(saved_cfg, "w") as f:
+            json.dump(stages, f, indent=2)
+    cluster.barrier("moka: stages 0 and 1 saved")
     return encoders, projectors
 
 
