@@ -5,6 +5,7 @@
   python scripts/simulate.py --matrix --quick          # CSVs + figures in docs/ in a few minutes
   python scripts/simulate.py --matrix                  # the full matrix (tens of minutes on 2 cores)
   python scripts/simulate.py --robustness --jobs 2     # elastic vs the best baseline on a seeded family of loads
+  python scripts/simulate.py --scale                   # ElasticMM at 8, 64 and 256 instances over hosts of 8
 
 The logic lives in serving/ (experiments.py, matrix.py, robustness.py); this file only parses arguments and prints.
 """
@@ -39,6 +40,8 @@ def parse(argv=None):
                    help="elastic vs coupled and the best static PD / EPD splits on a seeded family of loads")
     p.add_argument("--quick", action="store_true", help="small matrix or robustness family (short traces)")
     p.add_argument("--overheads", action="store_true", help="only measure decision time and simulation speed")
+    p.add_argument("--scale", action="store_true",
+                   help="ElasticMM at 8-256 instances, on one host and on hosts of 8 with a cross-host link")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                    help="worker processes for the matrix and the robustness runs")
     p.add_argument("--out", default="docs", help="output folder for CSVs and figures")
@@ -166,9 +169,27 @@ def robustness(args):
     print(markdown(rows, header))
 
 
+def scale(args):
+    from serving import scale as scale_study
+
+    t0 = time.time()
+    cfg = dataclasses.replace(scale_study.QUICK if args.quick else scale_study.ScaleConfig(), seed=args.seed)
+    rows = scale_study.run_scale(cfg)
+    csv_path, png_path = scale_study.write_outputs(rows, Path(args.out))
+    env = environment()
+    cmd = "python scripts/simulate.py --scale" + (" --quick" if args.quick else "") + f" --seed {args.seed}"
+    print("\n".join([
+        f"\n## ElasticMM over many hosts ({'quick' if args.quick else 'full'})\n",
+        f"- command: `{cmd}` ({time.time() - t0:.0f} s wall)",
+        f"- date: {env['date']}; machine: {env['machine']}; Python {env['python']}, numpy {env['numpy']}",
+        f"- CSV and figure: {csv_path}, {png_path}\n", scale_study.markdown(rows)]))
+
+
 def main(argv=None):
     args = parse(argv)
-    if args.robustness:
+    if args.scale:
+        scale(args)
+    elif args.robustness:
         robustness(args)
     elif args.matrix:
         matrix(args)

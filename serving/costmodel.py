@@ -90,6 +90,13 @@ def validate_profile(data: dict, source: str = "<dict>") -> None:
                            f"{data['prefill']['saturation_fraction']} must be in (0, 1)")
     if data["link"]["bandwidth_GBps"] <= 0:
         raise ProfileError(f"cost profile {source}: link.bandwidth_GBps must be > 0")
+    cross = data.get("cross_host_link")  # optional: the link between hosts (the default: the one link)
+    if cross is not None:
+        for k in ("alpha_ms", "bandwidth_GBps"):
+            v = cross.get(k) if isinstance(cross, dict) else None
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (k == "bandwidth_GBps" and v == 0):
+                raise ProfileError(f"cost profile {source}: cross_host_link.{k} = {v!r} must be a finite number "
+                                   f"{'> 0' if k == 'bandwidth_GBps' else '>= 0'}")
 
 
 @dataclass
@@ -120,6 +127,9 @@ class CostModel:
         self.decode_max_batch = int(de["max_batch"])
         self.alpha = p["link"]["alpha_ms"] * ms
         self.bw = p["link"]["bandwidth_GBps"] * 1e9
+        cross = p.get("cross_host_link")
+        self.cross_alpha = cross["alpha_ms"] * ms if cross else self.alpha
+        self.cross_bw = cross["bandwidth_GBps"] * 1e9 if cross else self.bw
         self.t_switch = p["switch"]["t_switch_ms"] * ms
         vi = p["vision"]
         self.patch_px, self.min_pixels, self.max_pixels = vi["patch_px"], vi["min_pixels"], vi["max_pixels"]
@@ -147,11 +157,13 @@ class CostModel:
             return self.da + self.db * sum_ctx + self.dc * batch
         return self.dla + self.dlb * sum_ctx + self.dlc * batch
 
-    def transfer_time(self, nbytes: float) -> float:
+    def transfer_time(self, nbytes: float, cross_host: bool = False) -> float:
+        if cross_host:
+            return self.cross_alpha + nbytes / self.cross_bw
         return self.alpha + nbytes / self.bw
 
-    def kv_transfer_time(self, tokens: int) -> float:
-        return self.transfer_time(tokens * self.bytes_kv)
+    def kv_transfer_time(self, tokens: int, cross_host: bool = False) -> float:
+        return self.transfer_time(tokens * self.bytes_kv, cross_host)
 
     def vision_tokens(self, width: int, height: int) -> int:
         """Qwen2.5-VL smart resize: sides to multiples of 28 with pixels in [min, max]; 1 token per 28x28."""

@@ -24,10 +24,10 @@ from .model import STAMP_ORDER, Group, Instance, InstState, Modality, ReqState, 
 from .prefix_cache import EmbeddingCache, PrefixKVCache, PromptKeyer
 
 # event kinds
-ARRIVAL, PREPROC_DONE, ENC_DONE, PRE_DONE, DEC_STEP, ENQ_P, ENQ_D, MIG_DONE, SWITCH_DONE, TICK = range(10)
+ARRIVAL, PREPROC_DONE, ENC_DONE, PRE_DONE, DEC_STEP, ENQ_P, ENQ_D, MIG_DONE, SWITCH_DONE, TICK, HANDOFF_DONE = range(11)
 
 
-_REQ_EVENTS = frozenset((ARRIVAL, PREPROC_DONE, ENQ_P, ENQ_D, MIG_DONE))
+_REQ_EVENTS = frozenset((ARRIVAL, PREPROC_DONE, ENQ_P, ENQ_D, MIG_DONE, HANDOFF_DONE))
 
 
 class InvariantError(AssertionError):
@@ -43,6 +43,9 @@ class SimConfig:
     prefix_cache_blocks: int = 32_768  # KV blocks of 16 tokens per group (524k tokens, 30 GB over the group)
     decode_backpressure: float = 0.92  # prefill stops admitting when group decode KV use exceeds this
     record_decisions: bool = True
+    # Many hosts: instance i runs on host i // instances_per_host (0: every instance on one host). A KV hand-off or
+    # migration between hosts takes the profile's `cross_host_link` instead of its `link`.
+    instances_per_host: int = 0
 
 
 @dataclass
@@ -68,6 +71,8 @@ class SimResult:
     policy: str
     layout_log: list = field(default_factory=list)
     switch_log: list = field(default_factory=list)
+    handoff_bytes: float = 0.0  # prefill -> decode KV hand-offs
+    cross_host_bytes: float = 0.0  # hand-offs and migrations between hosts
 
 
 class RoleView:
@@ -121,6 +126,7 @@ class Simulator(RoleView):
         self.switch_log: list = []  # (time, instance, (group, stage) before, (group, stage) after)
         self.migrations = 0
         self.migrated_bytes = 0.0
+        self.handoff_bytes = self.cross_host_bytes = 0.0
         self.encoded_tokens = 0
         self.decision_times: list[float] = []
         self.decision_cpu_times: list[float] = []
@@ -214,7 +220,8 @@ class Simulator(RoleView):
             prefix_hit_tokens=sum(c.hit_tokens for c in self.kv_cache.values()) if self.kv_cache else 0,
             prefix_query_tokens=sum(c.query_tokens for c in self.kv_cache.values()) if self.kv_cache else 0,
             encoded_tokens=self.encoded_tokens, trace_hash=self.trace, policy=self.policy.name,
-            layout_log=self.layout_log, switch_log=self.switch_log)
+            layout_log=self.layout_log, switch_log=self.switch_log, handoff_bytes=self.handoff_bytes,
+            cross_host_bytes=self.cross_host_bytes)
 
     def _dispatch(self, kind, a, b):
         if kind == ARRIVAL:
@@ -249,6 +256,8 @@ class Simulator(RoleView):
                 self._on_encode_done(a)
         elif kind == MIG_DONE:
             self._on_migration_done(a, b)
+        elif kind == HANDOFF_DONE:
+            self._on_cross_host_handoff_done(a, b)
         elif kind == SWITCH_DONE:
             self._on_switch_done(a)
 
@@ -548,6 +557,11 @@ class Simulator(RoleView):
                 return
             q.popleft()
             src = self.insts[r.kv_owner]
+            if src.stage == Stage.PREFILL:  # the prefill's KV hand-off (charged on the link when it was queued)
+                self.handoff_bytes += r.input_len * self.cost.bytes_kv
+            if not self._same_host(src, tgt):
+                self._start_cross_host_handoff(r, src, tgt, need)
+                continue
             src.kv_used -= r.kv_blocks  # two-phase hand-off: source frees once the destination holds it
             tgt.kv_used += need
             r.kv_blocks, r.kv_owner = need, tgt.iid
@@ -556,6 +570,44 @@ class Simulator(RoleView):
                 self._start_decode(tgt)
             if src.stage == Stage.PREFILL and not src.busy and src.state == InstState.ACTIVE:
                 self._kick(src)
+
+    def _same_host(self, a: Instance, b: Instance) -> bool:
+        per = self.cfg.instances_per_host
+        return per <= 0 or a.iid // per == b.iid // per
+
+    def _start_cross_host_handoff(self, r: Request, src: Instance, tgt: Instance, need: int):
+        """The destination is on another host: the KV crosses the slower link. The queueing step charged the
+        local link's time; the rest comes before the request joins `tgt` (two-phase: `tgt` reserves now, the
+        source frees on arrival)."""
+        self.cross_host_bytes += r.input_len * self.cost.bytes_kv
+        extra = self.cost.kv_transfer_time(r.input_len, True) - self.cost.kv_transfer_time(r.input_len)
+        tgt.kv_used += need
+        tgt.incoming += need
+        r.state = ReqState.MIGRATING
+        self.inflight[r.rid] = r
+        self._push(self.now + max(0.0, extra), HANDOFF_DONE, r, tgt)
+
+    def _on_cross_host_handoff_done(self, r: Request, tgt: Instance):
+        self.inflight.pop(r.rid, None)
+        src = self.insts[r.kv_owner]
+        need = blocks_for(r.input_len + r.output_len, self.cost.block_size)
+        tgt.incoming -= need
+        if tgt.state != InstState.ACTIVE or (tgt.group, tgt.stage) != (r.group, Stage.DECODE):
+            # the policy moved the destination while the KV was on the wire (it looked idle): the KV is still the
+            # source's; the request goes back to the head of its decode queue for another destination
+            tgt.kv_used -= need
+            r.state = ReqState.QUEUED_D
+            self.q[(r.group, Stage.DECODE)].appendleft(r)
+            self._drain_decode_queue(r.group)
+            return
+        src.kv_used -= r.kv_blocks
+        r.kv_blocks, r.kv_owner = need, tgt.iid
+        r.state = ReqState.QUEUED_D
+        tgt.pending.append(r)
+        if not tgt.busy and tgt.state == InstState.ACTIVE:
+            self._start_decode(tgt)
+        if src.stage == Stage.PREFILL and not src.busy and src.state == InstState.ACTIVE:
+            self._kick(src)
 
     def _join_decode(self, inst: Instance, r: Request):
         r.state = ReqState.DECODING
@@ -702,9 +754,11 @@ class Simulator(RoleView):
                 r.migrations += 1
                 self.inflight[r.rid] = r
                 ctx = r.input_len + r.produced
-                dt = self.cost.kv_transfer_time(ctx)
+                cross = not self._same_host(inst, tgt)
+                dt = self.cost.kv_transfer_time(ctx, cross)
                 self.migrations += 1
                 self.migrated_bytes += ctx * self.cost.bytes_kv
+                self.cross_host_bytes += ctx * self.cost.bytes_kv if cross else 0.0
                 self._push(self.now + dt, MIG_DONE, r, tgt)
                 ready = max(ready, self.now + dt + self.cost.t_switch)
         self.stage_time[inst.stage] += self.now - inst.role_since

@@ -50,6 +50,28 @@ def test_bad_values_and_unknown_profile(tmp_path):
         load_profile(p)
 
 
+@pytest.mark.parametrize(("link", "message"), [
+    ({"alpha_ms": 0.02}, "cross_host_link.bandwidth_GBps = None must be a finite number > 0"),
+    ({"alpha_ms": 0.02, "bandwidth_GBps": 0}, "cross_host_link.bandwidth_GBps = 0 must be a finite number > 0"),
+    ({"alpha_ms": -1, "bandwidth_GBps": 25}, "cross_host_link.alpha_ms = -1 must be a finite number >= 0"),
+])
+def test_a_bad_cross_host_link_is_named(link, message):
+    prof = copy.deepcopy(load_profile())
+    prof["cross_host_link"] = link
+    with pytest.raises(ProfileError) as e:
+        CostModel(prof)
+    assert message in str(e.value)
+
+
+def test_the_cross_host_link_defaults_to_the_one_link():
+    c = CostModel(load_profile())
+    assert c.kv_transfer_time(1000, cross_host=True) == c.kv_transfer_time(1000)
+    prof = copy.deepcopy(load_profile())
+    prof["cross_host_link"] = {"alpha_ms": 0.02, "bandwidth_GBps": 25.0}
+    slow = CostModel(prof)
+    assert slow.kv_transfer_time(1000, cross_host=True) == pytest.approx(0.02e-3 + 1000 * slow.bytes_kv / 25e9)
+
+
 def test_refit_recovers_coefficients_from_timings():
     c = CostModel(load_profile())
     rng = np.random.default_rng(0)

@@ -7,6 +7,7 @@ from serving.metrics import summarize, unloaded_ttft
 from serving.model import Group, Image, Modality, ReqState, Request, Stage
 from serving.policies import make_policy
 from serving.simulator import InvariantError, SimConfig, Simulator, simulate
+from serving.workloads import generate
 
 POLICY_CASES = [("coupled", {}), ("static_pd", {"n_prefill": 3}), ("static_epd", {"split": "mm_first"}),
                 ("static_epd", {"split": (2, 1, 1, 3, 1)}), ("elasticmm", {}), ("elasticmm_no_cache", {}),
@@ -63,6 +64,47 @@ def test_disaggregated_path_adds_transfers_and_nonblocking_overlaps():
               + c.prefill_time(r.input_len, r.input_len ** 2))
     assert r.t_first - r.t_arrival == pytest.approx(expect, rel=1e-9)
     assert r.t_enc_start < r.t_enc_end <= r.t_pre_start < r.t_pre_end == r.t_first < r.t_done
+
+
+def _cost_with_cross_host_link(bandwidth_gbps: float):
+    import copy
+
+    from serving.costmodel import CostModel
+
+    profile = copy.deepcopy(COST.profile)
+    profile["cross_host_link"] = {"alpha_ms": 0.05, "bandwidth_GBps": bandwidth_gbps}
+    return CostModel(profile)
+
+
+def test_a_hand_off_to_another_host_takes_the_cross_host_link():
+    """Static PD on 2 instances (prefill on 0, decode on 1): on one host, or on two; the request ends later by
+    exactly the cross-host link's extra time for its KV."""
+    cost = _cost_with_cross_host_link(2.0)
+    done = {}
+    for per_host in (0, 1):
+        r = _one(False)
+        res = simulate(make_policy("static_pd", n_prefill=1), [r], cost, 2,
+                       SimConfig(check_invariants=True, instances_per_host=per_host))
+        done[per_host] = r.t_done
+        assert res.handoff_bytes == r.input_len * cost.bytes_kv
+        assert res.cross_host_bytes == (res.handoff_bytes if per_host else 0.0)
+    extra = cost.kv_transfer_time(r.input_len, cross_host=True) - cost.kv_transfer_time(r.input_len)
+    assert extra > 0 and done[1] - done[0] == pytest.approx(extra, rel=1e-9)
+
+
+@pytest.mark.parametrize("name,kw", [("elasticmm", {}), ("static_pd", {"n_prefill": 3})])
+def test_instances_on_hosts_keep_every_invariant(name, kw):
+    cost = _cost_with_cross_host_link(0.5)  # slow enough that hand-offs are still in flight at later events
+    spec = tiny_spec(arrival="mmpp", rate=14.0, duration=10.0, burst_gap_mean=3.0, burst_len=(2.0, 4.0))
+    reqs = generate(spec, cost)
+    res = simulate(make_policy(name, **kw), reqs, cost, 8, SimConfig(check_invariants=True, instances_per_host=2))
+    assert all(r.state == ReqState.DONE and r.produced == r.output_len for r in reqs)
+    assert all(i.kv_used == 0 and i.incoming == 0 for i in res.instances)
+    assert 0 < res.cross_host_bytes <= res.handoff_bytes + res.migrated_bytes
+    # every instance on one host: the run of a single-host simulation, event for event
+    one = simulate(make_policy(name, **kw), generate(spec, cost), cost, 8, SimConfig(instances_per_host=8))
+    ref = simulate(make_policy(name, **kw), generate(spec, cost), cost, 8, SimConfig())
+    assert one.trace_hash == ref.trace_hash and one.cross_host_bytes == 0.0
 
 
 def test_cache_hit_skips_encode_and_prefill_of_the_prefix():
