@@ -5,7 +5,7 @@
   python scripts/simulate.py --matrix --quick          # CSVs + figures in docs/ in a few minutes
   python scripts/simulate.py --matrix                  # the full matrix (tens of minutes on 2 cores)
   python scripts/simulate.py --robustness --jobs 2     # elastic vs the best baseline on a seeded family of loads
-  python scripts/simulate.py --scale                   # ElasticMM at 8, 64 and 256 instances over hosts of 8
+  python scripts/simulate.py --scale                   # ElasticMM at 8 to 1024 instances over hosts of 8
 
 The logic lives in serving/ (experiments.py, matrix.py, robustness.py); this file only parses arguments and prints.
 """

@@ -1,9 +1,12 @@
 """ElasticMM over many hosts, in the simulator: how the scheduler's decision time and the KV traffic grow with the
 instance count when instances sit on hosts of `instances_per_host` and KV crosses a slower link between hosts.
 
-Each size runs the same bursty multimodal load per instance (MMPP, as the decision-time target of the matrix) twice:
-every instance on one host (the profile's one link), and on hosts of 8 with the cross-host link (a prefill -> decode
-hand-off or a migration to an instance on another host takes it). Driven by `scripts/simulate.py --scale`.
+Each size runs the same bursty multimodal load per instance (MMPP, as the decision-time target of the matrix) in
+four layouts: every instance on one host (the profile's one link); on hosts of 8 with the cross-host link (a
+prefill -> decode hand-off or a migration to an instance on another host takes it), the decode instance picked by
+free KV alone, as on one host; the same with the KV's own host first (`SimConfig.host_aware_decode`); and that with
+every role spread over the hosts (`SimConfig.spread_over_hosts`: instance i on host i mod H, where the policies
+give each role a contiguous range of ids). Driven by `scripts/simulate.py --scale`.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ CROSS_HOST_LINK = {"alpha_ms": 0.02, "bandwidth_GBps": 25.0}
 
 @dataclass(frozen=True)
 class ScaleConfig:
-    sizes: tuple[int, ...] = (8, 64, 256)
+    sizes: tuple[int, ...] = (8, 64, 256, 1024)
     instances_per_host: int = 8
     rate_per_instance: float = 4.0
     duration: float = 30.0
@@ -48,28 +51,36 @@ def cost_for(cfg: ScaleConfig, num_instances: int) -> CostModel:
     return CostModel(profile)
 
 
-def sim_config(cfg: ScaleConfig, num_instances: int, hosts: bool) -> SimConfig:
+# name: (on hosts of `instances_per_host`, host-aware decode, roles spread over hosts)
+LAYOUTS = {"one host": (False, True, False), "hosts, decode by free KV": (True, False, False),
+           "hosts, same host first": (True, True, False), "hosts, roles spread, same host first": (True, True, True)}
+
+
+def sim_config(cfg: ScaleConfig, num_instances: int, layout: str) -> SimConfig:
     """The caches are per group and sized for 8 instances: they grow with the instance count."""
     base, nodes = SimConfig(), -(-num_instances // 8)
-    return SimConfig(instances_per_host=cfg.instances_per_host if hosts else 0,
+    hosts, aware, spread = LAYOUTS[layout]
+    return SimConfig(instances_per_host=cfg.instances_per_host if hosts else 0, host_aware_decode=aware,
+                     spread_over_hosts=spread,
                      emb_cache_tokens=base.emb_cache_tokens * nodes,
                      prefix_cache_blocks=base.prefix_cache_blocks * nodes)
 
 
-def run_one(cfg: ScaleConfig, num_instances: int, *, hosts: bool) -> dict:
+def run_one(cfg: ScaleConfig, num_instances: int, layout: str) -> dict:
     cost = cost_for(cfg, num_instances)
     spec = WorkloadSpec(arrival="mmpp", rate=cfg.rate_per_instance * num_instances, duration=cfg.duration,
                         dataset=cfg.dataset, seed=cfg.seed, burst_gap_mean=10.0, burst_len=(5.0, 10.0))
     requests = generate(spec, cost)
-    per_host = cfg.instances_per_host if hosts else 0
+    per_host = cfg.instances_per_host if LAYOUTS[layout][0] else 0
     t0 = time.perf_counter()
-    res = simulate(make_policy("elasticmm"), requests, cost, num_instances, sim_config(cfg, num_instances, hosts))
+    res = simulate(make_policy("elasticmm"), requests, cost, num_instances, sim_config(cfg, num_instances, layout))
     wall = time.perf_counter() - t0
     row = summarize(res, cost)
     dt = np.asarray(res.decision_cpu_times) * 1e3
     moved = res.handoff_bytes + res.migrated_bytes
     return dict(
-        instances=num_instances, hosts=-(-num_instances // per_host) if per_host else 1, rate=spec.rate,
+        layout=layout, instances=num_instances, hosts=-(-num_instances // per_host) if per_host else 1,
+        rate=spec.rate,
         requests=len(requests), completed=row["completed"], ticks=len(dt),
         decision_cpu_ms_p50=float(np.percentile(dt, 50)), decision_cpu_ms_p99=float(np.percentile(dt, 99)),
         decision_cpu_ms_max=float(dt.max()), ttft_p50=row["ttft_p50"], ttft_p90=row["ttft_p90"],
@@ -82,22 +93,22 @@ def run_one(cfg: ScaleConfig, num_instances: int, *, hosts: bool) -> dict:
 def run_scale(cfg: ScaleConfig, progress=print) -> list[dict]:
     rows = []
     for n in cfg.sizes:
-        for hosts in (False, True):
-            rows.append(run_one(cfg, n, hosts=hosts))
+        for layout in LAYOUTS:
+            rows.append(run_one(cfg, n, layout))
             r = rows[-1]
-            progress(f"{n} instances on {r['hosts']} host(s): decision P99 {r['decision_cpu_ms_p99']:.2f} ms, "
+            progress(f"{n} instances, {layout} ({r['hosts']}): decision P99 {r['decision_cpu_ms_p99']:.2f} ms, "
                      f"TTFT P90 {r['ttft_p90']:.3f} s, cross-host {r['cross_host_GB']:.1f} GB "
                      f"({r['simulate_s']:.0f} s)")
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| instances | hosts | req/s | requests | decision CPU ms P50 / P99 / max | TTFT P50 / P90 s | TPOT P90 ms "
-            "| KV hand-off GB | migrated GB | cross-host GB (share) | simulate s |")
+    head = ("| instances | layout (hosts) | req/s | requests | decision CPU ms P50 / P99 / max | TTFT P50 / P90 s "
+            "| TPOT P90 ms | KV hand-off GB | migrated GB | cross-host GB (share) | simulate s |")
     lines = [head, "|" + "---|" * 11]
     for r in rows:
         lines.append(
-            f"| {r['instances']} | {r['hosts']} | {r['rate']:.0f} | {r['requests']} | "
+            f"| {r['instances']} | {r['layout']} ({r['hosts']}) | {r['rate']:.0f} | {r['requests']} | "
             f"{r['decision_cpu_ms_p50']:.2f} / {r['decision_cpu_ms_p99']:.2f} / {r['decision_cpu_ms_max']:.2f} | "
             f"{r['ttft_p50']:.3f} / {r['ttft_p90']:.3f} | {r['tpot_p90'] * 1e3:.1f} | {r['handoff_GB']:.1f} | "
             f"{r['migrated_GB']:.2f} | {r['cross_host_GB']:.1f} ({r['cross_host_share']:.0%}) | "
@@ -112,18 +123,18 @@ def figure(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    many = [r for r in rows if r["hosts"] > 1 or r["instances"] <= 8]
-    one = [r for r in rows if r["hosts"] == 1]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for sel, label in ((one, "one host"), (many, "hosts of 8")):
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for layout, marker in zip(LAYOUTS, "os^D", strict=True):
+        sel = [r for r in rows if r["layout"] == layout]
         n = [r["instances"] for r in sel]
-        a.plot(n, [r["decision_cpu_ms_p99"] for r in sel], "o-", label=f"P99, {label}")
-        a.plot(n, [r["decision_cpu_ms_p50"] for r in sel], "s--", label=f"P50, {label}")
+        a.plot(n, [r["decision_cpu_ms_p99"] for r in sel], marker + "-", label=f"P99, {layout}")
+        if LAYOUTS[layout][0]:
+            b.plot(n, [max(r["cross_host_GB"], 1e-3) for r in sel], marker + "-", label=f"between hosts, {layout}")
+    sel = [r for r in rows if r["layout"] == "one host"]
+    b.plot([r["instances"] for r in sel], [r["handoff_GB"] + r["migrated_GB"] for r in sel], "k--",
+           label="all KV moved (one host)")
     a.set(xscale="log", yscale="log", xlabel="instances", ylabel="policy tick CPU time (ms)",
-          title="ElasticMM decision time")
-    n = [r["instances"] for r in many]
-    b.plot(n, [r["handoff_GB"] + r["migrated_GB"] for r in many], "o-", label="KV moved (hand-offs + migrations)")
-    b.plot(n, [max(r["cross_host_GB"], 1e-3) for r in many], "s-", label="of which between hosts")
+          title="ElasticMM decision time (tick: 50 ms)")
     b.set(xscale="log", yscale="log", xlabel="instances", ylabel="GB over the run", title="KV traffic")
     for ax in (a, b):
         ax.legend(fontsize=8)

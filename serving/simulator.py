@@ -46,6 +46,10 @@ class SimConfig:
     # Many hosts: instance i runs on host i // instances_per_host (0: every instance on one host). A KV hand-off or
     # migration between hosts takes the profile's `cross_host_link` instead of its `link`.
     instances_per_host: int = 0
+    host_aware_decode: bool = True  # a hand-off or migration prefers a decode instance on the KV's own host
+    # Instance i on host i // instances_per_host (False) or i mod the host count (True). Policies give each role a
+    # range of instance ids, so the first puts whole roles on a host, and the second spreads every role over hosts.
+    spread_over_hosts: bool = False
 
 
 @dataclass
@@ -532,13 +536,18 @@ class Simulator(RoleView):
                 used += i.kv_used
         return used / tot if tot else 0.0
 
-    def _pick_decode(self, g: Group, need: int, exclude=None) -> Instance | None:
-        best, best_free = None, -1
+    def _pick_decode(self, g: Group, need: int, exclude=None, near: Instance | None = None) -> Instance | None:
+        """The decode instance of `g` with the most free KV that can take `need` blocks; with `near` (where the
+        KV is now) and `host_aware_decode`, one on the same host first, if any has room."""
+        best, best_key = None, None
         cap = self.cost.decode_max_batch
+        aware = near is not None and self.cfg.host_aware_decode
         for i in self.insts:
             if (i.group == g and i.stage == Stage.DECODE and i.state == InstState.ACTIVE and i is not exclude
-                    and len(i.running) + len(i.pending) < cap and i.kv_free >= need and i.kv_free > best_free):
-                best, best_free = i, i.kv_free
+                    and len(i.running) + len(i.pending) < cap and i.kv_free >= need):
+                key = (aware and self._same_host(i, near), i.kv_free)
+                if best is None or key > best_key:
+                    best, best_key = i, key
         return best
 
     def _on_enqueue_decode(self, r: Request, src: Instance):
@@ -552,11 +561,11 @@ class Simulator(RoleView):
         while q:
             r = q[0]
             need = blocks_for(r.input_len + r.output_len, bs)
-            tgt = self._pick_decode(g, need)
+            src = self.insts[r.kv_owner]
+            tgt = self._pick_decode(g, need, near=src)
             if tgt is None:
                 return
             q.popleft()
-            src = self.insts[r.kv_owner]
             if src.stage == Stage.PREFILL:  # the prefill's KV hand-off (charged on the link when it was queued)
                 self.handoff_bytes += r.input_len * self.cost.bytes_kv
             if not self._same_host(src, tgt):
@@ -573,7 +582,12 @@ class Simulator(RoleView):
 
     def _same_host(self, a: Instance, b: Instance) -> bool:
         per = self.cfg.instances_per_host
-        return per <= 0 or a.iid // per == b.iid // per
+        if per <= 0:
+            return True
+        if self.cfg.spread_over_hosts:  # instance i on host i mod H
+            hosts = -(-self.N // per)
+            return a.iid % hosts == b.iid % hosts
+        return a.iid // per == b.iid // per
 
     def _start_cross_host_handoff(self, r: Request, src: Instance, tgt: Instance, need: int):
         """The destination is on another host: the KV crosses the slower link. The queueing step charged the
@@ -741,7 +755,7 @@ class Simulator(RoleView):
             inst.pending.clear()
             inst.finish_heap.clear()
             for r in moving:
-                tgt = self._pick_decode(inst.group, r.kv_blocks, exclude=inst)
+                tgt = self._pick_decode(inst.group, r.kv_blocks, exclude=inst, near=inst)
                 if tgt is None:
                     # every peer is at its batch cap: wait in the group's decode queue; the KV stays in this
                     # instance's (role-independent) pool until a peer admits it
