@@ -88,6 +88,17 @@ def adapter(work) -> dict[str, np.ndarray]:
     return load_file(os.path.join(run_dir(work), "adapter", "adapter_model.safetensors"))
 
 
+def assert_same_adapter(work, reference, atol: float = 0.0) -> None:
+    """The two runs' exported adapters: the same tensors, equal within `atol` (0: bit for bit)."""
+    got, want = adapter(work), adapter(reference)
+    assert got.keys() == want.keys() and len(want) > 0
+    for name in want:
+        if atol:
+            np.testing.assert_allclose(got[name], want[name], rtol=0, atol=atol, err_msg=name)
+        else:
+            np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
 def checkpoint_steps(work) -> list[int]:
     folder = os.path.join(run_dir(work), "checkpoints")
     return sorted(int(d) for d in os.listdir(folder) if d.isdigit()) if os.path.isdir(folder) else []
@@ -116,10 +127,7 @@ def test_two_processes_of_four_devices_train_like_one_of_eight(two_by_four, tmp_
     assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
     np.testing.assert_allclose([a[s] for s in sorted(a)], [b[s] for s in sorted(b)], rtol=LOSS_RTOL)
     assert a[STEPS] < a[1]  # it trains
-    wa, wb = adapter(two_by_four), adapter(one_by_eight)
-    assert wa.keys() == wb.keys() and len(wa) > 0
-    for name in wa:
-        np.testing.assert_allclose(wa[name], wb[name], rtol=0, atol=WEIGHT_ATOL, err_msg=name)
+    assert_same_adapter(one_by_eight, two_by_four, atol=WEIGHT_ATOL)
 
 
 def interrupted_run(two_by_four: str, work: str) -> str:
@@ -144,10 +152,7 @@ def interrupted_run(two_by_four: str, work: str) -> str:
 def test_both_processes_killed_after_a_checkpoint_resume_bit_identically(two_by_four, tmp_path):
     work = interrupted_run(two_by_four, str(tmp_path / "killed"))
     finish(start(work, processes=2, devices=4))
-    resumed, straight = adapter(work), adapter(two_by_four)
-    assert resumed.keys() == straight.keys()
-    for name in straight:
-        np.testing.assert_array_equal(resumed[name], straight[name], err_msg=name)
+    assert_same_adapter(work, two_by_four)
     assert losses(work)[STEPS] == losses(two_by_four)[STEPS]
 
 
@@ -155,9 +160,7 @@ def test_both_processes_killed_after_a_checkpoint_resume_bit_identically(two_by_
 def test_a_checkpoint_of_two_processes_resumes_in_one(two_by_four, tmp_path):
     work = interrupted_run(two_by_four, str(tmp_path / "regrouped"))
     finish(start(work, processes=1, devices=8))
-    resumed, straight = adapter(work), adapter(two_by_four)
-    for name in straight:
-        np.testing.assert_allclose(resumed[name], straight[name], rtol=0, atol=WEIGHT_ATOL, err_msg=name)
+    assert_same_adapter(work, two_by_four, atol=WEIGHT_ATOL)
 
 
 def test_a_missing_process_ends_the_job_in_bounded_time_with_the_count_named(tmp_path):
