@@ -41,7 +41,7 @@ def parse(argv=None):
     p.add_argument("--quick", action="store_true", help="small matrix or robustness family (short traces)")
     p.add_argument("--overheads", action="store_true", help="only measure decision time and simulation speed")
     p.add_argument("--scale", action="store_true",
-                   help="ElasticMM at 8-256 instances, on one host and on hosts of 8 with a cross-host link")
+                   help="ElasticMM at 8-1024 instances, on one host and on hosts of 8 with a cross-host link")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                    help="worker processes for the matrix and the robustness runs")
     p.add_argument("--out", default="docs", help="output folder for CSVs and figures")

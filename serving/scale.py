@@ -41,13 +41,17 @@ class ScaleConfig:
 QUICK = ScaleConfig(sizes=(8, 32), duration=10.0)
 
 
+def nodes(num_instances: int) -> int:
+    """How many of the default profile's nodes (8 instances each) `num_instances` make."""
+    return -(-num_instances // default_cost_model().profile["num_instances"])
+
+
 def cost_for(cfg: ScaleConfig, num_instances: int) -> CostModel:
     """The default profile (8 instances on one node) with the cross-host link, and a host CPU pool (image
-    preprocessing) per node of 8 instances: a fixed pool of 8 workers would be the bottleneck of any larger size."""
+    preprocessing) per node: a fixed pool of 8 workers would be the bottleneck of any larger size."""
     profile = copy.deepcopy(default_cost_model().profile)
     profile["cross_host_link"] = {"alpha_ms": cfg.cross_host_link[0], "bandwidth_GBps": cfg.cross_host_link[1]}
-    nodes = -(-num_instances // profile["num_instances"])
-    profile["preprocess"]["cpu_workers"] *= nodes
+    profile["preprocess"]["cpu_workers"] *= nodes(num_instances)
     return CostModel(profile)
 
 
@@ -57,13 +61,12 @@ LAYOUTS = {"one host": (False, True, False), "hosts, decode by free KV": (True, 
 
 
 def sim_config(cfg: ScaleConfig, num_instances: int, layout: str) -> SimConfig:
-    """The caches are per group and sized for 8 instances: they grow with the instance count."""
-    base, nodes = SimConfig(), -(-num_instances // 8)
+    """The caches are per group and sized for one node: they grow with the node count."""
+    base, n = SimConfig(), nodes(num_instances)
     hosts, aware, spread = LAYOUTS[layout]
     return SimConfig(instances_per_host=cfg.instances_per_host if hosts else 0, host_aware_decode=aware,
-                     spread_over_hosts=spread,
-                     emb_cache_tokens=base.emb_cache_tokens * nodes,
-                     prefix_cache_blocks=base.prefix_cache_blocks * nodes)
+                     spread_over_hosts=spread, emb_cache_tokens=base.emb_cache_tokens * n,
+                     prefix_cache_blocks=base.prefix_cache_blocks * n)
 
 
 def run_one(cfg: ScaleConfig, num_instances: int, layout: str) -> dict:
@@ -80,8 +83,7 @@ def run_one(cfg: ScaleConfig, num_instances: int, layout: str) -> dict:
     moved = res.handoff_bytes + res.migrated_bytes
     return dict(
         layout=layout, instances=num_instances, hosts=-(-num_instances // per_host) if per_host else 1,
-        rate=spec.rate,
-        requests=len(requests), completed=row["completed"], ticks=len(dt),
+        rate=spec.rate, requests=len(requests), completed=row["completed"], ticks=len(dt),
         decision_cpu_ms_p50=float(np.percentile(dt, 50)), decision_cpu_ms_p99=float(np.percentile(dt, 99)),
         decision_cpu_ms_max=float(dt.max()), ttft_p50=row["ttft_p50"], ttft_p90=row["ttft_p90"],
         tpot_p90=row["tpot_p90"], switches=res.switches, migrations=res.migrations,
