@@ -16,7 +16,7 @@ PIP_CONFIG_FIND_LINKS := $(shell $(PYTHON) -m pip config get global.find-links 2
 TORCH_FIND_LINKS ?= $(or $(PIP_FIND_LINKS),$(PIP_CONFIG_FIND_LINKS),https://download.pytorch.org/whl/cpu/torch/)
 FIND_LINKS := $(foreach link,$(TORCH_FIND_LINKS),--find-links $(link))
 COMPILE := pip compile -q --python-version 3.11 --annotation-style line --no-emit-find-links \
-	--custom-compile-command "make lock" --extra hf --extra test --extra train --extra serve pyproject.toml requirements/dev.in
+	--custom-compile-command "make lock" --extra hf --extra test --extra train --extra serve --extra ray pyproject.toml requirements/dev.in
 LATEST_VENV ?= .venv-latest
 
 .PHONY: setup test test-cluster demo demo-synthetic parity-demo serve bench lock test-latest mutate clean
@@ -36,7 +36,8 @@ $(VENV)/.installed: $(LOCK) $(MODELS) pyproject.toml Makefile
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
-# The multi-process tests (`slow`): real local clusters of training processes on 127.0.0.1 (minutes on 2 cores).
+# The multi-process tests (`slow`): real local clusters on 127.0.0.1, of training processes and of Ray nodes that
+# serve (minutes on 2 cores).
 test-cluster: setup
 	$(PY) -m pytest -q -p no:cacheprovider -m slow
 

@@ -83,8 +83,9 @@ def coordinator_host_port(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _probe(address: str, timeout_s: float) -> None:
-    """Wait until the coordinator accepts TCP connections (it may start a little after this process)."""
+def wait_for_tcp(address: str, timeout_s: float, what: str = "the coordinator") -> None:
+    """Wait until `what` at HOST:PORT accepts TCP connections (it may start a little after this process): a clear
+    error after `timeout_s` instead of a hang inside a client library."""
     host, port = coordinator_host_port(address)
     deadline = time.monotonic() + timeout_s
     while True:
@@ -93,7 +94,7 @@ def _probe(address: str, timeout_s: float) -> None:
                 return
         except OSError as e:
             if time.monotonic() >= deadline:
-                raise ClusterError(f"the coordinator {address} cannot be reached within {timeout_s:g} s "
+                raise ClusterError(f"{what} at {address} cannot be reached within {timeout_s:g} s "
                                    f"({e.strerror or e})") from None
             time.sleep(0.2)
 
@@ -105,7 +106,7 @@ def initialize(cluster: ClusterConfig) -> None:
     if not cluster.multi_process:
         return
     if not cluster.auto and cluster.process_id != 0:
-        _probe(cluster.coordinator, cluster.timeout_s)
+        wait_for_tcp(cluster.coordinator, cluster.timeout_s)
     # CPU processes exchange their collectives over gloo; other platforms use their own (NCCL, ICI).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if cluster.auto:

@@ -47,7 +47,7 @@ def fit_profile(engine: Engine, timings: list, *, name: str, base: CostModel | N
     d = prof["decode"]
     d.update(large_a_ms=d["a_ms"], large_b_ms_per_ctx_token=d["b_ms_per_ctx_token"],
              large_c_ms_per_seq=d["c_ms_per_seq"])
-    itemsize = engine.insts[0].executor.pool[0].dtype.itemsize
+    itemsize = engine.insts[0].executor.kv_itemsize
     prof.update(
         name=name, description=description or f"fitted to the engine's step timings ({engine.model_name})",
         num_instances=len(engine.insts), block_size=ec.page_size,

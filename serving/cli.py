@@ -3,6 +3,8 @@
     serving-jax serve [--model smollm2|moka-demo|DIR|FILE.gguf] [--devices 2] [--tp 1] [--policy coupled] [...]
 
 Each instance takes --tp devices (1: one device each); on a CPU-only host the CLI exposes --devices host devices.
+With --ray ADDRESS the instances run in actors on a Ray cluster's nodes (each on --tp devices of one node; --devices
+counts them all) and this process keeps the scheduler and the HTTP front end.
 The server binds to 127.0.0.1 unless --host says otherwise. Bad options print one line to stderr and exit with
 status 2.
 """
@@ -50,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--no-warmup", action="store_true", help="compile on first use instead of at start-up")
     s.add_argument("--contexts-dir", default=None, help="where uploaded KVzip contexts are kept (Orbax) and reloaded "
                    "from at start-up (default: <kvzip-jax cache>/contexts/<model name>)")
+    s.add_argument("--ray", default=None, metavar="ADDRESS", help="place the instances on the Ray cluster at "
+                   "ADDRESS (host:port of its head, 'auto', or ray://host:port); needs pip install '.[ray]'")
+    s.add_argument("--ray-resource", choices=("auto", "GPU", "TPU", "CPU"), default="auto", help="what an "
+                   "instance's devices are on the Ray nodes (auto: GPUs, else TPUs; CPU: host devices, one per core)")
+    s.add_argument("--ray-timeout", type=float, default=300.0, help="seconds to reach the Ray cluster and start "
+                   "every instance actor")
     return parser
 
 
@@ -73,6 +81,8 @@ def _check(args) -> None:
         raise ValueError(f"--devices {args.devices} does not divide into instances of --tp {args.tp} devices")
     if args.model == MOKA_DEMO and args.dtype != "float32":
         raise ValueError(f"--dtype {args.dtype}: the MokA demo is served in float32, as it was trained")
+    if args.ray_timeout <= 0:
+        raise ValueError(f"--ray-timeout must be > 0, got {args.ray_timeout}")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port} is not a TCP port (0-65535)")
     _policy_options(args)  # a malformed --split is refused before anything loads
@@ -85,8 +95,21 @@ def _expose_host_devices(n: int) -> None:
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}={n}".strip()
 
 
+def _fleet(args):
+    """The Ray cluster the instances run on (--ray), else None: this host's devices."""
+    if args.ray is None:
+        return None
+    from serving.engine.ray_fleet import RayFleet
+
+    return RayFleet(args.ray, resource=args.ray_resource, timeout_s=args.ray_timeout)
+
+
 def _serve(args) -> None:
-    _expose_host_devices(args.devices)
+    fleet = _fleet(args)
+    if fleet is None:
+        _expose_host_devices(args.devices)
+    else:
+        fleet.connect()  # a cluster that cannot be reached is reported before any weights load
     # The instances' worker threads and the HTTP loop hand the GIL to each other at every step; Python's default
     # 5 ms switch interval would add up to that much to each hand-off (a token's latency).
     sys.setswitchinterval(0.0005)
@@ -116,7 +139,7 @@ def _serve(args) -> None:
     enable_compilation_cache()
     dtype = None if args.dtype == "float32" else args.dtype
     if args.model == MOKA_DEMO:
-        _serve_moka_demo(args, demo, engine_config)
+        _serve_moka_demo(args, demo, engine_config, fleet)
         return
     modalities = None
     if llava_config is not None:  # a LLaVA checkpoint: the text model serves with its image encoder
@@ -128,10 +151,10 @@ def _serve(args) -> None:
         model = LanguageModel.from_pretrained(args.model, dtype=dtype)
     name = args.name or os.path.basename(os.path.normpath(os.fspath(args.model))).removesuffix(".gguf")
     print(f"serving-jax: loading {name} onto {args.devices // args.tp} instance(s) of {args.tp} device(s) "
-          f"({args.policy}) and compiling ...",
+          f"({args.policy}{', Ray cluster ' + args.ray if args.ray else ''}) and compiling ...",
           file=sys.stderr)
     engine = Engine(model.config, model.params, model.tokenizer, engine_config, model_name=name,
-                    modalities=modalities)
+                    modalities=modalities, fleet=fleet)
     try:
         contexts = None
         if model.tokenizer is not None:
@@ -144,7 +167,7 @@ def _serve(args) -> None:
         engine.shutdown()
 
 
-def _serve_moka_demo(args, demo, engine_config) -> None:
+def _serve_moka_demo(args, demo, engine_config, fleet) -> None:
     """The MokA demo: prefill through its adapters, chat prompts in the layout it was trained on (no KVzip
     contexts: its questions are about a picture and a sound)."""
     import uvicorn
@@ -154,9 +177,9 @@ def _serve_moka_demo(args, demo, engine_config) -> None:
 
     name = args.name or MODEL_NAME
     print(f"serving-jax: loading {name} onto {args.devices // args.tp} instance(s) of {args.tp} device(s) "
-          f"({args.policy}) and compiling ...",
+          f"({args.policy}{', Ray cluster ' + args.ray if args.ray else ''}) and compiling ...",
           file=sys.stderr)
-    engine = demo_engine(engine_config, demo=demo, model_name=name)
+    engine = demo_engine(engine_config, demo=demo, model_name=name, fleet=fleet)
     try:
         print(f"serving-jax: {name} at http://{args.host}:{args.port}/v1", file=sys.stderr)
         app = create_app(engine, chat_prompt=demo_chat_prompt(demo, engine))

@@ -28,8 +28,10 @@ MAX_NEW_TOKENS = 6  # the demo's answers are one or two words; `prompt` leaves r
 
 
 def demo_engine(engine_config: EngineConfig, *, demo: AVQADemo | None = None,
-                devices: Sequence[jax.Device] | None = None, tokenizer=None, model_name: str = MODEL_NAME) -> Engine:
-    """An engine serving the demo (default: the shipped one). Its prefill_chunk must hold a whole prompt."""
+                devices: Sequence[jax.Device] | None = None, tokenizer=None, model_name: str = MODEL_NAME,
+                fleet=None) -> Engine:
+    """An engine serving the demo (default: the shipped one). Its prefill_chunk must hold a whole prompt. `fleet`:
+    its instances on a Ray cluster (`serving.engine.ray_fleet.RayFleet`)."""
     from kvzip_jax.kvzip_demo import DEMO_MODEL_DIR
     from kvzip_jax.lm import pretrained_tokenizer
 
@@ -38,7 +40,7 @@ def demo_engine(engine_config: EngineConfig, *, demo: AVQADemo | None = None,
     moka = MokAServing(nnx.state(demo.model.decoder), demo.moka, max_keys=experiment.MAX_KEYS)
     tokenizer = pretrained_tokenizer(DEMO_MODEL_DIR) if tokenizer is None else tokenizer
     return Engine(config, moka.text_params(config), tokenizer, engine_config, devices=devices, model_name=model_name,
-                  modalities=demo.modalities(), moka=moka)
+                  modalities=demo.modalities(), moka=moka, fleet=fleet)
 
 
 def demo_chat_prompt(demo: AVQADemo, engine: Engine):

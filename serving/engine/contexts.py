@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import numpy as np
 
 from kvzip_jax.kvzip.compressor import CompressedContext
@@ -50,16 +49,14 @@ class ServedContext:
     def num_pages(self) -> int:
         return int(self.kv.num_pages.sum())
 
-    def pages_for(self, placement, padded_ids: np.ndarray):
+    def pages(self, padded_ids: np.ndarray):
         """The context's pages (K, V, positions) in `owned()` order padded like `padded_ids` (the executor's
-        padding of the destination ids), on their way to `placement` (a device, or an instance's submesh)."""
+        padding of the destination ids); the importing executor places them on its devices."""
         ids = np.zeros(len(padded_ids), np.int32)
         owned = self.kv.owned()
         ids[:len(owned)] = owned
         cache = self.compressed.cache
-        data = tuple(x[ids] for x in (cache.k_pages, cache.v_pages, cache.pos_pages))
-        jax.block_until_ready(data)
-        return jax.device_put(data, placement)
+        return tuple(x[ids] for x in (cache.k_pages, cache.v_pages, cache.pos_pages))
 
 
 def share_for_request(resident: SequenceKV, pool: PagePool, page_size: int) -> tuple[SequenceKV, np.ndarray,

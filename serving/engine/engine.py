@@ -54,6 +54,7 @@ from serving.engine.media import MediaStage
 from serving.engine.moka import MokAServing
 from serving.engine.pages import PagePool
 from serving.engine.prefix_kv import PrefixKVCache
+from serving.engine.ray_fleet import RayFleet, RemoteExecutor
 from serving.engine.request import EngineRequest, MediaInput, Phase, RequestOutput
 from serving.engine.sampling import SamplingParams
 from serving.model import Group, InstState, Modality, Stage
@@ -127,7 +128,7 @@ class EngineInstance:
     iid: int
     group: Group
     stage: Stage
-    executor: InstanceExecutor
+    executor: InstanceExecutor | RemoteExecutor
     pool: PagePool
     state: InstState = InstState.ACTIVE
     pending_target: tuple | None = None
@@ -213,11 +214,13 @@ class EngineStats:
 class Engine(RoleView, Admission, MediaStage, FaultHandling):
     def __init__(self, config: ModelConfig, params, tokenizer=None, engine_config: EngineConfig = EngineConfig(),
                  *, devices: Sequence[jax.Device] | None = None, model_name: str = "model",
-                 modalities: Mapping[str, Any] | None = None, moka: MokAServing | None = None):
+                 modalities: Mapping[str, Any] | None = None, moka: MokAServing | None = None,
+                 fleet: RayFleet | None = None):
         """`modalities`: the model's non-text inputs (name -> `kvzip_jax.multimodal_lm.Modality`, e.g. a LLaVA
         checkpoint's `MultimodalLM.modalities`); without them the engine serves text only. `moka`: the MokA-adapted
         decoder that prefills requests with images or sounds (`params` are then its text path folded into the base
-        weights, `MokAServing.text_params`)."""
+        weights, `MokAServing.text_params`). `fleet`: run the instances in actors on a Ray cluster
+        (`serving.engine.ray_fleet`) instead of on this process's `devices`."""
         ec = engine_config
         self.config, self.tokenizer, self.engine_config, self.model_name = config, tokenizer, ec, model_name
         self.modalities = dict(modalities or {})
@@ -234,7 +237,7 @@ class Engine(RoleView, Admission, MediaStage, FaultHandling):
         self.moka = moka
         devices = list(jax.devices() if devices is None else devices)
         k = ec.devices_per_instance
-        if ec.num_instances * k > len(devices):
+        if fleet is None and ec.num_instances * k > len(devices):
             raise ValueError(f"num_instances = {ec.num_instances} x devices_per_instance = {k} needs "
                              f"{ec.num_instances * k} devices; {len(devices)} exist ({devices[0].platform})")
         self.policy = make_policy(ec.policy, **dict(ec.policy_options))
@@ -255,11 +258,14 @@ class Engine(RoleView, Admission, MediaStage, FaultHandling):
             decode_steps=ec.decode_steps, prefill_rows=ec.prefill_rows, prefill_chunk=ec.prefill_chunk,
             max_table_width=width, encode_items=ec.encode_items if self.modalities else 0,
         )
+        if fleet is not None:
+            executors = fleet.start(config, params, self.shape, ec.num_instances, k, self.modalities, moka)
+        else:
+            executors = [InstanceExecutor(config, params, devices[i * k:(i + 1) * k], self.shape, self.modalities,
+                                          moka) for i in range(ec.num_instances)]
         self.insts = [
-            EngineInstance(iid=i, group=g, stage=s, pool=PagePool(ec.pages_per_instance),
-                           executor=InstanceExecutor(config, params, devices[i * k:(i + 1) * k], self.shape,
-                                                     self.modalities, moka))
-            for i, (g, s) in enumerate(layout)
+            EngineInstance(iid=i, group=g, stage=s, pool=PagePool(ec.pages_per_instance), executor=ex)
+            for i, ((g, s), ex) in enumerate(zip(layout, executors, strict=True))
         ]
         for inst in self.insts:
             inst.prefix = PrefixKVCache(inst.pool, ec.page_size) if ec.prefix_cache else None
@@ -284,11 +290,22 @@ class Engine(RoleView, Admission, MediaStage, FaultHandling):
         #   export / import: (pages, bytes)
         self.timings: deque[tuple[str, tuple, float]] = deque(maxlen=RECENT)
         if ec.warmup:
-            threads = [threading.Thread(target=i.executor.warmup) for i in self.insts]
+            failed: list[BaseException] = []
+
+            def warm(ex):
+                try:
+                    ex.warmup()
+                except BaseException as e:  # re-raised below, once every instance has stopped compiling
+                    failed.append(e)
+
+            threads = [threading.Thread(target=warm, args=(i.executor,)) for i in self.insts]
             for t in threads:
                 t.start()
             for t in threads:
                 t.join()
+            if failed:
+                self._close_executors()
+                raise failed[0]
         self.started = time.perf_counter()
         self.policy.start(self)
         for inst in self.insts:
@@ -543,6 +560,13 @@ class Engine(RoleView, Admission, MediaStage, FaultHandling):
         with self.lock:
             for r in list(self.requests.values()):
                 self._finish(r, "error", "the engine shut down")
+        self._close_executors()
+
+    def _close_executors(self) -> None:
+        for inst in self.insts:
+            close = getattr(inst.executor, "close", None)  # remote instances free their actors
+            if close is not None:
+                close()
 
     def __enter__(self):
         return self
@@ -557,7 +581,8 @@ class Engine(RoleView, Admission, MediaStage, FaultHandling):
                 "waiting": {f"{g.name}/{s.name}": len(q) for (g, s), q in self.q.items() if q}
                 | {f"instance{i.iid}/local": len(i.local_queue) for i in self.insts if i.local_queue},
                 "instances": [
-                    {"iid": i.iid, "group": i.group.name, "stage": i.stage.name, "prefilling": len(i.prefilling),
+                    {"iid": i.iid, "location": i.executor.location, "group": i.group.name, "stage": i.stage.name,
+                     "state": i.state.name, "prefilling": len(i.prefilling),
                      "running": len(i.running), "pages_used": i.pool.used, "pages_total": i.kv_total,
                      "steps": i.steps}
                     for i in self.insts
@@ -679,7 +704,7 @@ class Engine(RoleView, Admission, MediaStage, FaultHandling):
             return None
         if kind == "load_context":
             served, ids = payload
-            ex.import_pages(ids, served.pages_for(ex.placement, ex.padded_ids(ids)))
+            ex.import_pages(ids, served.pages(ex.padded_ids(ids)))
             return None
         raise AssertionError(kind)
 

@@ -194,8 +194,16 @@ class InstanceExecutor:
                                    self.placement)
 
     @property
+    def kv_itemsize(self) -> int:
+        return self.pool[0].dtype.itemsize
+
+    @property
     def kv_bytes_per_page(self) -> int:
-        return 2 * self.shape.page_size * self.config.head_dim * self.pool[0].dtype.itemsize
+        return 2 * self.shape.page_size * self.config.head_dim * self.kv_itemsize
+
+    @property
+    def location(self) -> str:
+        return ",".join(f"{d.platform}:{d.id}" for d in self.devices)
 
     def _tables(self, seqs: list[SequenceKV], rows: int):
         c = self.config
@@ -300,9 +308,9 @@ class InstanceExecutor:
         return jax.device_put(gathered, destination)
 
     def import_pages(self, ids: np.ndarray, data) -> None:
-        """Write pages (padded, as `export_pages` gives them) into this pool at `ids`; returns once
-        they are in place."""
-        self.pool = _scatter_pages(self.pool, self.padded_ids(ids), data)
+        """Write pages (padded, as `export_pages` gives them; anywhere, they are placed here first) into this
+        pool at `ids`; returns once they are in place."""
+        self.pool = _scatter_pages(self.pool, self.padded_ids(ids), jax.device_put(data, self.placement))
         jax.block_until_ready(self.pool)
 
     def copy_pages(self, src: np.ndarray, dst: np.ndarray) -> None:

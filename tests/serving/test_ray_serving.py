@@ -1,0 +1,187 @@
+"""The serving engine over a real local Ray cluster of two nodes (127.0.0.1, started and stopped here): each node
+hosts instance actors with their own CPU devices, the engine stays in this process.
+
+- Prefill on one node, decode on the other: every request's KV crosses nodes through Ray's object store; greedy
+  answers equal the in-process engine's and `kvzip_jax.generate`'s.
+- An instance's actor killed in the middle of decoding: its requests restart on the other node and complete with
+  the same answers; nothing is lost.
+- Clusters that cannot host the instances (no GPU / TPU, too few CPUs) and addresses that cannot be reached: clear
+  errors in bounded time.
+
+Starting a cluster and its JAX actors takes ~30 s on 2 cores, so the cluster tests are marked `slow`
+(`make test-cluster`); the address checks run in the default suite.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from kvzip_jax.config import ModelConfig
+from kvzip_jax.generate import generate as reference_generate
+from kvzip_jax.models.decoder import init_params
+from serving.engine import Engine, EngineConfig, SamplingParams
+from serving.engine.ray_fleet import FleetError, RayFleet
+
+# Ray would put the nodes and the driver on the host's network address; this keeps them all on 127.0.0.1 (Ray's
+# single-machine mode, the default on macOS and Windows). Set before Ray is imported: Ray reads it at import.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+SHAPE = dict(page_size=8, pages_per_instance=1024, prefill_chunk=32, max_model_len=128, check_invariants=True,
+             warmup=False)
+PROMPT_LENS = (5, 13, 40, 21)
+MAX_TOKENS = 24
+CPUS_PER_NODE = 2
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = ModelConfig.from_hf_dict(dict(
+        model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512, eos_token_id=None))
+    return cfg, init_params(cfg, seed=1)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 128, n).tolist() for n in PROMPT_LENS]
+
+
+@pytest.fixture(scope="module")
+def reference(model, prompts):
+    cfg, params = model
+    return reference_generate(params, cfg, prompts, max_new_tokens=MAX_TOKENS).tokens
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Two Ray nodes on 127.0.0.1 with CPUS_PER_NODE CPUs each; this process is the driver."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    node = dict(num_cpus=CPUS_PER_NODE, node_ip_address="127.0.0.1", object_store_memory=80 * 2**20)
+    c = Cluster(initialize_head=True, head_node_args=dict(node, include_dashboard=False))
+    try:
+        c.add_node(**node)
+        c.wait_for_nodes()
+        ray.init(address=c.address, logging_level="WARNING", log_to_driver=False)
+        yield c
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
+def node_of(location: str) -> str:
+    return location.split()[1]
+
+
+def ray_engine(model, cluster, **engine_config) -> Engine:
+    cfg, params = model
+    fleet = RayFleet(cluster.address, resource="CPU", timeout_s=240)
+    return Engine(cfg, params, engine_config=EngineConfig(**engine_config, **SHAPE), fleet=fleet)
+
+
+@pytest.mark.slow
+def test_prefill_on_one_node_decode_on_the_other_gives_the_single_host_answers(model, cluster, prompts, reference):
+    cfg, params = model
+    greedy = SamplingParams(max_tokens=MAX_TOKENS)
+    with Engine(cfg, params, engine_config=EngineConfig(policy="static_pd", policy_options=(("n_prefill", 1),),
+                                                        num_instances=2, **SHAPE)) as local:
+        single_host = local.generate(prompts, greedy)
+    with ray_engine(model, cluster, policy="static_pd", policy_options=(("n_prefill", 1),), num_instances=2) as e:
+        where = [i["location"] for i in e.snapshot()["instances"]]
+        assert len({node_of(w) for w in where}) == 2, where  # spread: the prefill and the decode node differ
+        answers = e.generate(prompts, greedy, timeout=240)
+        stats = e.snapshot()["stats"]
+        used = [i["pages_used"] for i in e.snapshot()["instances"]]
+    assert answers == single_host == reference
+    assert stats.migrations == len(prompts) and stats.finished == len(prompts) and stats.errors == 0
+    assert used == [e.insts[0].cached_pages, 0]  # only the prefill instance's prefix cache keeps pages
+
+
+@pytest.mark.slow
+def test_an_actor_killed_mid_decode_its_requests_finish_on_the_other_node(model, cluster, prompts, reference):
+    import ray
+
+    with ray_engine(model, cluster, policy="coupled", num_instances=2) as e:
+        victim = e.insts[0]
+        killed = []
+        outputs: dict[int, list[int]] = {}
+        finished = []
+
+        def sink(out):
+            # called by the instance's worker (engine lock held) after each step; the first decode tokens of a
+            # request on instance 0 kill its actor: the next step there finds it dead
+            outputs.setdefault(out.rid, []).extend(out.token_ids)
+            if out.finish_reason is not None:
+                finished.append(out)
+            r = e.requests.get(out.rid)
+            if not killed and r is not None and r.owner == victim.iid and len(r.output) > 1:
+                ray.kill(victim.executor.actor)
+                killed.append(out.rid)
+
+        rids = [e.submit(p, SamplingParams(max_tokens=MAX_TOKENS), sink) for p in prompts]
+        deadline = time.monotonic() + 240
+        while len(finished) < len(prompts) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        snap = e.snapshot()
+    assert killed, "no request decoded on instance 0"
+    assert len(finished) == len(prompts), f"{len(finished)} of {len(prompts)} requests finished"
+    assert {o.finish_reason for o in finished} == {"length"}
+    # a restarted request re-sends nothing: its tokens so far are prefilled again and it continues after them
+    assert [outputs[r] for r in rids] == reference
+    assert [i["state"] for i in snap["instances"]] == ["FAILED", "ACTIVE"]
+    assert snap["stats"].errors == 0 and snap["stats"].finished == len(prompts)
+
+
+@pytest.mark.slow
+def test_a_cluster_without_the_devices_asked_for_is_refused_by_name(model, cluster):
+    cfg, params = model
+    with pytest.raises(FleetError, match=rf"at {cluster.address} has no node with 1 GPU or TPU device"):
+        Engine(cfg, params, engine_config=EngineConfig(num_instances=1, **SHAPE), fleet=RayFleet(cluster.address))
+    capacity = 2 * CPUS_PER_NODE
+    with pytest.raises(FleetError, match=rf"room for {capacity} instance\(s\) of 1 CPU device\(s\).*"
+                                         rf"\[{CPUS_PER_NODE}, {CPUS_PER_NODE}\] CPU\); {capacity + 1} were asked"):
+        Engine(cfg, params, engine_config=EngineConfig(num_instances=capacity + 1, **SHAPE),
+               fleet=RayFleet(cluster.address, resource="CPU"))
+    with pytest.raises(FleetError, match=r"room for 0 instance\(s\) of 4 CPU device\(s\)"):
+        Engine(cfg, params, engine_config=EngineConfig(num_instances=1, devices_per_instance=4, **SHAPE),
+               fleet=RayFleet(cluster.address, resource="CPU"))
+
+
+def test_an_address_that_cannot_be_reached_is_one_line_in_bounded_time():
+    """`serving-jax serve --ray` in its own process (this one may be connected to the test cluster)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    t0 = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "serving.cli", "serve", "--ray", f"127.0.0.1:{port}",
+                           "--ray-timeout", "1"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == f"serving-jax: error: the Ray cluster at 127.0.0.1:{port} cannot be reached within 1 s " \
+                          "(Connection refused)\n"
+    assert time.monotonic() - t0 < 60
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(address="127.0.0.1:1", resource="gpu"), r"resource must be 'auto' or one of \['GPU', 'TPU', 'CPU'\], "
+                                                  r"got 'gpu'"),
+    (dict(address="127.0.0.1:1", timeout_s=0), r"timeout_s must be > 0, got 0"),
+])
+def test_bad_fleet_settings_are_named(kw, message):
+    with pytest.raises(ValueError, match=message):
+        RayFleet(**kw)
+
+
+@pytest.mark.slow
+def test_a_driver_connected_to_another_cluster_is_told_so(model, cluster):
+    cfg, params = model
+    with pytest.raises(FleetError, match=rf"connected to the Ray cluster at {cluster.address}, not 127.0.0.1:1$"):
+        Engine(cfg, params, engine_config=EngineConfig(**SHAPE), fleet=RayFleet("127.0.0.1:1", resource="CPU"))
