@@ -437,7 +437,10 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_body_bytes:
     async def health():
         snap = engine.snapshot()
         return {"status": "ok", "model": model_name, "instances": len(snap["instances"]),
-                "live_requests": snap["live_requests"]}
+                "live_requests": snap["live_requests"],
+                # where each instance runs (its devices; on a Ray cluster also its node) and its role now
+                "placement": [{k: i[k] for k in ("iid", "location", "group", "stage", "state")}
+                              for i in snap["instances"]]}
 
     @app.get("/metrics")
     async def metrics():

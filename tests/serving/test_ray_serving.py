@@ -15,6 +15,7 @@ Starting a cluster and its JAX actors takes ~30 s on 2 cores, so the cluster tes
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -185,3 +186,51 @@ def test_a_driver_connected_to_another_cluster_is_told_so(model, cluster):
     cfg, params = model
     with pytest.raises(FleetError, match=rf"connected to the Ray cluster at {cluster.address}, not 127.0.0.1:1$"):
         Engine(cfg, params, engine_config=EngineConfig(**SHAPE), fleet=RayFleet("127.0.0.1:1", resource="CPU"))
+
+
+@pytest.mark.slow
+def test_serve_over_the_cluster_and_ask_the_moka_demo_about_a_picture_and_a_sound(cluster):
+    """`serving-jax serve --ray` as users start it: the HTTP front end here, the demo's instances (encoders and MokA
+    adapters included) in actors on both nodes, asked through the openai client, streaming."""
+    import httpx
+    import openai
+    from serving_testutil import png_data_uri, wav_base64
+
+    from moka_jax.demo import held_out_samples
+
+    sample = held_out_samples(1, start=5)[0]  # one the demo answers right (test_serving_cli.py)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve", "--model", "moka-demo", "--devices", "2",
+                               "--policy", "static_pd", "--no-warmup", "--max-model-len", "128", "--port", str(port),
+                               "--ray", cluster.address, "--ray-resource", "CPU"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert server.poll() is None, f"the server exited:\n{server.stdout.read()[-3000:]}"
+            assert time.monotonic() < deadline, "the server did not come up in 240 s"
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+                if health.status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        content = [{"type": "image_url", "image_url": {"url": png_data_uri(sample.image)}},
+                   {"type": "input_audio", "input_audio": {"data": wav_base64(sample.audio), "format": "wav"}},
+                   {"type": "text", "text": sample.question}]
+        stream = client.chat.completions.create(model="moka-avqa-demo", max_tokens=6, temperature=0, stream=True,
+                                                messages=[{"role": "user", "content": content}])
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices).strip() == sample.answer
+        where = [i["location"] for i in httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json()["placement"]]
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(10)
+    assert server.returncode in (0, -signal.SIGINT), server.stdout.read()[-3000:]
+    assert len({node_of(w) for w in where}) == 2, where
