@@ -55,9 +55,15 @@ def restore_training(directory: str, trainable: nnx.State, opt_state, step: int 
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no training checkpoint in {directory}")
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore({"trainable": trainable, "opt_state": opt_state}),
-        data=ocp.args.JsonRestore()))
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore({"trainable": trainable, "opt_state": opt_state}),
+            data=ocp.args.JsonRestore()))
+    except ValueError as e:  # Orbax names the mismatch (shapes, or the tree) but not the checkpoint
+        first = str(e).strip().splitlines()[0]
+        raise ValueError(f"the training checkpoint {directory} (step {step}) does not fit this run's state: {first} "
+                         "(it was written for another model, method or adapter size; resume with the settings it "
+                         "was written with, or train in another directory)") from e
     return step, restored["state"]["trainable"], restored["state"]["opt_state"], restored["data"]
 
 

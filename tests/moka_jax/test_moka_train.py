@@ -125,3 +125,15 @@ def test_exported_adapter_loads_back_exactly_and_refuses_another_model(straight_
     smaller = jax.tree_util.tree_map(lambda x: x[..., :1] if x.ndim > 1 else x, r["initial"])
     with pytest.raises(ValueError, match=r"has shape .* but the config expects"):
         checkpoint.load_adapter(str(tmp_path), smaller, MOKA)
+
+
+@pytest.mark.parametrize("target, says", [
+    ({"a": jnp.ones((4, 16))}, r"Requested shape: \(4, 16\) is not compatible with the stored shape: \(4, 8\)"),
+    ({"b": jnp.ones((4, 8))}, r"tree structures do not match"),
+])
+def test_a_checkpoint_that_does_not_fit_the_run_is_refused_by_name(tmp_path, target, says):
+    """Another rank or another method: the error names the checkpoint, its step and the mismatch."""
+    checkpoint.save_training(str(tmp_path), 4, {"a": jnp.ones((4, 8))}, {"m": jnp.zeros(3)}, {"next_index": 1})
+    with pytest.raises(ValueError, match=rf"the training checkpoint {tmp_path} \(step 4\) does not fit this run's "
+                                         rf"state: .*{says}.*another model, method or adapter size"):
+        checkpoint.restore_training(str(tmp_path), target, {"m": jnp.zeros(3)})
