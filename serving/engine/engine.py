@@ -20,7 +20,8 @@ its instance. The engine carries the decisions out on real devices:
   start the same way.
 
 The engine's parts: admission (`admission.py`), the image and sound stage (`media.py`), faults (`faults.py`), the prefix
-cache (`prefix_kv.py`), the device side of an instance (`executor.py`), pages (`pages.py`).
+cache (`prefix_kv.py`), the device side of an instance (`executor.py`) or its Ray actor on another host
+(`ray_fleet.py`), pages (`pages.py`).
 
 State lives on the host under one lock (a `threading.Condition`); device work runs outside it, so the instances'
 steps overlap (JAX releases the GIL while a step runs). Each instance's pool arrays are touched only by its own
