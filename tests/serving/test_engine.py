@@ -13,10 +13,9 @@ import time
 import jax
 import numpy as np
 import pytest
+from serving_testutil import random_prompts, tiny_text_model
 
-from kvzip_jax.config import ModelConfig
 from kvzip_jax.generate import generate as reference_generate
-from kvzip_jax.models.decoder import init_params
 from serving.engine import Engine, EngineConfig, EngineError, QueueFull, SamplingParams
 from serving.engine import executor as executor_mod
 from serving.model import Group, Stage
@@ -31,16 +30,12 @@ LONG_TOKENS = 40
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = ModelConfig.from_hf_dict(dict(
-        model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512, eos_token_id=None))
-    return cfg, init_params(cfg, seed=1)
+    return tiny_text_model()
 
 
 @pytest.fixture(scope="module")
 def prompts():
-    rng = np.random.default_rng(0)
-    return [rng.integers(0, 128, n).tolist() for n in PROMPT_LENS]
+    return random_prompts(PROMPT_LENS)
 
 
 @pytest.fixture(scope="module")

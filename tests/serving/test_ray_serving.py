@@ -15,18 +15,22 @@ Starting a cluster and its JAX actors takes ~30 s on 2 cores, so the cluster tes
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
+from serving_testutil import (
+    free_port,
+    png_data_uri,
+    random_prompts,
+    stop_server,
+    tiny_text_model,
+    wait_until_healthy,
+    wav_base64,
+)
 
-from kvzip_jax.config import ModelConfig
 from kvzip_jax.generate import generate as reference_generate
-from kvzip_jax.models.decoder import init_params
 from serving.engine import Engine, EngineConfig, SamplingParams
 from serving.engine.ray_fleet import FleetError, RayFleet
 
@@ -43,16 +47,12 @@ CPUS_PER_NODE = 2
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = ModelConfig.from_hf_dict(dict(
-        model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512, eos_token_id=None))
-    return cfg, init_params(cfg, seed=1)
+    return tiny_text_model()
 
 
 @pytest.fixture(scope="module")
 def prompts():
-    rng = np.random.default_rng(0)
-    return [rng.integers(0, 128, n).tolist() for n in PROMPT_LENS]
+    return random_prompts(PROMPT_LENS)
 
 
 @pytest.fixture(scope="module")
@@ -159,9 +159,7 @@ def test_a_cluster_without_the_devices_asked_for_is_refused_by_name(model, clust
 
 def test_an_address_that_cannot_be_reached_is_one_line_in_bounded_time():
     """`serving-jax serve --ray` in its own process (this one may be connected to the test cluster)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again: nothing listens there
+    port = free_port()  # closed again: nothing listens there
     t0 = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "serving.cli", "serve", "--ray", f"127.0.0.1:{port}",
                            "--ray-timeout", "1"], capture_output=True, text=True, timeout=120)
@@ -194,29 +192,17 @@ def test_serve_over_the_cluster_and_ask_the_moka_demo_about_a_picture_and_a_soun
     adapters included) in actors on both nodes, asked through the openai client, streaming."""
     import httpx
     import openai
-    from serving_testutil import png_data_uri, wav_base64
 
     from moka_jax.demo import held_out_samples
 
     sample = held_out_samples(1, start=5)[0]  # one the demo answers right (test_serving_cli.py)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve", "--model", "moka-demo", "--devices", "2",
                                "--policy", "static_pd", "--no-warmup", "--max-model-len", "128", "--port", str(port),
                                "--ray", cluster.address, "--ray-resource", "CPU"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert server.poll() is None, f"the server exited:\n{server.stdout.read()[-3000:]}"
-            assert time.monotonic() < deadline, "the server did not come up in 240 s"
-            try:
-                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
-                if health.status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.5)
+        wait_until_healthy(server, port, timeout=240)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         content = [{"type": "image_url", "image_url": {"url": png_data_uri(sample.image)}},
                    {"type": "input_audio", "input_audio": {"data": wav_base64(sample.audio), "format": "wav"}},
@@ -226,11 +212,5 @@ def test_serve_over_the_cluster_and_ask_the_moka_demo_about_a_picture_and_a_soun
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices).strip() == sample.answer
         where = [i["location"] for i in httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json()["placement"]]
     finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(10)
-    assert server.returncode in (0, -signal.SIGINT), server.stdout.read()[-3000:]
+        stop_server(server, timeout=60)
     assert len({node_of(w) for w in where}) == 2, where

@@ -4,26 +4,16 @@ stopped; and its bad options, each refused with one line that names the value.""
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 
-import httpx
 import pytest
-from serving_testutil import png_data_uri, wav_base64
+from serving_testutil import free_port, png_data_uri, stop_server, wait_until_healthy, wav_base64
 
 from moka_jax.demo import held_out_samples
 from serving.cli import main
 
 openai = pytest.importorskip("openai")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -58,15 +48,7 @@ def test_serve_the_moka_demo_and_ask_it_about_a_picture_and_a_sound():
                                "1", "--no-warmup", "--max-model-len", "128", "--port", str(port)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, f"the server exited:\n{server.stdout.read()[-3000:]}"
-            assert time.monotonic() < deadline, "the server did not come up in 180 s"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.5)
+        wait_until_healthy(server, port, timeout=180)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["moka-avqa-demo"]
         content = [{"type": "image_url", "image_url": {"url": png_data_uri(sample.image)}},
@@ -76,10 +58,4 @@ def test_serve_the_moka_demo_and_ask_it_about_a_picture_and_a_sound():
                                                 messages=[{"role": "user", "content": content}])
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices).strip() == expected
     finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(10)
-    assert server.returncode in (0, -signal.SIGINT), server.stdout.read()[-3000:]
+        stop_server(server)
