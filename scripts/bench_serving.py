@@ -114,9 +114,9 @@ def main(argv=None) -> int:
         cost = CostModel(prof)
         tokens_per_image = image.tokens_per_item if mm else 0
         policy = label.split("[")[0]
-        sim = simulate(make_policy(policy, **dict(options)), _workload(spec, cost, tokens_per_image), cost, n,
-                       SimConfig(check_invariants=False))
         config = EngineConfig(policy=policy, policy_options=options, **shape)
+        sim = simulate(make_policy(policy, **dict(options)), _workload(spec, cost, tokens_per_image), cost, n,
+                       SimConfig(check_invariants=False, decode_steps=config.decode_steps))
         with Engine(lm.config, lm.params, lm.tokenizer, config, model_name="demo",
                     modalities={"image": image} if mm else None) as engine:
             real = replay(engine, _workload(spec, cost, tokens_per_image), seed=args.seed)

@@ -73,7 +73,7 @@ def compare(prof: dict, engine: Engine, requests, simulated_requests, *, policy:
     `requests` and `simulated_requests` are two copies of one workload (the simulator mutates its own)."""
     cost = CostModel(prof)
     sim = simulate(make_policy(policy, **dict(policy_options)), simulated_requests, cost, len(engine.insts),
-                   SimConfig(check_invariants=False))
+                   SimConfig(check_invariants=False, decode_steps=engine.engine_config.decode_steps))
     return simulated_summary(sim.requests), replay(engine, requests, seed=seed)
 
 

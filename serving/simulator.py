@@ -50,6 +50,14 @@ class SimConfig:
     # Instance i on host i // instances_per_host (False) or i mod the host count (True). Policies give each role a
     # range of instance ids, so the first puts whole roles on a host, and the second spreads every role over hosts.
     spread_over_hosts: bool = False
+    # Decode iterations per dispatch (the engine's `EngineConfig.decode_steps`): a decode instance runs this many
+    # steps back to back; tokens reach the client, finished requests leave and a coupled instance may prefill only
+    # between dispatches. A request that finishes inside a dispatch rides along to its end.
+    decode_steps: int = 1
+
+    def __post_init__(self):
+        if not isinstance(self.decode_steps, int) or self.decode_steps < 1:
+            raise ValueError(f"decode_steps must be an integer >= 1, got {self.decode_steps!r}")
 
 
 @dataclass
@@ -639,9 +647,9 @@ class Simulator(RoleView):
         inv = 1.0 / r.output_len
         inst.inv_out -= inv
         inst.prog -= (r.produced - r.join_iter) * inv
-        done = inst.iters - r.join_iter
-        inst.sum_ctx -= r.input_len + r.produced - 1 + done
-        r.produced += done
+        steps = inst.iters - r.join_iter  # may pass its last token: it rode along to the end of a dispatch
+        inst.sum_ctx -= r.input_len + r.produced - 1 + steps
+        r.produced += min(steps, r.tokens_left)
 
     def _start_decode(self, inst: Instance):
         if inst.busy:  # one iteration at a time: a second start would run a parallel step chain
@@ -650,7 +658,12 @@ class Simulator(RoleView):
             self._join_decode(inst, inst.pending.popleft())
         if not inst.running:
             return
-        dt = self.cost.decode_step_time(len(inst.running), inst.sum_ctx)
+        self._dispatch_decode(inst)
+
+    def _dispatch_decode(self, inst: Instance):
+        """`decode_steps` iterations of the running batch, each a step longer in context per request."""
+        n = len(inst.running)
+        dt = sum(self.cost.decode_step_time(n, inst.sum_ctx + j * n) for j in range(self.cfg.decode_steps))
         inst.busy = True
         inst.step_start = self.now
         inst.busy_until = self.now + dt
@@ -661,8 +674,8 @@ class Simulator(RoleView):
         dt = self.now - inst.step_start
         inst.busy_time += dt
         self.stage_busy[inst.stage] += dt
-        inst.iters += 1
-        inst.sum_ctx += len(inst.running)
+        inst.iters += self.cfg.decode_steps
+        inst.sum_ctx += len(inst.running) * self.cfg.decode_steps
         fh = inst.finish_heap
         while fh and fh[0][0] <= inst.iters:
             fi, rid = heapq.heappop(fh)
@@ -718,11 +731,7 @@ class Simulator(RoleView):
                 self._run_prefill(inst, batch)
                 return
         if inst.running:
-            dt = self.cost.decode_step_time(len(inst.running), inst.sum_ctx)
-            inst.busy = True
-            inst.step_start = self.now
-            inst.busy_until = self.now + dt
-            self._push(self.now + dt, DEC_STEP, inst, inst.epoch)
+            self._dispatch_decode(inst)
 
     # ---- batches, draining, switching, migration ---------------------------------------------------------
     def _busy(self, inst: Instance, batch: list, dt: float):

@@ -55,6 +55,27 @@ def test_single_request_latency_equals_cost_model(mm):
     assert r.t_done - r.t_first == pytest.approx(sum(steps), rel=1e-9)
 
 
+def test_decode_in_dispatches_of_several_steps_rides_to_the_end_of_the_last():
+    """Decode in dispatches of 4 steps (the engine's decode_steps): 39 tokens after the first take 10 dispatches, 40
+    steps, and the request finishes when the last dispatch ends; its tokens and pages are accounted exactly."""
+    r = _one(False)
+    res = simulate(make_policy("coupled"), [r], COST, config=SimConfig(check_invariants=True, decode_steps=4))
+    assert r.output_len - 1 == 39 and r.produced == r.output_len
+    steps = [COST.decode_step_time(1, r.input_len + k) for k in range(40)]
+    assert r.t_done - r.t_first == pytest.approx(sum(steps), rel=1e-9)
+    assert all(i.kv_used == 0 and not i.running and i.sum_ctx == 0 for i in res.instances)
+
+
+def test_dispatches_of_several_steps_keep_every_invariant_under_load():
+    spec = tiny_spec(arrival="mmpp", rate=14.0, duration=10.0, burst_gap_mean=3.0, burst_len=(2.0, 4.0))
+    for name, kw in (("coupled", {}), ("static_pd", {"n_prefill": 3}), ("elasticmm", {})):
+        res, reqs = checked_run(make_policy(name, **kw), spec, decode_steps=4)
+        assert all(r.state == ReqState.DONE and r.produced == r.output_len for r in reqs)
+        assert all(i.kv_used == 0 and not i.running for i in res.instances)
+    with pytest.raises(ValueError, match="decode_steps must be an integer >= 1, got 0"):
+        SimConfig(decode_steps=0)
+
+
 def test_disaggregated_path_adds_transfers_and_nonblocking_overlaps():
     r = _one(True)
     simulate(make_policy("static_epd", split="equal"), [r], COST, config=SimConfig(check_invariants=True))
