@@ -58,13 +58,15 @@ class InstanceActor:
                              f"{devices_per_instance}")
         self.executor = InstanceExecutor(config, params, devices[:devices_per_instance], shape, modalities, moka)
 
-    def location(self) -> str:
+    def describe(self) -> tuple[str, int]:
+        """(where it runs: node, address, process and devices; its KV pool's bytes per element)."""
         import ray
 
         ctx = ray.get_runtime_context()
         devices = ",".join(str(d.id) for d in self.executor.devices)
-        return f"node {ctx.get_node_id()[:8]} ({ray.util.get_node_ip_address()}) pid {os.getpid()} " \
-               f"{self.executor.devices[0].platform}:{devices}"
+        where = f"node {ctx.get_node_id()[:8]} ({ray.util.get_node_ip_address()}) pid {os.getpid()} " \
+                f"{self.executor.devices[0].platform}:{devices}"
+        return where, self.executor.kv_itemsize
 
     def prefill(self, rows):
         return self.executor.prefill(rows)
@@ -97,11 +99,10 @@ class RemoteExecutor:
 
     padded_ids = staticmethod(InstanceExecutor.padded_ids)
 
-    def __init__(self, actor, config: ModelConfig, shape: ExecutorShape, location: str):
+    def __init__(self, actor, config: ModelConfig, shape: ExecutorShape, location: str, kv_itemsize: int):
         self.actor, self.config, self.shape, self.location = actor, config, shape, location
+        self.kv_itemsize = kv_itemsize
         self.placement = self  # where an export is headed: the destination's handle (Ray moves the pages)
-
-    kv_itemsize = 4  # the pool is float32, as the in-process executor's default
 
     @property
     def kv_bytes_per_page(self) -> int:
@@ -237,7 +238,7 @@ class RayFleet:
         actors = [actor_cls.options(**options).remote(config, ref, shape, devices_per_instance, modalities, moka)
                   for _ in range(instances)]
         try:
-            where = ray.get([a.location.remote() for a in actors], timeout=self.timeout_s)
+            described = ray.get([a.describe.remote() for a in actors], timeout=self.timeout_s)
         except ray.exceptions.GetTimeoutError:
             for a in actors:
                 ray.kill(a)
@@ -247,4 +248,4 @@ class RayFleet:
             for a in actors:
                 ray.kill(a)
             raise
-        return [RemoteExecutor(a, config, shape, w) for a, w in zip(actors, where, strict=True)]
+        return [RemoteExecutor(a, config, shape, *d) for a, d in zip(actors, described, strict=True)]

@@ -182,7 +182,7 @@ def test_an_unreachable_coordinator_is_a_clear_error(tmp_path, capsys):
                      "--process-id", "1", "--cluster-timeout", "1"]) == 2
     assert time.monotonic() - t0 < 10
     err = capsys.readouterr().err
-    assert f"the coordinator 127.0.0.1:{port} cannot be reached within 1 s" in err and err.count("\n") == 1
+    assert f"the coordinator at 127.0.0.1:{port} cannot be reached within 1 s" in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

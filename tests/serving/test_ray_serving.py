@@ -90,15 +90,19 @@ def ray_engine(model, cluster, **engine_config) -> Engine:
 
 
 @pytest.mark.slow
-def test_prefill_on_one_node_decode_on_the_other_gives_the_single_host_answers(model, cluster, prompts, reference):
+@pytest.mark.parametrize("tp", [1, 2])
+def test_prefill_on_one_node_decode_on_the_other_gives_the_single_host_answers(model, cluster, prompts, reference,
+                                                                                tp):
+    """tp 2: each instance's weights sharded over the two CPU devices of its node's actor."""
     cfg, params = model
     greedy = SamplingParams(max_tokens=MAX_TOKENS)
-    with Engine(cfg, params, engine_config=EngineConfig(policy="static_pd", policy_options=(("n_prefill", 1),),
-                                                        num_instances=2, **SHAPE)) as local:
+    layout = dict(policy="static_pd", policy_options=(("n_prefill", 1),), num_instances=2, devices_per_instance=tp)
+    with Engine(cfg, params, engine_config=EngineConfig(**layout, **SHAPE)) as local:
         single_host = local.generate(prompts, greedy)
-    with ray_engine(model, cluster, policy="static_pd", policy_options=(("n_prefill", 1),), num_instances=2) as e:
+    with ray_engine(model, cluster, **layout) as e:
         where = [i["location"] for i in e.snapshot()["instances"]]
         assert len({node_of(w) for w in where}) == 2, where  # spread: the prefill and the decode node differ
+        assert all(w.endswith("cpu:0" if tp == 1 else "cpu:0,1") for w in where), where
         answers = e.generate(prompts, greedy, timeout=240)
         stats = e.snapshot()["stats"]
         used = [i["pages_used"] for i in e.snapshot()["instances"]]
