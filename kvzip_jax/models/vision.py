@@ -236,46 +236,52 @@ class Attention(nnx.Module):
 
 
 # Above UNTILED_QUERIES queries (Whisper's 1,500 frames; ViT-B/16's 197 tokens run in one piece) the attention
-# runs one (batch row, head) at a time, in equal query tiles of at most QUERY_TILE (1,500 -> 2 tiles of 752): each
-# step's [tile, keys] exponentials then stay a few MB instead of [B, N, tile, keys] for every head at once. On
+# runs HEADS_PER_STEP (batch row, head) pairs at a time, in equal query tiles of at most QUERY_TILE: each step's
+# [heads, tile, keys] exponentials then stay a few MB instead of [B, N, tile, keys] for every head at once. On
 # XLA:CPU (Whisper-base shapes, batch 2, one layer): one softmax over all heads' [1500, 1500] took 290 ms, all heads
-# in query tiles of 192 158 ms, one head at a time in tiles of 750 95-108 ms (torch's fused SDPA: 86 ms).
-QUERY_TILE = 768
+# in query tiles of 192 158 ms, one head at a time in tiles of 750 95-108 ms, of 1,500 (untiled) 90-97 ms, two heads
+# at a time untiled 92-94 ms against one head's 101-113 ms in the same runs (torch's fused SDPA: 82-86 ms). The query
+# tile bounds the step's memory for longer inputs: [2, 1536, S] float32 is 12 KB per key.
+QUERY_TILE = 1536
 UNTILED_QUERIES = 256
+HEADS_PER_STEP = 2
 
 
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: np.float32) -> jax.Array:
     """Softmax attention, heads first: q [B, N, T, D], k, v [B, N, S, D], mask [B, S] -> [B, N, T, D]. Logits and
-    softmax in float32."""
+    softmax in float32. The scale multiplies the queries ([T, D]), not the logits ([T, S]): one pass less over the
+    largest array (6% of Whisper's attention)."""
+    q = q * scale.astype(q.dtype)
 
     def logits_of(queries, keys, key_mask):
-        logits = jnp.einsum("...td,...sd->...ts", queries, keys, preferred_element_type=jnp.float32) * scale
+        logits = jnp.einsum("...td,...sd->...ts", queries, keys, preferred_element_type=jnp.float32)
         return logits if key_mask is None else jnp.where(key_mask[..., None, :], logits, jnp.finfo(jnp.float32).min)
 
     b, n, t, d = q.shape
-    if t <= max(UNTILED_QUERIES, QUERY_TILE):
+    if t <= UNTILED_QUERIES:
         probs = jax.nn.softmax(logits_of(q, k, None if mask is None else mask[:, None]), axis=-1).astype(v.dtype)
         return jnp.einsum("bnts,bnsd->bntd", probs, v)
 
     tiles = -(-t // QUERY_TILE)
-    size = -(-t // tiles)
-    size = min(QUERY_TILE, -(-size // 8) * 8) if QUERY_TILE >= 8 else size  # balanced, rounded to 8 rows
+    per_tile = -(-t // tiles)
+    size = -(-per_tile // 8) * 8  # equal tiles, rounded up to 8 rows
     s = k.shape[2]
+    g = HEADS_PER_STEP if (b * n) % HEADS_PER_STEP == 0 else 1
 
-    def one_head(args):
-        queries, keys, values, key_mask = args  # [tiles, size, D], [S, D], [S, D], [S] or None
+    def heads(args):
+        queries, keys, values, key_mask = args  # [g, tiles, size, D], [g, S, D], [g, S, D], [g, S] or None
 
-        def tile(rows):  # normalised after the value product: one pass less over the [tile, S] exponentials
+        def tile(rows):  # [g, size, D]; normalised after the value product: one pass less over the exponentials
             logits = logits_of(rows, keys, key_mask)
             e = jnp.exp(logits - logits.max(axis=-1, keepdims=True))
-            out = jnp.einsum("ts,sd->td", e.astype(values.dtype), values, preferred_element_type=jnp.float32)
-            return (out / e.sum(axis=-1)[:, None]).astype(values.dtype)
+            out = jnp.einsum("gts,gsd->gtd", e.astype(values.dtype), values, preferred_element_type=jnp.float32)
+            return (out / e.sum(axis=-1)[..., None]).astype(values.dtype)
 
-        return jax.lax.map(tile, queries)
+        return jax.lax.map(tile, queries.swapaxes(0, 1)).swapaxes(0, 1)
 
-    padded = jnp.pad(q, ((0, 0), (0, 0), (0, tiles * size - t), (0, 0))).reshape(b * n, tiles, size, d)
-    head_mask = None if mask is None else jnp.broadcast_to(mask[:, None], (b, n, s)).reshape(b * n, s)
-    out = jax.lax.map(one_head, (padded, k.reshape(b * n, s, d), v.reshape(b * n, s, d), head_mask))
+    padded = jnp.pad(q, ((0, 0), (0, 0), (0, tiles * size - t), (0, 0))).reshape(b * n // g, g, tiles, size, d)
+    head_mask = None if mask is None else jnp.broadcast_to(mask[:, None], (b, n, s)).reshape(b * n // g, g, s)
+    out = jax.lax.map(heads, (padded, k.reshape(b * n // g, g, s, d), v.reshape(b * n // g, g, s, d), head_mask))
     return out.reshape(b, n, tiles * size, d)[:, :, :t]
 
 

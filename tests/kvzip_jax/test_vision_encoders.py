@@ -283,10 +283,13 @@ def test_llava_tower_and_projector_on_a_mesh(llava):
     np.testing.assert_allclose(run(vsharded, psharded), run(vparams, pparams), atol=1e-5)
 
 
-def test_query_tiled_attention_matches_transformers(clip, monkeypatch):
-    """Long inputs (Whisper's 1,500 frames) attend in query tiles: with a 5-query tile the 17-token CLIP tower
-    runs 4 tiles, the last one padded, and still equals transformers."""
+@pytest.mark.parametrize("heads_per_step", [2, 3])
+def test_query_tiled_attention_matches_transformers(clip, monkeypatch, heads_per_step):
+    """Long inputs (Whisper's 1,500 frames) attend a few heads at a time in query tiles: with a 5-query tile the
+    17-token CLIP tower runs 4 tiles (each padded to 8 rows) and still equals transformers; 3 heads per step do not
+    divide its heads, so it runs one at a time."""
     model, _, config, params = clip
+    monkeypatch.setattr(vision, "HEADS_PER_STEP", heads_per_step)
     monkeypatch.setattr(vision, "QUERY_TILE", 5)
     monkeypatch.setattr(vision, "UNTILED_QUERIES", 4)
     pixels = _pixels(CLIP_CFG, seed=3)
