@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--no-warmup", action="store_true", help="compile on first use instead of at start-up")
     s.add_argument("--contexts-dir", default=None, help="where uploaded KVzip contexts are kept (Orbax) and reloaded "
                    "from at start-up (default: <kvzip-jax cache>/contexts/<model name>)")
+    s.add_argument("--cost-profile", default=None, metavar="NAME|FILE.json", help="the cost model the policy "
+                   "plans with: a packaged profile (e.g. demo_cpu2_static_pd) or a file that "
+                   "scripts/calibrate_profile.py fitted to this engine (default: the simulator's A800 profile)")
     s.add_argument("--ray", default=None, metavar="ADDRESS", help="place the instances on the Ray cluster at "
                    "ADDRESS (host:port of its head, 'auto', or ray://host:port); needs pip install '.[ray]'")
     s.add_argument("--ray-resource", choices=("auto", "GPU", "TPU", "CPU"), default="auto", help="what an "
@@ -86,6 +89,10 @@ def _check(args) -> None:
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port} is not a TCP port (0-65535)")
     _policy_options(args)  # a malformed --split is refused before anything loads
+    if args.cost_profile is not None:
+        from serving.costmodel import load_profile
+
+        load_profile(args.cost_profile)  # an unknown name or a bad file, before anything loads
 
 
 def _expose_host_devices(n: int) -> None:
@@ -135,6 +142,7 @@ def _serve(args) -> None:
         page_size=args.page_size, pages_per_instance=pages, decode_rows=args.decode_rows,
         decode_steps=args.decode_steps, prefill_chunk=args.prefill_chunk, max_model_len=args.max_model_len,
         max_waiting=args.max_waiting, warmup=not args.no_warmup, devices_per_instance=args.tp,
+        cost_profile=args.cost_profile,
     )
     enable_compilation_cache()
     dtype = None if args.dtype == "float32" else args.dtype

@@ -44,7 +44,7 @@ import jax
 import numpy as np
 
 from kvzip_jax.config import ModelConfig
-from serving.costmodel import default_cost_model
+from serving.costmodel import CostModel, default_cost_model, load_profile
 from serving.engine.admission import Admission
 from serving.engine.contexts import ServedContext
 from serving.engine.detokenize import Detokenizer
@@ -99,6 +99,9 @@ class EngineConfig:
     warmup: bool = True  # compile every shape bucket at start-up
     devices_per_instance: int = 1  # tensor parallel: each instance's weights sharded over this many devices
     check_invariants: bool = False  # after every step (tests)
+    # The cost model the policy plans with (layout sizes, ElasticMM's gain-cost decisions): a packaged profile's
+    # name or a .json file, e.g. one that scripts/calibrate_profile.py fitted to this engine (None: the default).
+    cost_profile: str | None = None
 
     def __post_init__(self):
         for name in ("num_instances", "page_size", "decode_rows", "decode_steps", "prefill_rows", "prefill_chunk",
@@ -242,7 +245,7 @@ class Engine(RoleView, Admission, MediaStage, FaultHandling):
             raise ValueError(f"num_instances = {ec.num_instances} x devices_per_instance = {k} needs "
                              f"{ec.num_instances * k} devices; {len(devices)} exist ({devices[0].platform})")
         self.policy = make_policy(ec.policy, **dict(ec.policy_options))
-        self.cost = default_cost_model()
+        self.cost = default_cost_model() if ec.cost_profile is None else CostModel(load_profile(ec.cost_profile))
         layout = self.policy.layout(ec.num_instances, self.cost)
         self.max_model_len = ec.max_model_len or config.max_position_embeddings
         if self.max_model_len > config.max_position_embeddings:

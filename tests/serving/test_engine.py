@@ -7,6 +7,7 @@ Every engine is built once per module with the same shape settings, so the jitte
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -268,6 +269,19 @@ def test_bad_engine_configs_raise(model):
         EngineConfig(page_size=0)
     with pytest.raises(ValueError, match=r"max_waiting.*-1"):
         EngineConfig(max_waiting=-1)
+    with pytest.raises(ValueError, match=r"unknown cost profile 'no_such_profile'.*demo_cpu2_coupled"):
+        Engine(cfg, params, engine_config=EngineConfig(cost_profile="no_such_profile", **SHAPE))
+
+
+def test_the_policy_plans_with_the_cost_profile_it_is_given(model):
+    """A profile fitted to this engine (scripts/calibrate_profile.py) instead of the simulator's default."""
+    cfg, params = model
+    config = EngineConfig(policy="static_pd", policy_options=(("n_prefill", 1),), num_instances=2,
+                          cost_profile="demo_cpu2_static_pd", **SHAPE)
+    with Engine(cfg, params, engine_config=config) as engine:
+        assert engine.cost.profile["name"] == "demo_cpu2_static_pd"
+    with Engine(cfg, params, engine_config=dataclasses.replace(config, cost_profile=None)) as engine:
+        assert engine.cost.profile["name"] == "qwen2.5-vl-7b-a800x8"
 
 
 def test_queue_full(model):

@@ -23,6 +23,8 @@ openai = pytest.importorskip("openai")
     (["--policy", "static_epd", "--split", "1,x"], "--split '1,x' must be 5 comma-separated integers"),
     (["--model", "moka-demo", "--dtype", "bfloat16"], "the MokA demo is served in float32"),
     (["--model", "no/such/dir"], "no/such/dir"),
+    (["--cost-profile", "nope"], "unknown cost profile 'nope'"),
+    (["--ray-timeout", "0"], "--ray-timeout must be > 0, got 0.0"),
 ])
 def test_bad_options_exit_2_with_one_line_naming_the_value(argv, message, capsys, monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # the CLI sets it; put it back after
