@@ -840,15 +840,19 @@ class Engine(RoleView, Admission, MediaStage, FaultHandling):
         inst.running[r.rid] = r
 
     # ---- prefill -> decode hand-off ------------------------------------------------------------------------
-    def _pick_decode(self, group: Group, copy: int, growth: int) -> EngineInstance | None:
-        best = None
+    def _pick_decode(self, group: Group, copy: int, growth: int, near: EngineInstance | None = None
+                     ) -> EngineInstance | None:
+        """The group's decode instance with room and the most free pages; one on the host of `near` (where the KV
+        is now) first, if any has room, as the simulator's `host_aware_decode` (a Ray fleet's nodes)."""
+        best, best_key = None, None
         for i in self.insts:
             if i.group != group or i.stage != Stage.DECODE or i.state != InstState.ACTIVE:
                 continue
             if len(i.running) + i.arriving >= self.engine_config.decode_rows or i.kv_free < copy + growth:
                 continue
-            if best is None or i.kv_free > best.kv_free:
-                best = i
+            key = (near is not None and i.executor.host == near.executor.host, i.kv_free)
+            if best is None or key > best_key:
+                best, best_key = i, key
         return best
 
     def _drain_decode_queue(self, group: Group) -> None:
@@ -861,7 +865,7 @@ class Engine(RoleView, Admission, MediaStage, FaultHandling):
             r = q[0]
             old_ids = r.kv.owned()
             growth = r.kv.pages_to_hold(r.sampling.max_tokens, page)
-            target = self._pick_decode(group, len(old_ids), growth)
+            target = self._pick_decode(group, len(old_ids), growth, near=self.insts[r.owner])
             if target is None:
                 return
             q.popleft()

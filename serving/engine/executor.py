@@ -205,6 +205,8 @@ class InstanceExecutor:
     def location(self) -> str:
         return ",".join(f"{d.platform}:{d.id}" for d in self.devices)
 
+    host = "local"  # every in-process instance shares this process's host
+
     def _tables(self, seqs: list[SequenceKV], rows: int):
         c = self.config
         width = self.shape.table_width(max([s.table.shape[2] for s in seqs] + [1]))

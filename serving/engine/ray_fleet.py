@@ -58,15 +58,15 @@ class InstanceActor:
                              f"{devices_per_instance}")
         self.executor = InstanceExecutor(config, params, devices[:devices_per_instance], shape, modalities, moka)
 
-    def describe(self) -> tuple[str, int]:
-        """(where it runs: node, address, process and devices; its KV pool's bytes per element)."""
+    def describe(self) -> tuple[str, int, str]:
+        """(where it runs: node, address, process and devices; its KV pool's bytes per element; its node's id)."""
         import ray
 
         ctx = ray.get_runtime_context()
         devices = ",".join(str(d.id) for d in self.executor.devices)
         where = f"node {ctx.get_node_id()[:8]} ({ray.util.get_node_ip_address()}) pid {os.getpid()} " \
                 f"{self.executor.devices[0].platform}:{devices}"
-        return where, self.executor.kv_itemsize
+        return where, self.executor.kv_itemsize, ctx.get_node_id()
 
     def prefill(self, rows):
         return self.executor.prefill(rows)
@@ -99,9 +99,11 @@ class RemoteExecutor:
 
     padded_ids = staticmethod(InstanceExecutor.padded_ids)
 
-    def __init__(self, actor, config: ModelConfig, shape: ExecutorShape, location: str, kv_itemsize: int):
+    def __init__(self, actor, config: ModelConfig, shape: ExecutorShape, location: str, kv_itemsize: int,
+                 host: str):
         self.actor, self.config, self.shape, self.location = actor, config, shape, location
         self.kv_itemsize = kv_itemsize
+        self.host = host  # its node: a KV hand-off to an instance of the same node stays in its object store
         self.placement = self  # where an export is headed: the destination's handle (Ray moves the pages)
 
     @property

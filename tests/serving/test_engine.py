@@ -490,3 +490,19 @@ def test_prompts_that_share_a_prefix_share_its_blocks_and_answer_the_same(model)
         assert engine.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS)) == expected
         assert engine.insts[0].prefix is None and engine.stats.prefix_hit_tokens == 0
         assert_idle(engine)
+
+
+def test_a_hand_off_prefers_a_decode_instance_on_the_prefill_instance_s_host(model, prompts, reference):
+    """On a Ray fleet each instance has its node; a request's KV goes to a decode instance of its own node first
+    (while one has room), as the simulator's host_aware_decode. Here the hosts are assigned by hand."""
+    cfg, params = model
+    config = EngineConfig(policy="static_pd", policy_options=(("n_prefill", 1),), num_instances=3, **SHAPE)
+    with Engine(cfg, params, engine_config=config) as engine:
+        for inst, host in zip(engine.insts, ("node-a", "node-b", "node-a"), strict=True):
+            inst.executor.host = host
+        assert [(i.stage, i.executor.host) for i in engine.insts] == [
+            (Stage.PREFILL, "node-a"), (Stage.DECODE, "node-b"), (Stage.DECODE, "node-a")]
+        assert engine.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS)) == reference
+        assert engine.stats.migrations == len(prompts)
+        assert [i.steps > 0 for i in engine.insts] == [True, False, True]  # node-b's decode instance never ran
+        assert_idle(engine)
