@@ -90,12 +90,16 @@ def validate_profile(data: dict, source: str = "<dict>") -> None:
                            f"{data['prefill']['saturation_fraction']} must be in (0, 1)")
     if data["link"]["bandwidth_GBps"] <= 0:
         raise ProfileError(f"cost profile {source}: link.bandwidth_GBps must be > 0")
-    cross = data.get("cross_host_link")  # optional: the link between hosts (the default: the one link)
-    if cross is not None:
+    # optional: the link between hosts (the default: the one link); the destination's own share of a KV hand-off
+    # (writing the pages into its pool keeps it from decoding meanwhile; the default: none)
+    for optional in ("cross_host_link", "kv_import"):
+        sec = data.get(optional)
+        if sec is None:
+            continue
         for k in ("alpha_ms", "bandwidth_GBps"):
-            v = cross.get(k) if isinstance(cross, dict) else None
+            v = sec.get(k) if isinstance(sec, dict) else None
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (k == "bandwidth_GBps" and v == 0):
-                raise ProfileError(f"cost profile {source}: cross_host_link.{k} = {v!r} must be a finite number "
+                raise ProfileError(f"cost profile {source}: {optional}.{k} = {v!r} must be a finite number "
                                    f"{'> 0' if k == 'bandwidth_GBps' else '>= 0'}")
 
 
@@ -130,6 +134,9 @@ class CostModel:
         cross = p.get("cross_host_link")
         self.cross_alpha = cross["alpha_ms"] * ms if cross else self.alpha
         self.cross_bw = cross["bandwidth_GBps"] * 1e9 if cross else self.bw
+        imp = p.get("kv_import")
+        self.import_alpha = imp["alpha_ms"] * ms if imp else 0.0
+        self.import_bw = imp["bandwidth_GBps"] * 1e9 if imp else math.inf
         self.t_switch = p["switch"]["t_switch_ms"] * ms
         vi = p["vision"]
         self.patch_px, self.min_pixels, self.max_pixels = vi["patch_px"], vi["min_pixels"], vi["max_pixels"]
@@ -164,6 +171,13 @@ class CostModel:
 
     def kv_transfer_time(self, tokens: int, cross_host: bool = False) -> float:
         return self.transfer_time(tokens * self.bytes_kv, cross_host)
+
+    def kv_import_time(self, tokens: int) -> float:
+        """What taking in a request's KV costs the destination's own worker (the engine's scatter step, part of
+        `kv_transfer_time`): it decodes nothing meanwhile. 0 unless the profile has a `kv_import` section."""
+        if not self.import_alpha and self.import_bw == math.inf:
+            return 0.0
+        return self.import_alpha + tokens * self.bytes_kv / self.import_bw
 
     def vision_tokens(self, width: int, height: int) -> int:
         """Qwen2.5-VL smart resize: sides to multiples of 28 with pixels in [min, max]; 1 token per 28x28."""

@@ -654,16 +654,20 @@ class Simulator(RoleView):
     def _start_decode(self, inst: Instance):
         if inst.busy:  # one iteration at a time: a second start would run a parallel step chain
             return
+        imports = 0.0
         while inst.pending and len(inst.running) < self.cost.decode_max_batch:
-            self._join_decode(inst, inst.pending.popleft())
+            r = inst.pending.popleft()
+            imports += self.cost.kv_import_time(r.input_len + r.produced - 1)
+            self._join_decode(inst, r)
         if not inst.running:
             return
-        self._dispatch_decode(inst)
+        self._dispatch_decode(inst, imports)
 
-    def _dispatch_decode(self, inst: Instance):
-        """`decode_steps` iterations of the running batch, each a step longer in context per request."""
+    def _dispatch_decode(self, inst: Instance, imports: float = 0.0):
+        """`decode_steps` iterations of the running batch, each a step longer in context per request, after
+        `imports`: the time the instance spends writing newly arrived requests' KV into its pool."""
         n = len(inst.running)
-        dt = sum(self.cost.decode_step_time(n, inst.sum_ctx + j * n) for j in range(self.cfg.decode_steps))
+        dt = imports + sum(self.cost.decode_step_time(n, inst.sum_ctx + j * n) for j in range(self.cfg.decode_steps))
         inst.busy = True
         inst.step_start = self.now
         inst.busy_until = self.now + dt

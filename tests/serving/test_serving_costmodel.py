@@ -50,14 +50,16 @@ def test_bad_values_and_unknown_profile(tmp_path):
         load_profile(p)
 
 
+@pytest.mark.parametrize("section", ["cross_host_link", "kv_import"])
 @pytest.mark.parametrize(("link", "message"), [
-    ({"alpha_ms": 0.02}, "cross_host_link.bandwidth_GBps = None must be a finite number > 0"),
-    ({"alpha_ms": 0.02, "bandwidth_GBps": 0}, "cross_host_link.bandwidth_GBps = 0 must be a finite number > 0"),
-    ({"alpha_ms": -1, "bandwidth_GBps": 25}, "cross_host_link.alpha_ms = -1 must be a finite number >= 0"),
+    ({"alpha_ms": 0.02}, ".bandwidth_GBps = None must be a finite number > 0"),
+    ({"alpha_ms": 0.02, "bandwidth_GBps": 0}, ".bandwidth_GBps = 0 must be a finite number > 0"),
+    ({"alpha_ms": -1, "bandwidth_GBps": 25}, ".alpha_ms = -1 must be a finite number >= 0"),
 ])
-def test_a_bad_cross_host_link_is_named(link, message):
+def test_a_bad_optional_link_is_named(section, link, message):
+    message = section + message
     prof = copy.deepcopy(load_profile())
-    prof["cross_host_link"] = link
+    prof[section] = link
     with pytest.raises(ProfileError) as e:
         CostModel(prof)
     assert message in str(e.value)
@@ -94,3 +96,11 @@ def test_refit_recovers_coefficients_from_timings():
     assert c3.da == pytest.approx(9e-3, rel=1e-3) and c3.dlc == pytest.approx(9e-5, rel=1e-3)
     with pytest.raises(ValueError, match="stage"):
         c.refit("vision", np.c_[B, ctx], t)
+
+
+def test_the_destination_s_import_costs_nothing_unless_profiled():
+    assert CostModel(load_profile()).kv_import_time(1000) == 0.0
+    prof = copy.deepcopy(load_profile())
+    prof["kv_import"] = {"alpha_ms": 2.0, "bandwidth_GBps": 0.5}
+    c = CostModel(prof)
+    assert c.kv_import_time(1000) == pytest.approx(2e-3 + 1000 * c.bytes_kv / 0.5e9, rel=1e-12)

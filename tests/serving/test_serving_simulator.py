@@ -66,6 +66,27 @@ def test_decode_in_dispatches_of_several_steps_rides_to_the_end_of_the_last():
     assert all(i.kv_used == 0 and not i.running and i.sum_ctx == 0 for i in res.instances)
 
 
+def test_taking_in_a_request_s_kv_holds_up_the_decode_instance():
+    """With a profiled `kv_import` (the engine's scatter on the destination), a static_pd request's decode starts
+    that much later: its first dispatch on the decode instance includes writing its pages."""
+    import copy
+
+    from serving.costmodel import CostModel
+
+    done = []
+    for imp in (None, {"alpha_ms": 3.0, "bandwidth_GBps": 0.2}):
+        prof = copy.deepcopy(COST.profile)
+        if imp is not None:
+            prof["kv_import"] = imp
+        r = _one(False)
+        cost = CostModel(prof)
+        simulate(make_policy("static_pd", n_prefill=1), [r], cost, 2, SimConfig(check_invariants=True))
+        done.append((r.t_done, cost.kv_import_time(r.input_len)))
+    (plain, none), (held, took) = done
+    assert none == 0.0 and took > 3e-3
+    assert held - plain == pytest.approx(took, rel=1e-9)
+
+
 def test_dispatches_of_several_steps_keep_every_invariant_under_load():
     spec = tiny_spec(arrival="mmpp", rate=14.0, duration=10.0, burst_gap_mean=3.0, burst_len=(2.0, 4.0))
     for name, kw in (("coupled", {}), ("static_pd", {"n_prefill": 3}), ("elasticmm", {})):
