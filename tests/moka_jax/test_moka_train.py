@@ -127,6 +127,8 @@ def test_exported_adapter_loads_back_exactly_and_refuses_another_model(straight_
         checkpoint.load_adapter(str(tmp_path), smaller, MOKA)
 
 
+# Orbax abandons its shard readers when a restore fails; their coroutines report that when collected
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("target, says", [
     ({"a": jnp.ones((4, 16))}, r"Requested shape: \(4, 16\) is not compatible with the stored shape: \(4, 8\)"),
     ({"b": jnp.ones((4, 8))}, r"tree structures do not match"),
