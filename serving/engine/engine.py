@@ -568,9 +568,7 @@ class Engine(RoleView, Admission, MediaStage, FaultHandling):
 
     def _close_executors(self) -> None:
         for inst in self.insts:
-            close = getattr(inst.executor, "close", None)  # remote instances free their actors
-            if close is not None:
-                close()
+            inst.executor.close()
 
     def __enter__(self):
         return self

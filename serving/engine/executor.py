@@ -207,6 +207,9 @@ class InstanceExecutor:
 
     host = "local"  # every in-process instance shares this process's host
 
+    def close(self) -> None:
+        """Nothing to free: its arrays go with the engine (a Ray instance's `close` ends its actor)."""
+
     def _tables(self, seqs: list[SequenceKV], rows: int):
         c = self.config
         width = self.shape.table_width(max([s.table.shape[2] for s in seqs] + [1]))
