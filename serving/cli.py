@@ -158,9 +158,7 @@ def _serve(args) -> None:
     else:
         model = LanguageModel.from_pretrained(args.model, dtype=dtype)
     name = args.name or os.path.basename(os.path.normpath(os.fspath(args.model))).removesuffix(".gguf")
-    print(f"serving-jax: loading {name} onto {args.devices // args.tp} instance(s) of {args.tp} device(s) "
-          f"({args.policy}{', Ray cluster ' + args.ray if args.ray else ''}) and compiling ...",
-          file=sys.stderr)
+    _say_loading(args, name)
     engine = Engine(model.config, model.params, model.tokenizer, engine_config, model_name=name,
                     modalities=modalities, fleet=fleet)
     try:
@@ -184,9 +182,7 @@ def _serve_moka_demo(args, demo, engine_config, fleet) -> None:
     from serving.moka_demo import MODEL_NAME, demo_chat_prompt, demo_engine
 
     name = args.name or MODEL_NAME
-    print(f"serving-jax: loading {name} onto {args.devices // args.tp} instance(s) of {args.tp} device(s) "
-          f"({args.policy}{', Ray cluster ' + args.ray if args.ray else ''}) and compiling ...",
-          file=sys.stderr)
+    _say_loading(args, name)
     engine = demo_engine(engine_config, demo=demo, model_name=name, fleet=fleet)
     try:
         print(f"serving-jax: {name} at http://{args.host}:{args.port}/v1", file=sys.stderr)
@@ -194,6 +190,12 @@ def _serve_moka_demo(args, demo, engine_config, fleet) -> None:
         uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     finally:
         engine.shutdown()
+
+
+def _say_loading(args, name: str) -> None:
+    where = f", Ray cluster {args.ray}" if args.ray else ""
+    print(f"serving-jax: loading {name} onto {args.devices // args.tp} instance(s) of {args.tp} device(s) "
+          f"({args.policy}{where}) and compiling ...", file=sys.stderr)
 
 
 def _llava_config(path: str):

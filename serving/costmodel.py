@@ -175,8 +175,6 @@ class CostModel:
     def kv_import_time(self, tokens: int) -> float:
         """What taking in a request's KV costs the destination's own worker (the engine's scatter step, part of
         `kv_transfer_time`): it decodes nothing meanwhile. 0 unless the profile has a `kv_import` section."""
-        if not self.import_alpha and self.import_bw == math.inf:
-            return 0.0
         return self.import_alpha + tokens * self.bytes_kv / self.import_bw
 
     def vision_tokens(self, width: int, height: int) -> int:
