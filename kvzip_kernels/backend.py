@@ -44,3 +44,29 @@ def resolve_backend(backend: str, available: tuple[str, ...], op: str) -> str:
     if backend not in available:
         raise ValueError(f"{op}: unknown backend {backend!r}; available: {', '.join((AUTO, *available))}")
     return backend
+
+
+# jax's matmul-precision names (`jax.default_matmul_precision` and the `precision=` strings) -> the lax enum.
+_PRECISION_NAMES = {
+    "default": jax.lax.Precision.DEFAULT, "fastest": jax.lax.Precision.DEFAULT, "bfloat16": jax.lax.Precision.DEFAULT,
+    "high": jax.lax.Precision.HIGH, "tensorfloat32": jax.lax.Precision.HIGH, "bfloat16_3x": jax.lax.Precision.HIGH,
+    "highest": jax.lax.Precision.HIGHEST, "float32": jax.lax.Precision.HIGHEST,
+}
+
+
+def resolve_precision(precision) -> jax.lax.Precision | None:
+    """The matmul precision a kernel's dots run at: `precision` ("default" | "high" | "highest", their jax aliases,
+    or a `jax.lax.Precision`), else jax's `default_matmul_precision` setting at trace time, else None (the
+    platform's default). What it means for float32 inputs on GPU: DEFAULT and HIGH let Triton use TF32 (a 10-bit
+    mantissa, ~1e-3 relative error per product); HIGHEST keeps IEEE float32. bf16 inputs are exact in every mode
+    (products accumulate in float32). Raises ValueError naming the value and the choices."""
+    if precision is None:
+        precision = jax.config.jax_default_matmul_precision
+        if precision is None:
+            return None
+    if isinstance(precision, jax.lax.Precision):
+        return precision
+    if isinstance(precision, str) and precision.lower() in _PRECISION_NAMES:
+        return _PRECISION_NAMES[precision.lower()]
+    raise ValueError(f"unknown matmul precision {precision!r}; choose one of {', '.join(_PRECISION_NAMES)} "
+                     "or a jax.lax.Precision")
