@@ -26,6 +26,7 @@ def paged_attention_reference(
     scale: float,
     softcap: float | None = None,
     window: int | None = None,
+    precision: jax.lax.Precision | None = None,
 ) -> jax.Array:
     """q [B, T, Hkv, G, D]; k/v_pages [N, page, D]; pos_pages [N, page]; page_table [B, Hkv, P];
     lengths [B, Hkv]; q_positions [B, T]. Returns [B, T, Hkv, G, D] in q's dtype.
@@ -45,8 +46,8 @@ def paged_attention_reference(
     mask = stored[:, :, None, :] & (kpos <= qpos)
     if window is not None:
         mask = mask & (qpos - kpos < window)
-    logits = grouped_logits(q, keys, scale=scale, softcap=softcap)
+    logits = grouped_logits(q, keys, scale=scale, softcap=softcap, precision=precision)
     logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
     probs = stable_softmax(logits).astype(values.dtype)
     values = jnp.where(stored[..., None], values, jnp.zeros((), values.dtype))
-    return weighted_values(probs, values).astype(q.dtype)
+    return weighted_values(probs, values, precision).astype(q.dtype)

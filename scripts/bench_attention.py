@@ -16,6 +16,8 @@ Sections (--sections; run as copy, scoring, then decode and baselines per (batch
   positions are 0..length-1 and the new token sits at position = context, so every kept pair is visible.
   Achieved bandwidth = kept K+V bytes (sum of lengths * D * 2 * itemsize) / median time, also as % of the copy
   bandwidth; speedup against ratio 1.0 of the same (batch, context) and against the best full-cache baseline.
+  Side by side ("old"): the same kernel on the previous schedule (one program per (row, kv head), one page per
+  step, no split), timed on the same inputs.
 - baselines: the full dense cache of the same (batch, context), each implementation given its own layout
   (named in brackets): `jax.nn.dot_product_attention` "cudnn" on [B, S, Hkv, D] (its documented layout), "xla" on
   [B, S, Hkv, D] and on [B, Hkv, S, D] (our DenseKVCache layout), and jax's shipped GPU decode kernel
@@ -240,7 +242,20 @@ def pool_bytes(batch: int, context: int, ratios: list[float], n_sets: int, page:
     return pages * page * (2 * HEAD_DIM * itemsize + 4) + len(ratios) * pages * 4
 
 
-def paged_fn(backend: str, interpret: bool, scale: float):
+def paged_fn(backend: str, interpret: bool, scale: float, schedule: dict | None = None):
+    """The dispatcher's call, or with `schedule` (num_splits, block_keys) the Triton kernel itself on that
+    schedule: {num_splits: 1, block_keys: page} is the previous kernel's one program per head, one page per step."""
+    if schedule is not None:
+        from kvzip_kernels.dispatch import NO_WINDOW
+        from kvzip_kernels.paged_attention_gpu import paged_attention_gpu
+
+        def run(q, k_pages, v_pages, pos_pages, tables, lengths, q_positions):
+            return [paged_attention_gpu(q, k_pages, v_pages, pos_pages, t, n, q_positions, jnp.int32(NO_WINDOW),
+                                        scale=scale, interpret=interpret, **schedule)
+                    for t, n in zip(tables, lengths, strict=True)]
+
+        return jax.jit(run)
+
     def run(q, k_pages, v_pages, pos_pages, tables, lengths, q_positions):
         return [paged_attention(q, k_pages, v_pages, pos_pages, t, n, q_positions, scale=scale, backend=backend,
                                 interpret=interpret) for t, n in zip(tables, lengths, strict=True)]
@@ -399,6 +414,8 @@ def run_decode_group(args, batch, context, scale, copy_bw, kernel_ok, results, c
         return
     pool, per_ratio = build_pool(batch, context, ratios, n_sets, args.page_size, args.spread, seed=args.seed)
     fn = paged_fn("pallas_gpu", args.interpret, scale)
+    # The previous schedule, side by side: one program per (row, kv head), one page per loop step.
+    old_fn = paged_fn("pallas_gpu", args.interpret, scale, dict(num_splits=1, block_keys=args.page_size))
     for r in ratios:
         tables, lengths, host_lengths = per_ratio[r]
         row = dict(base, ratio=r, n_sets=n_sets, kept_ratio=float(host_lengths.mean() / context))
@@ -418,11 +435,17 @@ def run_decode_group(args, batch, context, scale, copy_bw, kernel_ok, results, c
             if copy_bw:
                 row["pct_copy_bw"] = 100 * row["kv_bytes"] / row["median_s"] / copy_bw
             row["status"] = _status(row)
+            if row["status"] == "ok":
+                old_stats, old_outs = time_op(old_fn, ins, n_sets, args.repeats)
+                del old_outs
+                row["old_median_s"] = old_stats["median_s"]
+                row["old_gb_s"] = row["kv_bytes"] / old_stats["median_s"] / 1e9
+                row["speedup_vs_old"] = old_stats["median_s"] / row["median_s"]
         except Exception as e:  # out of memory or a compile failure at this shape: a reported row
             row.update(status="error", error=f"{type(e).__name__}: {e}"[:500])
         results["decode"].append(row)
         print(f"[decode] B={batch} ctx={context} r={r}: {_fmt_row(row)}", flush=True)
-    del pool, per_ratio, fn
+    del pool, per_ratio, fn, old_fn
     gc.collect()
 
 
@@ -654,12 +677,13 @@ def print_tables(results):
         print("\n### paged decode kernel (pallas_gpu): time per layer call, kept-KV bandwidth\n")
         rows = sorted(results["decode"], key=lambda r: (r["batch"], r["context"], -r["ratio"]))
         print(md_table(
-            ["B", "context", "ratio", "kept", "kept KV MB", "us", "GB/s", "% copy", "x vs r=1", "x vs best full",
-             "best full", "status"],
+            ["B", "context", "ratio", "kept", "kept KV MB", "us", "GB/s", "% copy", "old GB/s", "x vs old",
+             "x vs r=1", "x vs best full", "best full", "status"],
             [[r["batch"], r["context"], r["ratio"], _cell(r.get("kept_ratio"), "{:.3f}"),
               _cell(r["kv_bytes"] / 1e6 if "kv_bytes" in r else None, "{:.1f}"),
               _cell(1e6 * r["median_s"] if "median_s" in r else None, "{:.1f}"), _cell(r.get("gb_s"), "{:.4g}"),
-              _cell(r.get("pct_copy_bw"), "{:.0f}"), _cell(r.get("speedup_vs_r1"), "{:.2f}"),
+              _cell(r.get("pct_copy_bw"), "{:.0f}"), _cell(r.get("old_gb_s"), "{:.4g}"),
+              _cell(r.get("speedup_vs_old"), "{:.2f}"), _cell(r.get("speedup_vs_r1"), "{:.2f}"),
               _cell(r.get("speedup_vs_best_full"), "{:.2f}"), r.get("best_full", ""),
               r["status"] + (f" ({r['error'][:60]})" if r.get("error") else "")] for r in rows]))
     if results["baselines"]:

@@ -21,7 +21,8 @@ class PallasCallInfo:
     name: str
     grid: tuple[int, ...]
     scalar_prefetch_bytes: int
-    dot_operands: tuple  # (lhs, rhs) of each dot_general
+    dot_operands: tuple  # (lhs, rhs) avals of each dot_general
+    dot_precisions: tuple  # the `precision` parameter of each dot_general (None: the platform's default)
 
     @property
     def grid_steps(self) -> int:
@@ -48,7 +49,7 @@ def _eqns(jaxpr):
 
 
 def _dots(kernel_jaxpr):
-    return tuple((e.invars[0].aval, e.invars[1].aval) for e in _eqns(kernel_jaxpr) if e.primitive.name == "dot_general")
+    return [e for e in _eqns(kernel_jaxpr) if e.primitive.name == "dot_general"]
 
 
 def pallas_calls(fn, *args, **kwargs) -> list[PallasCallInfo]:
@@ -61,9 +62,11 @@ def pallas_calls(fn, *args, **kwargs) -> list[PallasCallInfo]:
         prefetch = eqn.invars[: mapping.num_index_operands]
         prefetch_bytes = sum(int(np.prod(v.aval.shape)) * v.aval.dtype.itemsize for v in prefetch)
         kernel = eqn.params["jaxpr"]
+        dots = _dots(getattr(kernel, "jaxpr", kernel))
         name = getattr(eqn.params.get("name_and_src_info"), "name", "") or str(eqn.params.get("name", ""))
         infos.append(PallasCallInfo(
             name=name, grid=tuple(int(x) for x in mapping.grid), scalar_prefetch_bytes=int(prefetch_bytes),
-            dot_operands=_dots(getattr(kernel, "jaxpr", kernel)),
+            dot_operands=tuple((e.invars[0].aval, e.invars[1].aval) for e in dots),
+            dot_precisions=tuple(e.params.get("precision") for e in dots),
         ))
     return infos

@@ -13,6 +13,9 @@ drive the decoder end to end; `gpu` / `tpu` marked tests run them compiled where
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,8 +24,9 @@ import pytest
 import kvzip_kernels
 from kvzip_kernels import paged_attention, use_backend
 from kvzip_kernels.dispatch import NO_WINDOW
-from kvzip_kernels.paged_attention_gpu import paged_attention_gpu
-from kvzip_kernels.paged_attention_tpu import _page_index, paged_attention_tpu
+from kvzip_kernels.paged_attention_gpu import H100_SMS, WAVES, paged_attention_gpu
+from kvzip_kernels.paged_attention_tpu import paged_attention_tpu
+from tests.kvzip_kernels.pallas_inspect import pallas_calls
 
 PAGE = 16
 P_MAX = 4  # table width: 64 slots per head sequence at most
@@ -306,6 +310,77 @@ def test_long_steps_split_the_query_rows(kernel, max_rows):
     np.testing.assert_allclose(np.asarray(out), _reference(inputs, dense, scale=0.125), atol=2e-5, rtol=2e-5)
 
 
+# (num_splits, block_keys): one page per step split in two; two-page steps with a partial last step (a 3-page
+# head); more splits than a head has pages (empty splits); four-page steps of the default width in 3 splits.
+SPLITS = [(2, 16), (1, 32), (7, 16), (3, 64)]
+
+
+@pytest.mark.parametrize("num_splits,block_keys", SPLITS, ids=[f"S{s}-K{k}" for s, k in SPLITS])
+def test_gpu_split_k_matches_reference(num_splits, block_keys):
+    """Each head's pages split across programs (ragged heads, an empty head, splits with no page) and merged:
+    equal to the float64 reference, and 0 for the empty head."""
+    for case, lengths in enumerate(KERNEL_LENGTHS):
+        inputs, dense = _case(seed=40 + case, g=4, d=64, t=3, dtype=jnp.float32, lengths=lengths)
+        inputs = _wild_table(inputs)
+        out = paged_attention_gpu(**inputs, window=jnp.int32(NO_WINDOW), scale=0.125, interpret=True,
+                                  num_splits=num_splits, block_keys=block_keys)
+        out = np.asarray(out)
+        np.testing.assert_allclose(out, _reference(inputs, dense, scale=0.125), atol=2e-5, rtol=2e-5)
+        for b, h in zip(*np.nonzero(np.asarray(inputs["lengths"]) == 0), strict=True):
+            assert np.all(out[b, :, h] == 0), "an empty head sequence must give exactly 0"
+
+
+def _llama8b_decode_structs(batch: int, context: int, dtype=jnp.bfloat16):
+    """The Llama-3.1-8B layer's paged decode inputs (Hkv 8, G 4, D 128, page 16, T 1) as shapes only: a table of
+    context / 16 pages per head and a pool holding every head's pages (17 GB of K at batch 64 x 128K)."""
+    hkv, g, d, width = 8, 4, 128, context // PAGE
+    n_pool = batch * hkv * width
+    s = jax.ShapeDtypeStruct
+    return (s((batch, 1, hkv, g, d), dtype), s((n_pool, PAGE, d), dtype), s((n_pool, PAGE, d), dtype),
+            s((n_pool, PAGE), jnp.int32), s((batch, hkv, width), jnp.int32), s((batch, hkv), jnp.int32),
+            s((batch, 1), jnp.int32), s((), jnp.int32))
+
+
+LLAMA8B = [(1, 8192), (1, 131072), (64, 8192), (64, 131072)]
+
+
+@pytest.mark.parametrize("batch,context", LLAMA8B, ids=[f"B{b}-{c // 1024}K" for b, c in LLAMA8B])
+def test_gpu_kernel_fills_an_h100_at_the_8b_shapes(batch, context):
+    """The Triton lowering at the real shapes, and the schedule it gets: at batch 1 at least 4 programs per SM of
+    an H100 (flash-decoding splits), matmul tiles of >= 16 query rows by >= 64 keys. Lowering is not compiling:
+    Triton's own compiler and the device are not exercised here (the gpu-marked tests and
+    `scripts/gpu_checks.sh` do that)."""
+    structs = _llama8b_decode_structs(batch, context)
+    fn = functools.partial(paged_attention_gpu, scale=0.088, softcap=None, sm_count=H100_SMS)
+    try:
+        lowered = jax.jit(fn).trace(*structs).lower(lowering_platforms=("cuda",))
+    except (ImportError, NotImplementedError) as err:  # a jaxlib built without the Triton lowering
+        pytest.skip(f"no cuda lowering in this jaxlib: {err}")
+    assert "triton" in lowered.as_text().lower()
+    [call] = pallas_calls(fn, *structs)
+    assert call.grid_steps >= WAVES * H100_SMS, call.grid
+    if batch == 1:
+        assert call.grid[2] > 1, "batch 1 must split each head's pages"
+    for lhs, rhs in call.dot_operands:
+        assert lhs.shape[0] >= 16 and min(rhs.shape) >= 16, (lhs.shape, rhs.shape)
+    logits_keys = call.dot_operands[0][1].shape[0]
+    assert logits_keys >= 64, f"{logits_keys} keys per step"
+
+
+def test_gpu_precision_reaches_the_dots():
+    """The dispatcher's precision reaches both matmuls of the kernel: "highest" keeps float32 products IEEE on GPU,
+    "default" lets Triton use TF32; None takes jax's `default_matmul_precision` (the tests set "highest")."""
+    structs = _llama8b_decode_structs(1, 8192, jnp.float32)
+    highest, default = jax.lax.Precision.HIGHEST, jax.lax.Precision.DEFAULT
+    for precision, expected in (("highest", highest), ("default", default), (None, highest)):
+        def run(*args, precision=precision):
+            return paged_attention(*args[:7], window=args[7], scale=0.088, backend="pallas_gpu", precision=precision)
+
+        [call] = pallas_calls(run, *structs)
+        assert len(call.dot_precisions) == 2
+        assert all(p in (expected, (expected, expected)) for p in call.dot_precisions), call.dot_precisions
+
+
 @pytest.mark.parametrize("backend", ["reference", "pallas_tpu"])
 def test_slots_no_head_owns_are_never_read(backend):
     """Rewriting every slot no head owns (finite garbage, positions that the masks would admit) leaves the output
@@ -315,17 +390,6 @@ def test_slots_no_head_owns_are_never_read(backend):
     garbage = _garbage_in_unowned_slots(inputs, dense, seed=1)
     out2 = paged_attention(**{**inputs, **garbage}, scale=0.125, backend=backend, interpret=True)
     np.testing.assert_array_equal(out, np.asarray(out2))
-
-
-def test_tpu_index_map_stops_at_the_last_page():
-    """Steps past a head's last page keep its block index (Pallas then issues no DMA): the pages a head does not
-    use are never fetched. An empty head names one clamped, in-pool block that the body never uses."""
-    width, n_pool = 5, 9
-    table = jnp.asarray([[[3, 1, 4, 8, 8], [-4, 50, 2, 2, 2]]], jnp.int32).reshape(-1)
-    lens = jnp.asarray([[2 * PAGE + 1, 0]], jnp.int32).reshape(-1)
-    steps = [[int(_page_index(0, h, j, table, lens, hkv=2, width=width, page=PAGE, num_pages=n_pool))
-              for j in range(width)] for h in range(2)]
-    assert steps == [[3, 1, 4, 4, 4], [0, 0, 0, 0, 0]]
 
 
 @pytest.mark.parametrize(
@@ -358,11 +422,44 @@ def test_gpu_kernel_refuses_untileable_shapes(monkeypatch):
              "pos_pages": inputs["pos_pages"][:, :8], "lengths": jnp.minimum(inputs["lengths"], 8)}
     with pytest.raises(ValueError, match=r"pallas_gpu.*page size.*power of two >= 16, got 8"):
         paged_attention(**small, scale=0.125, backend="pallas_gpu", interpret=True)
-    # "auto" on a GPU falls back to the reference instead of failing on such a cache.
+    # "auto" on a GPU falls back to the reference instead of failing on such a cache, and says so once.
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    out = paged_attention(**small, scale=0.125, interpret=True)
+    monkeypatch.setattr(kvzip_kernels.dispatch, "_warned_fallbacks", set())
+    with pytest.warns(UserWarning, match=r"cannot tile page size 8 / head_dim 64.*using the jnp reference"):
+        out = paged_attention(**small, scale=0.125, interpret=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        paged_attention(**small, scale=0.125, interpret=True)
     ref = paged_attention(**small, scale=0.125, backend="reference")
     np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+
+
+def test_query_and_cache_dtypes():
+    """A bf16 cache under float32 queries is fine (keys widen exactly); a cache wider than the queries, or not
+    floating point, is refused by name."""
+    inputs, _ = _case(seed=0, g=4, d=64, t=1, dtype=jnp.float32, lengths=KERNEL_LENGTHS[0])
+    narrow = {**inputs, "k_pages": inputs["k_pages"].astype(jnp.bfloat16),
+              "v_pages": inputs["v_pages"].astype(jnp.bfloat16)}
+    out = paged_attention(**narrow, scale=0.125)
+    assert out.dtype == jnp.float32 and np.isfinite(np.asarray(out)).all()
+    with pytest.raises(ValueError, match=r"cache dtype float32 is wider than the queries' bfloat16"):
+        paged_attention(**{**inputs, "q": inputs["q"].astype(jnp.bfloat16)}, scale=0.125)
+    ints = {**inputs, "k_pages": inputs["k_pages"].astype(jnp.int8), "v_pages": inputs["v_pages"].astype(jnp.int8)}
+    with pytest.raises(ValueError, match=r"q \(float32\) and the cache \(int8\) must be floating point"):
+        paged_attention(**ints, scale=0.125)
+
+
+def test_debug_mode_checks_traced_tables(monkeypatch):
+    """Under jit the table is a tracer and only the kernels' clamping protects the pool; debug mode (the argument
+    or KVZIP_KERNELS_DEBUG=1) checks the values when they arrive and fails the call, naming the entry."""
+    inputs, _ = _case(seed=0, g=4, d=64, t=1, dtype=jnp.float32, lengths=KERNEL_LENGTHS[0])
+    bad = {**inputs, "page_table": inputs["page_table"].at[1, 1, 0].set(10_000)}
+    jax.block_until_ready(_call(bad, scale=0.125))  # no debug: clamped, no error
+    monkeypatch.setenv("KVZIP_KERNELS_DEBUG", "1")
+    run = jax.jit(lambda x: paged_attention(**x, scale=0.125))
+    with pytest.raises(Exception, match=r"page_table\[1, 1, 0\] = 10000 is outside the pool"):
+        jax.block_until_ready(run(bad))
+    jax.block_until_ready(run(inputs))  # good values pass
 
 
 @pytest.mark.parametrize(
