@@ -6,7 +6,7 @@ GPU (H200), everything (writes bench_attention.json / .csv under --out, default 
 CPU smoke test (tiny shapes, Pallas in interpret mode, a few repeats; checks that every path runs):
     python scripts/bench_attention.py --smoke
 
-Sections (--sections; run as copy, scoring, then decode and baselines per (batch, context), largest first):
+Sections (--sections; run as copy, scoring, [tune], then decode and baselines per (batch, context), largest first):
 - copy: a jitted copy of a large array (--copy-gib); bandwidth = bytes read + written / median time.
 - decode: `kvzip_kernels.paged_attention` (pallas_gpu) at one Llama-3-8B layer (Hkv=8, G=4, D=128, bf16, T=1 new token)
   for every --batches x --contexts x --ratios. Each (row, kv head) keeps round(r * context * f) pairs, f spread
@@ -23,6 +23,8 @@ Sections (--sections; run as copy, scoring, then decode and baselines per (batch
   [B, S, Hkv, D] and on [B, Hkv, S, D] (our DenseKVCache layout), and jax's shipped GPU decode kernel
   (`jax.experimental.pallas.ops.gpu.decode_attention.gqa`) on [B, Hkv, S, D], the layout its inner kernel reads.
   A baseline that fails (shape unsupported, import gone) is a row with status "error" and the message.
+- tune (only when named): the decode kernel at --tune-shapes, ratio 0.3, on each of TUNE_GRID's schedules
+  (block_keys 64/128 x num_warps 4/8 x num_stages 2/3/4), to pick the defaults on the real GPU.
 - scoring: `kvzip_kernels.kvzip_scores` pallas_gpu against the reference at chunks --score-chunks (n_sys 64, T = m + 32
   repeat rows, B=1, Hkv=8, G=4, D=128, bf16): median time and XLA's temporaries of the compiled call
   (`memory_analysis().temp_size_in_bytes`), next to the bytes a full [T, keys] logits matrix would take.
@@ -77,6 +79,9 @@ from kvzip_kernels import kvzip_scores, paged_attention  # noqa: E402
 HKV, GROUP, HEAD_DIM = 8, 4, 128  # Llama-3-8B: 32 query heads over 8 kv heads, head_dim 128
 DTYPE = jnp.bfloat16
 SECTIONS = ("copy", "decode", "baselines", "scoring")
+OPTIONAL_SECTIONS = ("tune",)  # run only when named
+# The decode kernel's schedules that the tune section times (each compiles once: ~12 compiles per shape).
+TUNE_GRID = tuple(dict(block_keys=k, num_warps=w, num_stages=st) for k in (64, 128) for w in (4, 8) for st in (2, 3, 4))
 # (implementation, storage layout of the dense cache): "bskd" = [B, S, Hkv, D] (dot_product_attention's documented
 # layout), "bhsd" = [B, Hkv, S, D] (our DenseKVCache layout, and the one gqa's inner kernel reads: gqa swaps the axes
 # of its [B, S, Hkv, D] arguments, so it is given swapaxes of bhsd storage and XLA cancels the two transposes).
@@ -493,6 +498,38 @@ def run_baseline_group(args, batch, context, scale, copy_bw, checks, results, ca
     gc.collect()
 
 
+def section_tune(args, results, scale, copy_bw, cap):
+    """Time the decode kernel on every TUNE_GRID schedule at --tune-shapes (ratio 0.3, split count automatic):
+    which tile width, warps and pipeline stages read fastest on this GPU. Rows go to results["tune"]."""
+    itemsize = jnp.dtype(DTYPE).itemsize
+    for batch, context in args.tune_shapes:
+        n_sets = n_sets_for(batch * HKV * 0.3 * context * HEAD_DIM * 2 * itemsize, args)
+        if pool_bytes(batch, context, [0.3], n_sets, args.page_size, args.spread) > cap:
+            results["tune"].append(dict(batch=batch, context=context, status="skipped", error="over the memory cap"))
+            continue
+        pool, per_ratio = build_pool(batch, context, [0.3], n_sets, args.page_size, args.spread, seed=args.seed)
+        tables, lengths, host_lengths = per_ratio[0.3]
+        kv_bytes = int(host_lengths.sum()) / n_sets * HEAD_DIM * 2 * itemsize
+        ins = (pool["q"], pool["k_pages"], pool["v_pages"], pool["pos_pages"], tables, lengths, pool["q_positions"])
+        for schedule in TUNE_GRID:
+            row = dict(batch=batch, context=context, ratio=0.3, **schedule)
+            try:
+                stats, outs = time_op(paged_fn("pallas_gpu", args.interpret, scale, schedule), ins, n_sets,
+                                      args.repeats)
+                row["spot_rel_err"] = paged_spot_check(pool, tables[0], lengths[0], outs[0], 0, scale)
+                del outs
+                row.update(stats, gb_s=kv_bytes / stats["median_s"] / 1e9)
+                row["status"] = _status(row)
+                if copy_bw:
+                    row["pct_copy_bw"] = 100 * kv_bytes / stats["median_s"] / copy_bw
+            except Exception as e:  # a schedule Triton cannot compile is a reported row
+                row.update(status="error", error=f"{type(e).__name__}: {e}"[:300])
+            results["tune"].append(row)
+            print(f"[tune] B={batch} ctx={context} {schedule}: {_fmt_row(row)}", flush=True)
+        del pool, per_ratio
+        gc.collect()
+
+
 def _status(row) -> str:
     if not row["finite"]:
         return "non-finite output"
@@ -686,6 +723,13 @@ def print_tables(results):
               _cell(r.get("speedup_vs_old"), "{:.2f}"), _cell(r.get("speedup_vs_r1"), "{:.2f}"),
               _cell(r.get("speedup_vs_best_full"), "{:.2f}"), r.get("best_full", ""),
               r["status"] + (f" ({r['error'][:60]})" if r.get("error") else "")] for r in rows]))
+    if results["tune"]:
+        print("\n### decode kernel schedules (ratio 0.3, automatic split count)\n")
+        print(md_table(["B", "context", "block_keys", "num_warps", "num_stages", "us", "GB/s", "% copy", "status"],
+                       [[r["batch"], r["context"], r.get("block_keys", ""), r.get("num_warps", ""),
+                         r.get("num_stages", ""), _cell(1e6 * r["median_s"] if "median_s" in r else None, "{:.1f}"),
+                         _cell(r.get("gb_s"), "{:.4g}"), _cell(r.get("pct_copy_bw"), "{:.0f}"),
+                         r["status"] + (f" ({r['error'][:60]})" if r.get("error") else "")] for r in results["tune"]]))
     if results["baselines"]:
         print("\n### full dense cache baselines (ratio 1.0)\n")
         rows = sorted(results["baselines"], key=lambda r: (r["batch"], r["context"], r["impl"]))
@@ -714,7 +758,7 @@ def write_results(results, out_dir: Path):
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "bench_attention.json", "w") as f:
         json.dump(results, f, indent=2, default=str)
-    rows = [r for key in ("copy", "checks", "decode", "baselines", "scoring") for r in results.get(key) or []]
+    rows = [r for key in ("copy", "checks", "decode", "baselines", "scoring", "tune") for r in results.get(key) or []]
     fields = []
     for r in rows:
         fields += [k for k in r if k not in fields]
@@ -745,17 +789,20 @@ def parse_args(argv=None):
     p.add_argument("--mem-frac", type=float, default=0.6, help="skip configs needing more than this of the limit")
     p.add_argument("--large-gib", type=float, default=1.0, help="kept KV from which a shape counts as large")
     p.add_argument("--time-budget", type=float, default=0.0, help="seconds; 0 = none")
+    p.add_argument("--tune-shapes", type=lambda v: [tuple(map(int, x.split("x"))) for x in v.split(",")],
+                   default=[(1, 32768), (16, 32768)], help="tune section: BATCHxCONTEXT list")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="folder for JSON/CSV (default $OUT, else demo_out/bench_attention)")
     args = p.parse_args(argv)
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = set(args.sections) - set(SECTIONS)
+    unknown = set(args.sections) - set(SECTIONS) - set(OPTIONAL_SECTIONS)
     if unknown:
-        p.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+        p.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS + OPTIONAL_SECTIONS}")
     if args.smoke:
         given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
         smoke = dict(batches=[2], contexts=[256], ratios=[1.0, 0.3], repeats=3, copy_gib=1 / 32,
-                     score_chunks=[64, 128], n_sys=16, repeat_rows=8, check_context=256, rotate_mib=1.0, max_sets=2)
+                     score_chunks=[64, 128], n_sys=16, repeat_rows=8, check_context=256, rotate_mib=1.0, max_sets=2,
+                     tune_shapes=[(1, 256)])
         for k, v in smoke.items():
             if "--" + k.replace("_", "-") not in given:
                 setattr(args, k, v)
@@ -771,7 +818,8 @@ def main(argv=None):
         print("warning: no GPU; the Pallas GPU kernels run in interpret mode (slow, and the times mean nothing)")
     limit, rule = device_memory_limit()
     cap = int(args.mem_frac * limit)
-    results = dict(meta=environment(args), copy=[], checks=[], decode=[], baselines=[], scoring=[], targets=[])
+    results = dict(meta=environment(args), copy=[], checks=[], decode=[], baselines=[], scoring=[], tune=[],
+                   targets=[])
     results["meta"].update(mem_cap_bytes=cap, mem_cap_rule=f"{args.mem_frac:g} x {rule} ({limit / 1e9:.1f} GB)",
                            args={k: str(v) for k, v in vars(args).items()})
     print(f"device: {results['meta']['device']} ({results['meta']['backend']}), versions "
@@ -789,6 +837,10 @@ def main(argv=None):
                                               max_abs_diff=r.get("max_abs_diff"),
                                               status=r["status"],
                                               error=r.get("error", "")))
+        write_results(results, args.out)
+
+    if "tune" in args.sections:
+        section_tune(args, results, scale, copy_bw, cap)
         write_results(results, args.out)
 
     do_decode, do_base = "decode" in args.sections, "baselines" in args.sections

@@ -10,6 +10,8 @@
 #                        kvzip      `scripts/bench_kvzip.py --preset llama3-8b --dtype bfloat16 --context 32768`
 #                        encoders   `scripts/bench_encoders.py --preset vit-l14-336 --dtype bfloat16 --batch 32
 #                                   --no-torch` (only when named: the LLaVA-1.5 tower against its FLOP floor)
+#                        tune       `scripts/bench_attention.py --sections tune` (only when named: the decode kernel's
+#                                   block_keys x num_warps x num_stages at B 1 and 16, 32K, ratio 0.3; $OUT/tune/)
 #                        layerscan  `scripts/bench_layer_scan.py --no-hf` (only when named: does XLA:GPU read the
 #                                   scanned layers' weight slices in place? per-layer / scanned near 1 says yes)
 #                        moka       `scripts/bench_moka.py --gpu-shape` (only when named: MokA's training step
@@ -19,7 +21,7 @@
 # and the next one still runs; a step with under 30 s left is skipped. A summary table ends the log.
 # Files under $OUT (at most 8 come back, none deeper than 2 folders): gpu_checks.log, summary.txt,
 # bench_attention.json, bench_attention.csv, bench_8b.json, bench_kvzip.json, layer_scan.json, bench_encoders.json,
-# bench_moka_gpu.json.
+# bench_moka_gpu.json, tune/bench_attention.json.
 set -u
 
 cd "$(dirname "$0")/.." || exit 2
@@ -102,6 +104,10 @@ for step in "$@"; do
       run_step encoders 120 "$PY" scripts/bench_encoders.py --preset vit-l14-336 --dtype bfloat16 --batch 32 \
         --no-torch --no-whisper --json "$OUT/bench_encoders.json"
       ;;
+    tune)
+      run_step tune 240 "$PY" scripts/bench_attention.py --sections copy,tune --copy-gib 1 --repeats 10 \
+        --out "$OUT/tune"
+      ;;
     layerscan)
       run_step layerscan 120 "$PY" scripts/bench_layer_scan.py --no-hf --json "$OUT/layer_scan.json"
       ;;
@@ -110,7 +116,7 @@ for step in "$@"; do
       ;;
     *)
       NAMES+=("$step")
-      RESULTS+=("unknown step (choose pytest, attention, generate, kvzip, encoders, layerscan, moka)")
+      RESULTS+=("unknown step (choose pytest, attention, generate, kvzip, encoders, tune, layerscan, moka)")
       ;;
   esac
 done
