@@ -11,6 +11,11 @@ One scoring forward repeats a context chunk; every layer then scores the chunk's
 Every implementation works in two passes so that no [T, n_sys + m + T] matrix ever exists (memory independent of
 the chunk size squared): pass 1 gives each row's log-sum-exp over blocks of keys; pass 2 revisits only the chunk's
 columns and takes the max over rows of exp(logit - lse).
+
+Matmul precision is the caller's: `precision` (or jax's `default_matmul_precision`, via
+`kvzip_kernels.backend.resolve_precision`) reaches every dot of every backend. For float32 inputs on GPU, DEFAULT and
+HIGH mean TF32 (inputs rounded to a 10-bit mantissa, ~1e-3 relative error per product) in the Triton kernel and in
+XLA's dots alike; HIGHEST means IEEE float32. bf16 inputs are exact in every mode (float32 accumulation).
 """
 
 from __future__ import annotations
@@ -19,7 +24,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvzip_kernels.backend import PALLAS_GPU, PALLAS_TPU, REFERENCE, requested_backend, resolve_backend
+from kvzip_kernels.backend import (
+    PALLAS_GPU,
+    PALLAS_TPU,
+    REFERENCE,
+    requested_backend,
+    resolve_backend,
+    resolve_precision,
+)
 from kvzip_kernels.logits import grouped_logits
 
 BACKENDS = (REFERENCE, PALLAS_GPU, PALLAS_TPU)
@@ -36,10 +48,13 @@ def kvzip_scores_reference(
     scale: float,
     softcap: float | None = None,
     block: int = REFERENCE_BLOCK,
+    precision=None,
 ) -> jax.Array:
     """The oracle and the CPU path: blockwise two-pass jnp (temporaries [B, Hkv, G, T, block]).
 
-    Returns float32 [B, Hkv, m]."""
+    precision: what `kvzip_kernels.backend.resolve_precision` takes; the dots run at it. Returns float32
+    [B, Hkv, m]."""
+    precision = resolve_precision(precision)
     b, t, hkv, g, _ = q.shape
     width = keys.shape[2]
     m = width - n_sys - t
@@ -54,7 +69,7 @@ def kvzip_scores_reference(
         start = jnp.minimum(j * block, width - block)
         cols = start + jnp.arange(block, dtype=jnp.int32)
         logits = grouped_logits(q, jax.lax.dynamic_slice_in_dim(keys, start, block, axis=2), scale=scale,
-                                softcap=softcap)
+                                softcap=softcap, precision=precision)
         chunk_ok = ((cols >= n_sys) & (cols < n_sys + m))[None, None, :] & (
             (cols - n_sys)[None, None, :] < chunk_len[:, None, None]
         )
@@ -75,7 +90,7 @@ def kvzip_scores_reference(
     )
     lse = mx + jnp.log(jnp.where(total > 0, total, 1.0))  # [B, Hkv, G, T]
     return kvzip_scores_from_lse(q, keys[:, :, n_sys : n_sys + m], lse, chunk_len=chunk_len, n_valid=n_valid,
-                                 scale=scale, softcap=softcap, block=block)
+                                 scale=scale, softcap=softcap, block=block, precision=precision)
 
 
 def kvzip_scores_from_lse(
@@ -88,10 +103,13 @@ def kvzip_scores_from_lse(
     scale: float,
     softcap: float | None = None,
     block: int = REFERENCE_BLOCK,
+    precision=None,
 ) -> jax.Array:
     """Pass 2 alone, blockwise jnp: score[b, h, c] = max over the G heads and valid rows of exp(logit - lse) at
     chunk column c, given each row's log-sum-exp over [system | chunk | repeat] (pass 1, or a forward that
-    accumulated it alongside its attention). chunk_keys [B, Hkv, m, D]; lse [B, Hkv, G, T]. Returns [B, Hkv, m]."""
+    accumulated it alongside its attention). chunk_keys [B, Hkv, m, D]; lse [B, Hkv, G, T]; precision as in
+    `kvzip_scores_reference`. Returns [B, Hkv, m]."""
+    precision = resolve_precision(precision)
     b, t, hkv, _, _ = q.shape
     m = chunk_keys.shape[2]
     row_ok = jnp.arange(t, dtype=jnp.int32)[None, :] < n_valid[:, None]  # [B, T]
@@ -101,7 +119,7 @@ def kvzip_scores_from_lse(
         start = jnp.minimum(j * chunk_block, m - chunk_block)
         cols = start + jnp.arange(chunk_block, dtype=jnp.int32)  # chunk-relative
         logits = grouped_logits(q, jax.lax.dynamic_slice_in_dim(chunk_keys, start, chunk_block, 2), scale=scale,
-                                softcap=softcap)
+                                softcap=softcap, precision=precision)
         ok = (cols[None, None, :] < chunk_len[:, None, None]) & row_ok[:, :, None]
         probs = jnp.where(ok[:, None, None], jnp.exp(logits - lse[..., None]), 0.0)
         # Overlapping columns of a shifted last block get the same value twice: overwriting is exact.
@@ -189,6 +207,7 @@ def kvzip_scores(
     interpret: bool | None = None,
     block_keys: int | None = None,
     block_rows: int | None = None,
+    precision=None,
 ) -> jax.Array:
     """KVzip scores of the chunk's m key slots: float32 [B, Hkv, m] in [0, 1] (see the module docstring).
 
@@ -196,6 +215,10 @@ def kvzip_scores(
     "pallas_tpu"; None takes the `use_backend` context (default "auto"). interpret runs a Pallas backend in CPU
     interpret mode (tests); None takes the context (default False). block_keys / block_rows override the
     backend's key-column and query-row block sizes (None: the backend default; the reference uses block_keys only).
+    precision: the matmul precision of every backend's dots, "default" | "high" | "highest" (or jax's aliases) or a
+    `jax.lax.Precision`; None takes jax's `default_matmul_precision`, else the platform default. For float32 inputs
+    on GPU, DEFAULT / HIGH (and the platform default) mean TF32, ~1e-3 relative error per product: pass "highest"
+    for IEEE float32. On TPU the kernel runs HIGH as HIGHEST (Mosaic has no HIGH). bf16 inputs are exact in all.
     Inputs are checked here, before any kernel runs; chunk_len / n_valid values are checked when concrete.
     """
     backend, interpret = requested_backend(backend, interpret)
@@ -205,8 +228,10 @@ def kvzip_scores(
         if v is not None and (not isinstance(v, (int, np.integer)) or v < 1):
             raise ValueError(f"kvzip_scores: {name} must be a positive int or None, got {v!r}")
     n_sys = int(n_sys)
+    precision = resolve_precision(precision)
     chunk_len, n_valid = chunk_len.astype(jnp.int32), n_valid.astype(jnp.int32)
-    kw = dict(n_sys=n_sys, chunk_len=chunk_len, n_valid=n_valid, scale=float(scale), softcap=softcap)
+    kw = dict(n_sys=n_sys, chunk_len=chunk_len, n_valid=n_valid, scale=float(scale), softcap=softcap,
+              precision=precision)
     if choice == REFERENCE:
         return kvzip_scores_reference(q, keys, **kw, block=block_keys or REFERENCE_BLOCK)
     # Imported here so that the reference path never loads Pallas (and the backends may import this module).

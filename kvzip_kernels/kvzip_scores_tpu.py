@@ -10,8 +10,26 @@ Both passes put the streamed axis last in the grid ("arbitrary") and keep their 
 chunk_len and n_valid are scalar-prefetched into SMEM. The index maps clamp every dead block (chunk slots past
 chunk_len, repeat keys past the row block's causal limit or n_valid, query rows past n_valid) to the last live one:
 an unchanged block index means no DMA, and `pl.when` skips the compute. Block shapes follow Mosaic's rule (last two
-dims divisible by 8 and 128, or whole): keys (block_keys, D), queries (block_rows, D), lse (block_rows, 1) and
-scores (1, block_keys) of arrays whose last dims are D, D, 1 and block_keys.
+dims divisible by the dtype's sublane count (8 for float32, 16 for bf16) and 128, or whole): keys (block_keys, D),
+queries (block_rows, D), lse (block_rows, 1) and scores (1, block_keys) of arrays whose last dims are D, D, 1 and
+block_keys.
+
+Blocks: 256 query rows x 512 keys per grid step by default. Each grid step costs ~0.35 us of fixed overhead, and a
+128^3 bf16 matmul is ~0.02 us of a v5e MXU's 197 TFLOP/s, so the earlier 128 x 128 blocks spent more time stepping
+than multiplying: at the Llama-3.1-8B scoring shape (Hkv 8, G 4, chunk 8192) pass 1 had 267,280 steps; these blocks
+make it 35,088 (tests/kvzip_kernels/test_kvzip_scores.py checks <= 100,000 with `pallas_inspect`).
+
+VMEM at D 128 bf16 (lane-sparse [rows, 1] float32 arrays pad to 128 lanes):
+- pass 1: q 256 * 128 * 2 B = 64 KiB, keys 512 * 128 * 2 B = 128 KiB, both double-buffered: 384 KiB; lse out
+  (256, 1) -> 256 * 128 * 4 B = 128 KiB, double-buffered: 256 KiB; max / sum scratch 2 * 128 KiB = 256 KiB; the
+  [256, 512] float32 logits 512 KiB, ~4 such temporaries live: 2 MiB. ~2.9 MiB in all.
+- pass 2: q 64 KiB + lse 128 KiB + keys 128 KiB, double-buffered: 640 KiB; out and scratch (1, 512) -> (8, 512)
+  float32, 3 * 16 KiB; logits temporaries 2 MiB. ~2.7 MiB.
+Both sit well inside the 16 MiB scoped-VMEM default of the smallest current TPU (v5e), leaving room to tune up.
+
+Precision: the caller's `precision` goes to every dot. Mosaic's matmul has two modes: its default (DEFAULT / None)
+and float32 contraction (HIGHEST). Its lowering rejects HIGH, so HIGH runs as HIGHEST: at least what was asked.
+bf16 inputs are exact either way (float32 accumulation), so their dots keep Mosaic's default whatever is asked.
 """
 
 from __future__ import annotations
@@ -26,8 +44,8 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kvzip_kernels.kvzip_scores import pack_for_kernels
 
-BLOCK_KEYS = 128  # a full lane width for the [rows, keys] logits tile
-BLOCK_ROWS = 128
+BLOCK_KEYS = 512  # four full lane widths for the [rows, keys] logits tile
+BLOCK_ROWS = 256  # a multiple of every dtype's sublane count (8 f32, 16 bf16, 32 8-bit)
 _NEG = float(np.finfo(np.float32).min)
 
 
@@ -35,8 +53,19 @@ def _cdiv(a, b):
     return jax.lax.div(a + b - 1, b)  # operands are non-negative, so truncation is floor
 
 
-def _logits(q, k, scale, softcap):
-    s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
+def _mosaic_precision(precision, dtype):
+    """What Mosaic is asked for. It lowers DEFAULT and HIGHEST only, so HIGH rounds up to HIGHEST. The mode concerns
+    float32 operands alone (bf16 products are exact in the float32 accumulator): narrower inputs keep Mosaic's
+    default rather than request a float32 contraction of bf16 data. DEFAULT, not None: a None dot would take jax's
+    `default_matmul_precision` setting at trace time."""
+    if jnp.dtype(dtype) != jnp.float32:
+        return jax.lax.Precision.DEFAULT
+    return jax.lax.Precision.HIGHEST if precision == jax.lax.Precision.HIGH else precision
+
+
+def _logits(q, k, scale, softcap, precision):
+    s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
+                            preferred_element_type=jnp.float32) * scale
     if softcap is not None:
         s = jnp.tanh(s / softcap) * softcap
     return s
@@ -57,7 +86,7 @@ def _key_block(k, s0b, r0b, bk, n_sys, clen, nval, g):
 
 
 def _lse_kernel(clen_ref, nval_ref, q_ref, k_ref, lse_ref, mx_scr, tot_scr, *, n_sys, s0b, r0b, g, bk, br, scale,
-                softcap):
+                softcap, precision):
     b, r, k = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     clen, nval = clen_ref[b], nval_ref[b]
 
@@ -72,7 +101,7 @@ def _lse_kernel(clen_ref, nval_ref, q_ref, k_ref, lse_ref, mx_scr, tot_scr, *, n
 
     @pl.when(live)
     def _step():
-        s = _logits(q_ref[...], k_ref[...], scale, softcap)  # [br, bk]
+        s = _logits(q_ref[...], k_ref[...], scale, softcap, precision)  # [br, bk]
         col = start + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
         row = r * br + jax.lax.broadcasted_iota(jnp.int32, s.shape, 0)
         ok = (col < limit) & (col * factor <= row)
@@ -90,7 +119,8 @@ def _lse_kernel(clen_ref, nval_ref, q_ref, k_ref, lse_ref, mx_scr, tot_scr, *, n
         lse_ref[...] = mx_scr[...] + jnp.log(jnp.where(tot > 0, tot, 1.0))
 
 
-def _max_kernel(clen_ref, nval_ref, q_ref, lse_ref, k_ref, out_ref, best_scr, *, g, bk, br, scale, softcap):
+def _max_kernel(clen_ref, nval_ref, q_ref, lse_ref, k_ref, out_ref, best_scr, *, g, bk, br, scale, softcap,
+                precision):
     b, c, r = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     clen, nval = clen_ref[b], nval_ref[b]
 
@@ -100,7 +130,7 @@ def _max_kernel(clen_ref, nval_ref, q_ref, lse_ref, k_ref, out_ref, best_scr, *,
 
     @pl.when((c * bk < clen) & (r * br < nval * g))
     def _step():
-        s = _logits(q_ref[...], k_ref[...], scale, softcap)  # [br, bk]
+        s = _logits(q_ref[...], k_ref[...], scale, softcap, precision)  # [br, bk]
         col = c * bk + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
         row = r * br + jax.lax.broadcasted_iota(jnp.int32, s.shape, 0)
         ok = (row < nval * g) & (col < clen)  # rows are ordered (t, g): the valid ones come first
@@ -113,15 +143,24 @@ def _max_kernel(clen_ref, nval_ref, q_ref, lse_ref, k_ref, out_ref, best_scr, *,
 
 
 def kvzip_scores_tpu(
-    q, keys, *, n_sys, chunk_len, n_valid, scale, softcap=None, interpret=False, block_keys=None, block_rows=None
+    q, keys, *, n_sys, chunk_len, n_valid, scale, softcap=None, interpret=False, block_keys=None, block_rows=None,
+    precision=None,
 ):
-    """Same contract as `kvzip_kernels.kvzip_scores` (inputs already checked there). Returns float32 [B, Hkv, m]."""
+    """Same contract as `kvzip_kernels.kvzip_scores` (inputs already checked there). Returns float32 [B, Hkv, m].
+
+    precision: a `jax.lax.Precision` or None, given to every dot of float32 inputs (HIGH runs as HIGHEST; bf16 dots
+    keep Mosaic's default: module docstring).
+    block_keys / block_rows (None: BLOCK_KEYS, BLOCK_ROWS) must be multiples of the dtype's sublane count: both are
+    the second-to-last dim of a q or key block."""
     b, t, hkv, g, d = q.shape
     m = keys.shape[2] - n_sys - t
     bk, br = block_keys or BLOCK_KEYS, block_rows or BLOCK_ROWS
+    sublanes = 8 * max(1, 4 // jnp.dtype(q.dtype).itemsize)  # a vreg holds 8 x 128 32-bit words, packed below
     for name, v in (("block_keys", bk), ("block_rows", br)):
-        if v < 8 or v % 8:
-            raise ValueError(f"kvzip_scores (pallas_tpu): {name} = {v} must be a positive multiple of 8")
+        if v < sublanes or v % sublanes:
+            raise ValueError(f"kvzip_scores (pallas_tpu): {name} = {v} must be a positive multiple of {sublanes} "
+                             f"for {jnp.dtype(q.dtype).name} inputs")
+    precision = _mosaic_precision(precision, q.dtype)
     q_rows, keys_p, (s0, m0) = pack_for_kernels(q, keys, n_sys, bk, br, d)
     rp, wp = q_rows.shape[2], keys_p.shape[2]
     s0b, r0b, n_row_blocks = s0 // bk, (s0 + m0) // bk, rp // br
@@ -148,7 +187,7 @@ def kvzip_scores_tpu(
 
     lse = pl.pallas_call(
         functools.partial(_lse_kernel, n_sys=n_sys, s0b=s0b, r0b=r0b, g=g, bk=bk, br=br, scale=scale,
-                          softcap=softcap),
+                          softcap=softcap, precision=precision),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2,
             grid=(b, hkv, n_row_blocks, wp // bk),
@@ -171,7 +210,7 @@ def kvzip_scores_tpu(
         return i, h, jnp.minimum(s0b + c, last_live_chunk_block(clen_ref[i])), 0
 
     scores = pl.pallas_call(
-        functools.partial(_max_kernel, g=g, bk=bk, br=br, scale=scale, softcap=softcap),
+        functools.partial(_max_kernel, g=g, bk=bk, br=br, scale=scale, softcap=softcap, precision=precision),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2,
             grid=(b, hkv, m0 // bk, n_row_blocks),

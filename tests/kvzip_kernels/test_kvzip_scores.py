@@ -3,20 +3,31 @@
 
 Kernel cases use block sizes that are legal on the real backends (powers of two >= 16 for Triton, multiples of 8
 for Mosaic; D in {64, 128}) and small enough that every pass has several row, key and chunk-column blocks, with
-dead blocks to skip. Interpret mode is slow: each case compiles once (jit) and runs two sets of chunk_len /
-n_valid values through the same executable.
+dead blocks to skip; one case per backend runs the default (hardware-sized) tiles. Interpret mode is slow: each
+case compiles once (jit) and runs two sets of chunk_len / n_valid values through the same executable.
+
+The real-size checks run no kernel: at the Llama-3.1-8B scoring shape they read what each pallas_call asks of the
+hardware from its jaxpr (`pallas_inspect`) and lower it for "cuda" and "tpu" on this CPU. Lowering is not
+compiling: Triton's and Mosaic's own compilers (register and VMEM allocation) run only on a device.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
+import sys
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend.core import ClosedJaxpr, Jaxpr
 
+import kvzip_kernels.kvzip_scores_gpu as scores_gpu
+from kvzip_kernels.backend import resolve_precision
 from kvzip_kernels.kvzip_scores import kvzip_scores, kvzip_scores_reference
+from tests.kvzip_kernels.pallas_inspect import pallas_calls
 
 B, HKV, T, M = 2, 2, 20, 24
 
@@ -121,6 +132,98 @@ def test_kernel_interpret_matches_reference(backend, g, d, n_sys, dtype, softcap
             assert (ours[b, :, int(chunk_len[b]) :] == 0).all()
 
 
+@pytest.mark.parametrize("backend", ["pallas_gpu", "pallas_tpu"])
+def test_kernel_interpret_default_tiles(backend):
+    """The default tiles (GPU 128 rows x 64 keys, TPU 256 x 512) at a tiny shape: one row block and one block per
+    key segment, each mostly padding, which the masks must hide."""
+    g, d, n_sys = 4, 128, 5
+    q, keys = _inputs(5, g, d, n_sys, jnp.bfloat16)
+    run = jax.jit(functools.partial(kvzip_scores, n_sys=n_sys, scale=d**-0.5, backend=backend, interpret=True))
+    for chunk_len, n_valid in VALUES:
+        chunk_len, n_valid = _lens(chunk_len, n_valid)
+        ours = np.asarray(run(q, keys, chunk_len=chunk_len, n_valid=n_valid))
+        ref = np.asarray(_reference(q, keys, chunk_len, n_valid, n_sys=n_sys, scale=d**-0.5, softcap=None))
+        np.testing.assert_allclose(ours, ref, atol=2e-6, rtol=2e-5)
+
+
+# ---------------------------------------------------------------------------------------------- matmul precision
+def _dot_precisions(fn, *args):
+    """The `precision` of every dot_general in fn's jaxpr, kernel and loop bodies included."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                found.append(eqn.params["precision"])
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    if isinstance(sub, (ClosedJaxpr, Jaxpr)):
+                        walk(getattr(sub, "jaxpr", sub))
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+@pytest.mark.parametrize("backend", ["reference", "pallas_gpu", "pallas_tpu"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_precision_reaches_every_dot(backend, dtype):
+    """The caller's precision (a name or a `jax.lax.Precision`) is what every dot of every backend runs at, except
+    where the TPU kernel documents otherwise: HIGH as HIGHEST (Mosaic has no HIGH), and bf16 dots at Mosaic's
+    default (exact either way)."""
+    b, t, hkv, g, d, n_sys, m = 1, 20, 2, 4, 128, 5, 24
+    q = jax.ShapeDtypeStruct((b, t, hkv, g, d), dtype)
+    keys = jax.ShapeDtypeStruct((b, hkv, n_sys + m + t, d), dtype)
+    lens = jax.ShapeDtypeStruct((b,), jnp.int32)
+    # None takes jax's default_matmul_precision setting ("highest" in this suite's conftest), else the platform's.
+    for precision in (None, "default", "high", jax.lax.Precision.HIGHEST):
+        fn = functools.partial(_positional_scores, n_sys=n_sys, backend=backend, precision=precision)
+        want = resolve_precision(precision)
+        if backend == "pallas_tpu" and dtype != jnp.float32:
+            want = jax.lax.Precision.DEFAULT
+        elif backend == "pallas_tpu" and want == jax.lax.Precision.HIGH:
+            want = jax.lax.Precision.HIGHEST
+        found = _dot_precisions(fn, q, keys, lens, lens)
+        assert len(found) >= 2  # both passes
+        assert all(p == (None if want is None else (want, want)) for p in found), (precision, found)
+
+
+def _positional_scores(q, keys, chunk_len, n_valid, **kw):
+    return kvzip_scores(q, keys, chunk_len=chunk_len, n_valid=n_valid, scale=0.1, **kw)
+
+
+# ----------------------------------------------------------------------------- no Triton: an error, not a fallback
+@pytest.mark.parametrize("stub", [None, types.SimpleNamespace()], ids=["no-triton-module", "no-compiler-params"])
+def test_pallas_gpu_without_triton_raises(monkeypatch, stub):
+    """Without Triton's CompilerParams pallas_call would route the kernel to the Mosaic GPU lowering and fail there
+    obscurely: the kernel says what is missing and what to use instead."""
+    monkeypatch.setattr(scores_gpu, "pltriton", stub)
+    kw = _bad()
+    missing = r'no jax\.experimental\.pallas\.triton\.CompilerParams.*backend="reference"'
+    with pytest.raises(RuntimeError, match=missing):
+        kvzip_scores(kw.pop("q"), kw.pop("keys"), **kw, backend="pallas_gpu", interpret=True)
+
+
+def test_gpu_module_imports_without_triton(monkeypatch):
+    """A jax without the Pallas Triton backend still imports the module (and so `kvzip_kernels`); the reference
+    backend keeps working and the GPU kernel raises when called."""
+    import jax.experimental.pallas as pallas_pkg
+
+    monkeypatch.delattr(pallas_pkg, "triton", raising=False)
+    monkeypatch.setitem(sys.modules, "jax.experimental.pallas.triton", None)  # "import ..." now raises ImportError
+    try:
+        importlib.reload(scores_gpu)
+        assert scores_gpu.pltriton is None
+        kw = _bad()
+        q, keys = kw.pop("q"), kw.pop("keys")
+        assert kvzip_scores(q, keys, **kw, backend="reference").shape == (B, HKV, 8)
+        with pytest.raises(RuntimeError, match="CompilerParams"):
+            kvzip_scores(q, keys, **kw, backend="pallas_gpu", interpret=True)
+    finally:
+        monkeypatch.undo()
+        importlib.reload(scores_gpu)
+    assert scores_gpu.pltriton is not None
+
+
 # ------------------------------------------------------------------------------------------------- bad inputs
 def _bad(**overrides):
     q, keys = _inputs(3, 2, 16, 4, t=6, m=8)
@@ -150,6 +253,9 @@ def _bad(**overrides):
         (dict(backend="pallas_gpu", block_keys=24), r"block_keys = 24 must be a power of two >= 16"),
         (dict(backend="pallas_gpu", block_rows=8), r"block_rows = 8 must be a power of two >= 16"),
         (dict(backend="pallas_tpu", block_keys=12), r"block_keys = 12 must be a positive multiple of 8"),
+        (dict(q=_inputs(3, 2, 16, 4, jnp.bfloat16, t=6, m=8)[0], keys=_inputs(3, 2, 16, 4, jnp.bfloat16, t=6, m=8)[1],
+              backend="pallas_tpu", block_rows=24), r"block_rows = 24 must be a positive multiple of 16 for bfloat16"),
+        (dict(precision="tf64"), r"unknown matmul precision 'tf64'"),
     ],
 )
 def test_bad_inputs_raise_before_any_kernel(overrides, message):
@@ -184,6 +290,39 @@ def test_kernels_lower_for_their_platform(backend, platform):
     checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
     text = export.export(fn, platforms=[platform], disabled_checks=checks)(q, keys, lens, lens).mlir_module()
     assert text.count("xla.gpu.triton" if platform == "cuda" else "tpu_custom_call") == 2  # the two passes
+
+
+@pytest.mark.parametrize("m", [2048, 8192])
+@pytest.mark.parametrize("backend, platform", [("pallas_gpu", "cuda"), ("pallas_tpu", "tpu")])
+def test_llama8b_scoring_lowers_with_hardware_sized_tiles(backend, platform, m):
+    """Llama-3.1-8B scoring (B 1, Hkv 8, G 4, D 128, bf16, n_sys 64, chunk m, T = m + 32 repeat rows) at the default
+    tiles, from `jax.ShapeDtypeStruct`s (nothing allocated). The jaxpr gives each pallas_call's grid and matmul
+    operands; the asserts are the hardware's limits (TPU: a bounded number of ~0.35 us grid steps, SMEM-sized scalar
+    prefetch, bf16 matmul rows in whole 16-row sublane tiles; GPU: tensor-core sized 128-row tiles, powers of two).
+    Then the Pallas -> Triton / Mosaic lowering runs, which enforces the block-shape rules. Lowering is not
+    compiling: Triton's and Mosaic's compilers (registers, shared memory, VMEM) run only on a device."""
+    b, hkv, g, d, n_sys, t = 1, 8, 4, 128, 64, m + 32
+    structs = (jax.ShapeDtypeStruct((b, t, hkv, g, d), jnp.bfloat16),
+               jax.ShapeDtypeStruct((b, hkv, n_sys + m + t, d), jnp.bfloat16),
+               jax.ShapeDtypeStruct((b,), jnp.int32), jax.ShapeDtypeStruct((b,), jnp.int32))
+    fn = functools.partial(_positional_scores, n_sys=n_sys, backend=backend, softcap=None)
+    lse, best = calls = pallas_calls(fn, *structs)
+    assert (lse.name, best.name) == ("kvzip_scores_lse", "kvzip_scores_max")
+    for call in calls:
+        assert call.dot_operands
+        for lhs, rhs in call.dot_operands:
+            assert lhs.dtype == rhs.dtype == jnp.bfloat16
+            if platform == "tpu":
+                assert lhs.shape[0] % 16 == 0 and rhs.shape[0] % 16 == 0 and lhs.shape[0] >= 256, call
+            else:
+                assert all(x >= 16 and x & (x - 1) == 0 for x in (*lhs.shape, *rhs.shape)), call
+        if platform == "tpu":
+            assert call.grid_steps <= 100_000, call  # 128 x 128 blocks took 267,280 steps in pass 1 at m 8192
+            assert call.scalar_prefetch_bytes <= 1 << 20, call
+    if platform == "cuda":
+        assert all(lhs.shape[0] >= 128 for lhs, _ in lse.dot_operands), lse  # pass 1 holds 128 query rows
+    lowered = jax.jit(fn).trace(*structs).lower(lowering_platforms=(platform,))
+    assert lowered.as_text().count("xla.gpu.triton" if platform == "cuda" else "tpu_custom_call") == 2
 
 
 # ----------------------------------------------------------------------------------- real backends (skipped here)
