@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 REFERENCE = "reference"  # pure jnp: the oracle and the CPU path
 PALLAS_GPU = "pallas_gpu"  # Pallas, Triton lowering (also runs in CPU interpret mode)
@@ -70,3 +71,13 @@ def resolve_precision(precision) -> jax.lax.Precision | None:
         return _PRECISION_NAMES[precision.lower()]
     raise ValueError(f"unknown matmul precision {precision!r}; choose one of {', '.join(_PRECISION_NAMES)} "
                      "or a jax.lax.Precision")
+
+
+def mosaic_precision(precision: jax.lax.Precision | None, dtype) -> jax.lax.Precision | None:
+    """What a Mosaic TPU kernel's dot is asked for. Mosaic lowers DEFAULT and HIGHEST only, so HIGH rounds up to
+    HIGHEST. The mode concerns float32 operands alone (bf16 products are exact in the float32 accumulator):
+    narrower inputs get DEFAULT rather than a float32 contraction of bf16 data. DEFAULT, not None: a None dot
+    would take jax's `default_matmul_precision` setting at trace time."""
+    if jnp.dtype(dtype) != jnp.float32:
+        return jax.lax.Precision.DEFAULT
+    return jax.lax.Precision.HIGHEST if precision == jax.lax.Precision.HIGH else precision

@@ -42,6 +42,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kvzip_kernels.backend import mosaic_precision
 from kvzip_kernels.kvzip_scores import pack_for_kernels
 
 BLOCK_KEYS = 512  # four full lane widths for the [rows, keys] logits tile
@@ -51,16 +52,6 @@ _NEG = float(np.finfo(np.float32).min)
 
 def _cdiv(a, b):
     return jax.lax.div(a + b - 1, b)  # operands are non-negative, so truncation is floor
-
-
-def _mosaic_precision(precision, dtype):
-    """What Mosaic is asked for. It lowers DEFAULT and HIGHEST only, so HIGH rounds up to HIGHEST. The mode concerns
-    float32 operands alone (bf16 products are exact in the float32 accumulator): narrower inputs keep Mosaic's
-    default rather than request a float32 contraction of bf16 data. DEFAULT, not None: a None dot would take jax's
-    `default_matmul_precision` setting at trace time."""
-    if jnp.dtype(dtype) != jnp.float32:
-        return jax.lax.Precision.DEFAULT
-    return jax.lax.Precision.HIGHEST if precision == jax.lax.Precision.HIGH else precision
 
 
 def _logits(q, k, scale, softcap, precision):
@@ -160,7 +151,7 @@ def kvzip_scores_tpu(
         if v < sublanes or v % sublanes:
             raise ValueError(f"kvzip_scores (pallas_tpu): {name} = {v} must be a positive multiple of {sublanes} "
                              f"for {jnp.dtype(q.dtype).name} inputs")
-    precision = _mosaic_precision(precision, q.dtype)
+    precision = mosaic_precision(precision, q.dtype)
     q_rows, keys_p, (s0, m0) = pack_for_kernels(q, keys, n_sys, bk, br, d)
     rp, wp = q_rows.shape[2], keys_p.shape[2]
     s0b, r0b, n_row_blocks = s0 // bk, (s0 + m0) // bk, rp // br
