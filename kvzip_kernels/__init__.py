@@ -1,7 +1,7 @@
 """Kernels with their jnp references, one dispatcher per op. Imports only jax.
 
 Backends (`kvzip_kernels.backend`): "reference" (jnp; the oracle and the CPU path), "pallas_gpu" (Pallas, Triton
-lowering), "pallas_tpu" (Pallas, Mosaic TPU with scalar-prefetched page tables), and "auto" (the platform's
+lowering), "pallas_tpu" (Pallas, Mosaic TPU; pages and tables copied from HBM by DMA), and "auto" (the platform's
 kernel, else the reference). Both Pallas backends also run on CPU with `interpret=True`.
 
 - `paged_attention`: decode attention over the head-wise paged cache (dispatcher, with input checks).

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 REFERENCE = "reference"  # pure jnp: the oracle and the CPU path
 PALLAS_GPU = "pallas_gpu"  # Pallas, Triton lowering (also runs in CPU interpret mode)
-PALLAS_TPU = "pallas_tpu"  # Pallas, Mosaic TPU with scalar-prefetched tables (also runs in CPU interpret mode)
+PALLAS_TPU = "pallas_tpu"  # Pallas, Mosaic TPU (also runs in CPU interpret mode)
 AUTO = "auto"
 
 _PLATFORM_DEFAULT = {"gpu": PALLAS_GPU, "cuda": PALLAS_GPU, "rocm": PALLAS_GPU, "tpu": PALLAS_TPU}
