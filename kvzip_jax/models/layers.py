@@ -28,11 +28,11 @@ CPU_CONTRACTION_BLOCK = 256
 CPU_BLOCKED_ABOVE = 1024
 
 
-def contract_in_blocks(x: jax.Array, kernel: jax.Array) -> jax.Array:
+def contract_in_blocks(x: jax.Array, kernel: jax.Array, *, blocked: bool = True) -> jax.Array:
     """x [..., in] @ kernel [in, out]; on CPU, in blocks of CPU_CONTRACTION_BLOCK inputs when `in` is longer than
-    CPU_BLOCKED_ABOVE (see above)."""
+    CPU_BLOCKED_ABOVE (see above) and `blocked`."""
     d_in = kernel.shape[0]
-    if d_in <= max(CPU_BLOCKED_ABOVE, CPU_CONTRACTION_BLOCK) or jax.default_backend() != "cpu":
+    if not blocked or d_in <= max(CPU_BLOCKED_ABOVE, CPU_CONTRACTION_BLOCK) or jax.default_backend() != "cpu":
         return jnp.einsum("...i,io->...o", x, kernel)
     y = None
     for start in range(0, d_in, CPU_CONTRACTION_BLOCK):
@@ -47,7 +47,10 @@ class Linear(nnx.Module):
 
     A class of our own (not nnx.Linear) so adapters can subclass it: every call site passes the forward's
     `adapter_context` (per-token data such as MokA's modality ids and question-key mask); the base layer ignores it.
+    `cpu_blocked` (a class attribute, not state): long contractions run in blocks on CPU (`contract_in_blocks`).
     """
+
+    cpu_blocked = True
 
     def __init__(self, d_in: int, d_out: int, *, bias: bool, dtype, rngs: nnx.Rngs):
         self.kernel = nnx.Param(_normal(rngs, (d_in, d_out), dtype))
@@ -55,7 +58,7 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array, adapter_context=None) -> jax.Array:
         del adapter_context  # read by adapter subclasses only
-        y = contract_in_blocks(x, self.kernel[...])
+        y = contract_in_blocks(x, self.kernel[...], blocked=self.cpu_blocked)
         if self.bias is not None:
             y = y + self.bias[...]
         return y

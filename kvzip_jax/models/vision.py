@@ -206,6 +206,17 @@ class LayerNorm(nnx.Module):
         return (normed * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
 
 
+class EncoderLinear(Linear):
+    """The encoders' linear: one dot on CPU at any width (`Linear` contracts more than 1,024 inputs in blocks there).
+
+    The blocks exist for the decoders' logits, which feed argmax and must stay within 1e-4 of transformers over many
+    layers (docs/benchmarks.md, "SmolLM2 logit parity"). In the encoders they cost more than they give: Whisper-base
+    on this project's 2-core CPU ran 1.66 s per 2 clips blocked against 1.59 s as one dot (its 2,048-input fc2),
+    and the whole encoder's output moved by 4.9e-6 between the two."""
+
+    cpu_blocked = False
+
+
 class Attention(nnx.Module):
     """Bidirectional multi-head attention with biased q/k/v/out projections (also SigLIP's pooling attention).
     k_bias=False drops the key bias, as Whisper's encoder does (the audio towers reuse these blocks). kv_dim: the
@@ -215,10 +226,10 @@ class Attention(nnx.Module):
         h = config.hidden_size
         kv = kv_dim or h
         self.num_heads = config.num_heads
-        self.q_proj = Linear(h, h, bias=True, dtype=dtype, rngs=rngs)
-        self.k_proj = Linear(kv, h, bias=k_bias, dtype=dtype, rngs=rngs)
-        self.v_proj = Linear(kv, h, bias=True, dtype=dtype, rngs=rngs)
-        self.out_proj = Linear(h, h, bias=True, dtype=dtype, rngs=rngs)
+        self.q_proj = EncoderLinear(h, h, bias=True, dtype=dtype, rngs=rngs)
+        self.k_proj = EncoderLinear(kv, h, bias=k_bias, dtype=dtype, rngs=rngs)
+        self.v_proj = EncoderLinear(kv, h, bias=True, dtype=dtype, rngs=rngs)
+        self.out_proj = EncoderLinear(h, h, bias=True, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, context: jax.Array | None = None, mask: jax.Array | None = None) -> jax.Array:
         """x [B, T, H] attends over context [B, S, kv_dim] (default: itself); mask [B, S] bool, True where a context
@@ -288,8 +299,8 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, sc
 class MLP(nnx.Module):
     def __init__(self, config: VisionConfig, *, dtype, rngs: nnx.Rngs):
         self.act = config.hidden_act
-        self.fc1 = Linear(config.hidden_size, config.intermediate_size, bias=True, dtype=dtype, rngs=rngs)
-        self.fc2 = Linear(config.intermediate_size, config.hidden_size, bias=True, dtype=dtype, rngs=rngs)
+        self.fc1 = EncoderLinear(config.hidden_size, config.intermediate_size, bias=True, dtype=dtype, rngs=rngs)
+        self.fc2 = EncoderLinear(config.intermediate_size, config.hidden_size, bias=True, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(ACTIVATIONS[self.act](self.fc1(x)))
@@ -336,7 +347,7 @@ class VisionTransformer(nnx.Module):
         c = config
         self.config = c
         patch_dim = c.num_channels * c.patch_size * c.patch_size
-        self.patch_embed = Linear(patch_dim, c.hidden_size, bias=not c.class_token, dtype=dtype, rngs=rngs)
+        self.patch_embed = EncoderLinear(patch_dim, c.hidden_size, bias=not c.class_token, dtype=dtype, rngs=rngs)
         self.class_embed = nnx.Param(_normal(rngs, (c.hidden_size,), dtype)) if c.class_token else None
         self.pos_embed = nnx.Param(_normal(rngs, (c.num_positions, c.hidden_size), dtype))
         norm = functools.partial(LayerNorm, c.hidden_size, eps=c.layer_norm_eps, dtype=dtype)
