@@ -25,6 +25,12 @@ import platform
 import statistics
 import time
 
+# Before torch loads its OpenMP runtime (an explicit setting wins): with the default (active) wait policy torch's
+# idle OpenMP worker keeps spinning on a core after each call, into our turn of the interleaved rounds; on the
+# 2-core CPU that slowed the other implementation's attention by ~35% while torch alone ran the same under either
+# policy (scripts/bench_cpu_attention.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import jax
 import jax.numpy as jnp
 import numpy as np
