@@ -125,3 +125,30 @@ def test_unavailable_warns_once(monkeypatch, tmp_path):
     q = np.zeros((1, 1, 4, 16), np.float32)
     with pytest.raises(RuntimeError, match="unavailable"):
         fused_attention_cpu(q, q, q, scale=1.0)
+
+
+def test_encoders_take_the_fused_path_and_its_gradient(monkeypatch):
+    """The encoders' unmasked float32 attention on CPU runs the fused kernel (its custom call is in the jaxpr), and
+    differentiating through it gives the jnp path's gradients (the kernel is forward-only; its VJP recomputes)."""
+    from kvzip_jax.models import vision
+
+    if not cpu_attention_available():
+        pytest.skip("the fused CPU attention is unavailable here (see the warning)")
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((1, 2, 300, 64)), jnp.float32) for _ in range(3))
+    scale = np.float32(0.125)
+    assert "ffi_call" in str(jax.make_jaxpr(lambda *a: vision._attend(*a, None, scale))(q, k, v))
+    assert "ffi_call" not in str(jax.make_jaxpr(lambda *a: vision._attend(*a, jnp.ones((1, 300), bool), scale))(
+        q, k, v))
+
+    monkeypatch.setenv(cpu_attention.DISABLE_ENV, "1")  # switched off: the jnp path, no build, no warning
+    assert "ffi_call" not in str(jax.make_jaxpr(lambda *a: vision._attend(*a, None, scale))(q, k, v))
+    monkeypatch.delenv(cpu_attention.DISABLE_ENV)
+
+    def loss(attend):
+        return lambda q, k, v: jnp.sum(jnp.sin(attend(q, k, v, None, scale)))
+
+    fused = jax.grad(loss(vision._attend), argnums=(0, 1, 2))(q, k, v)
+    plain = jax.grad(loss(vision._attend_jnp), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(fused, plain, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
