@@ -1,4 +1,4 @@
-"""Kernels with their jnp references, one dispatcher per op. Imports only jax.
+"""Kernels with their jnp references, one dispatcher per op. Imports only jax (and numpy).
 
 Backends (`kvzip_kernels.backend`): "reference" (jnp; the oracle and the CPU path), "pallas_gpu" (Pallas, Triton
 lowering), "pallas_tpu" (Pallas, Mosaic TPU; pages and tables copied from HBM by DMA), and "auto" (the platform's
@@ -10,6 +10,9 @@ kernel, else the reference). Both Pallas backends also run on CPU with `interpre
   `kvzip_scores_from_lse` its second pass alone, for a caller that accumulated the log-sum-exp itself.
 - `use_backend(backend, interpret=...)`: a context that sets the backend of dispatcher calls that pass none
   (how the decoder is switched to a kernel); read at trace time.
+- `kvzip_kernels.cpu_attention.fused_attention_cpu`: a fused float32 flash attention for x86-64 CPUs (C++, an XLA
+  FFI custom call compiled on first use), which the encoders run on CPU. Not imported here: importing the package
+  never builds anything.
 """
 
 from kvzip_kernels.backend import use_backend

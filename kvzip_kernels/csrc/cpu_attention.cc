@@ -95,76 +95,45 @@ inline float hmax(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// c[6][16] = a[6][0:depth] (row stride lda) @ b[depth][16]; c has row stride ldc. The logits product: a = queries,
-// b = one K^T panel.
-inline void micro_qk(const float* a, int64_t lda, const float* b, int depth, float* c, int64_t ldc) {
-  __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
-  __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
-  __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps();
-  __m256 c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
-  __m256 c40 = _mm256_setzero_ps(), c41 = _mm256_setzero_ps();
-  __m256 c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
-#pragma GCC unroll 4
-  for (int d = 0; d < depth; ++d) {
-    const __m256 b0 = _mm256_load_ps(b + d * kNr);
-    const __m256 b1 = _mm256_load_ps(b + d * kNr + 8);
-    __m256 x = _mm256_broadcast_ss(a + d);
-    c00 = _mm256_fmadd_ps(x, b0, c00); c01 = _mm256_fmadd_ps(x, b1, c01);
-    x = _mm256_broadcast_ss(a + lda + d);
-    c10 = _mm256_fmadd_ps(x, b0, c10); c11 = _mm256_fmadd_ps(x, b1, c11);
-    x = _mm256_broadcast_ss(a + 2 * lda + d);
-    c20 = _mm256_fmadd_ps(x, b0, c20); c21 = _mm256_fmadd_ps(x, b1, c21);
-    x = _mm256_broadcast_ss(a + 3 * lda + d);
-    c30 = _mm256_fmadd_ps(x, b0, c30); c31 = _mm256_fmadd_ps(x, b1, c31);
-    x = _mm256_broadcast_ss(a + 4 * lda + d);
-    c40 = _mm256_fmadd_ps(x, b0, c40); c41 = _mm256_fmadd_ps(x, b1, c41);
-    x = _mm256_broadcast_ss(a + 5 * lda + d);
-    c50 = _mm256_fmadd_ps(x, b0, c50); c51 = _mm256_fmadd_ps(x, b1, c51);
+// c[6][16] = (alpha ? c * alpha[row] : 0) + a[6][0:depth] (row stride lda) @ b[depth][16]; c has row stride ldc.
+// Both products of the attention: the logits (a = queries, b = one K^T panel, no alpha) and the values (a = the
+// exponentials, b = one V panel), where the online softmax's rescale of the accumulator is folded into its load
+// (one pass less over the accumulator).
+inline void micro_6x16(const float* a, int64_t lda, const float* b, int depth, float* c, int64_t ldc,
+                       const float* alpha) {
+  __m256 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
+  if (alpha == nullptr) {
+    c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = _mm256_setzero_ps();
+  } else {
+    __m256 s = _mm256_broadcast_ss(alpha);
+    c00 = _mm256_mul_ps(s, _mm256_load_ps(c)); c01 = _mm256_mul_ps(s, _mm256_load_ps(c + 8));
+    s = _mm256_broadcast_ss(alpha + 1);
+    c10 = _mm256_mul_ps(s, _mm256_load_ps(c + ldc)); c11 = _mm256_mul_ps(s, _mm256_load_ps(c + ldc + 8));
+    s = _mm256_broadcast_ss(alpha + 2);
+    c20 = _mm256_mul_ps(s, _mm256_load_ps(c + 2 * ldc)); c21 = _mm256_mul_ps(s, _mm256_load_ps(c + 2 * ldc + 8));
+    s = _mm256_broadcast_ss(alpha + 3);
+    c30 = _mm256_mul_ps(s, _mm256_load_ps(c + 3 * ldc)); c31 = _mm256_mul_ps(s, _mm256_load_ps(c + 3 * ldc + 8));
+    s = _mm256_broadcast_ss(alpha + 4);
+    c40 = _mm256_mul_ps(s, _mm256_load_ps(c + 4 * ldc)); c41 = _mm256_mul_ps(s, _mm256_load_ps(c + 4 * ldc + 8));
+    s = _mm256_broadcast_ss(alpha + 5);
+    c50 = _mm256_mul_ps(s, _mm256_load_ps(c + 5 * ldc)); c51 = _mm256_mul_ps(s, _mm256_load_ps(c + 5 * ldc + 8));
   }
-  _mm256_store_ps(c, c00); _mm256_store_ps(c + 8, c01);
-  _mm256_store_ps(c + ldc, c10); _mm256_store_ps(c + ldc + 8, c11);
-  _mm256_store_ps(c + 2 * ldc, c20); _mm256_store_ps(c + 2 * ldc + 8, c21);
-  _mm256_store_ps(c + 3 * ldc, c30); _mm256_store_ps(c + 3 * ldc + 8, c31);
-  _mm256_store_ps(c + 4 * ldc, c40); _mm256_store_ps(c + 4 * ldc + 8, c41);
-  _mm256_store_ps(c + 5 * ldc, c50); _mm256_store_ps(c + 5 * ldc + 8, c51);
-}
-
-// c[6][16] = c * alpha[row] + p[6][0:keys] (row stride ldp) @ v[keys][16]. The value product, with the online
-// softmax's rescale of the accumulator folded into its load (one pass less over the accumulator).
-inline void micro_pv(const float* p, int64_t ldp, const float* v, int keys, float* c, int64_t ldc,
-                     const float* alpha) {
-  __m256 s = _mm256_broadcast_ss(alpha);
-  __m256 c00 = _mm256_mul_ps(s, _mm256_load_ps(c)), c01 = _mm256_mul_ps(s, _mm256_load_ps(c + 8));
-  s = _mm256_broadcast_ss(alpha + 1);
-  __m256 c10 = _mm256_mul_ps(s, _mm256_load_ps(c + ldc)), c11 = _mm256_mul_ps(s, _mm256_load_ps(c + ldc + 8));
-  s = _mm256_broadcast_ss(alpha + 2);
-  __m256 c20 = _mm256_mul_ps(s, _mm256_load_ps(c + 2 * ldc));
-  __m256 c21 = _mm256_mul_ps(s, _mm256_load_ps(c + 2 * ldc + 8));
-  s = _mm256_broadcast_ss(alpha + 3);
-  __m256 c30 = _mm256_mul_ps(s, _mm256_load_ps(c + 3 * ldc));
-  __m256 c31 = _mm256_mul_ps(s, _mm256_load_ps(c + 3 * ldc + 8));
-  s = _mm256_broadcast_ss(alpha + 4);
-  __m256 c40 = _mm256_mul_ps(s, _mm256_load_ps(c + 4 * ldc));
-  __m256 c41 = _mm256_mul_ps(s, _mm256_load_ps(c + 4 * ldc + 8));
-  s = _mm256_broadcast_ss(alpha + 5);
-  __m256 c50 = _mm256_mul_ps(s, _mm256_load_ps(c + 5 * ldc));
-  __m256 c51 = _mm256_mul_ps(s, _mm256_load_ps(c + 5 * ldc + 8));
 #pragma GCC unroll 4
-  for (int k = 0; k < keys; ++k) {
-    const __m256 b0 = _mm256_load_ps(v + k * kNr);
-    const __m256 b1 = _mm256_load_ps(v + k * kNr + 8);
-    __m256 x = _mm256_broadcast_ss(p + k);
-    c00 = _mm256_fmadd_ps(x, b0, c00); c01 = _mm256_fmadd_ps(x, b1, c01);
-    x = _mm256_broadcast_ss(p + ldp + k);
-    c10 = _mm256_fmadd_ps(x, b0, c10); c11 = _mm256_fmadd_ps(x, b1, c11);
-    x = _mm256_broadcast_ss(p + 2 * ldp + k);
-    c20 = _mm256_fmadd_ps(x, b0, c20); c21 = _mm256_fmadd_ps(x, b1, c21);
-    x = _mm256_broadcast_ss(p + 3 * ldp + k);
-    c30 = _mm256_fmadd_ps(x, b0, c30); c31 = _mm256_fmadd_ps(x, b1, c31);
-    x = _mm256_broadcast_ss(p + 4 * ldp + k);
-    c40 = _mm256_fmadd_ps(x, b0, c40); c41 = _mm256_fmadd_ps(x, b1, c41);
-    x = _mm256_broadcast_ss(p + 5 * ldp + k);
-    c50 = _mm256_fmadd_ps(x, b0, c50); c51 = _mm256_fmadd_ps(x, b1, c51);
+  for (int x = 0; x < depth; ++x) {
+    const __m256 b0 = _mm256_load_ps(b + x * kNr);
+    const __m256 b1 = _mm256_load_ps(b + x * kNr + 8);
+    __m256 y = _mm256_broadcast_ss(a + x);
+    c00 = _mm256_fmadd_ps(y, b0, c00); c01 = _mm256_fmadd_ps(y, b1, c01);
+    y = _mm256_broadcast_ss(a + lda + x);
+    c10 = _mm256_fmadd_ps(y, b0, c10); c11 = _mm256_fmadd_ps(y, b1, c11);
+    y = _mm256_broadcast_ss(a + 2 * lda + x);
+    c20 = _mm256_fmadd_ps(y, b0, c20); c21 = _mm256_fmadd_ps(y, b1, c21);
+    y = _mm256_broadcast_ss(a + 3 * lda + x);
+    c30 = _mm256_fmadd_ps(y, b0, c30); c31 = _mm256_fmadd_ps(y, b1, c31);
+    y = _mm256_broadcast_ss(a + 4 * lda + x);
+    c40 = _mm256_fmadd_ps(y, b0, c40); c41 = _mm256_fmadd_ps(y, b1, c41);
+    y = _mm256_broadcast_ss(a + 5 * lda + x);
+    c50 = _mm256_fmadd_ps(y, b0, c50); c51 = _mm256_fmadd_ps(y, b1, c51);
   }
   _mm256_store_ps(c, c00); _mm256_store_ps(c + 8, c01);
   _mm256_store_ps(c + ldc, c10); _mm256_store_ps(c + ldc + 8, c11);
@@ -304,7 +273,8 @@ void run_items(const Problem& pr, WorkRange* ranges, int64_t threads, int64_t se
       for (int64_t j = 0; j < panels; ++j) {
         const float* panel = kt.ptr + (k0 / kNr + j) * d * kNr;
         for (int64_t st = 0; st < strips; ++st) {
-          micro_qk(qs.ptr + st * kMr * d, d, panel, static_cast<int>(d), tile.ptr + st * kMr * kNb + j * kNr, kNb);
+          micro_6x16(qs.ptr + st * kMr * d, d, panel, static_cast<int>(d), tile.ptr + st * kMr * kNb + j * kNr, kNb,
+                     nullptr);
         }
       }
       // Keys past S (zero-padded panels) must not enter the max or the sum.
@@ -333,8 +303,8 @@ void run_items(const Problem& pr, WorkRange* ranges, int64_t threads, int64_t se
       for (int64_t pnl = 0; pnl < d_panels; ++pnl) {
         const float* panel = vp.ptr + pnl * s16 * kNr + k0 * kNr;
         for (int64_t st = 0; st < strips; ++st) {
-          micro_pv(tile.ptr + st * kMr * kNb, kNb, panel, static_cast<int>(nk_pad), acc.ptr + st * kMr * dp + pnl * kNr,
-                   dp, alpha + st * kMr);
+          micro_6x16(tile.ptr + st * kMr * kNb, kNb, panel, static_cast<int>(nk_pad),
+                     acc.ptr + st * kMr * dp + pnl * kNr, dp, alpha + st * kMr);
         }
       }
     }

@@ -117,6 +117,18 @@ def _reference(inputs, dense, *, scale, softcap=None, window=None):
     return out
 
 
+def assert_matches_reference(out, inputs, dense, *, scale, softcap=None, window=None, leak="poisoned (NaN) pages"):
+    """A kernel's output: q's shape and dtype, finite (nothing of `leak` got in), within the dtype's tolerance of
+    the float64 reference. Returns it as float32 numpy."""
+    assert out.shape == inputs["q"].shape and out.dtype == inputs["q"].dtype
+    out = np.asarray(out.astype(jnp.float32))
+    assert np.isfinite(out).all(), f"{leak} leaked into the output"
+    tol = 2e-5 if inputs["q"].dtype == jnp.float32 else 3e-2
+    np.testing.assert_allclose(out, _reference(inputs, dense, scale=scale, softcap=softcap, window=window), atol=tol,
+                               rtol=tol)
+    return out
+
+
 _jitted = jax.jit(paged_attention, static_argnames=("scale", "softcap", "window", "backend", "interpret"))
 
 
@@ -289,12 +301,9 @@ def test_pallas_interpret_matches_reference(backend, case):
     # The decoder passes the window as a traced int32 (one per layer kind): so does one case here.
     win = jnp.int32(window) if window == 20 else window
     out = paged_attention(**inputs, scale=scale, softcap=softcap, window=win, backend=backend, interpret=True)
-    assert out.shape == inputs["q"].shape and out.dtype == inputs["q"].dtype
-    out = np.asarray(out.astype(jnp.float32))
-    assert np.isfinite(out).all(), "poisoned (NaN) pages or slots leaked into the output"
-    ref = _reference(inputs, dense, scale=scale, softcap=softcap, window=window)
+    out = assert_matches_reference(out, inputs, dense, scale=scale, softcap=softcap, window=window,
+                                   leak="poisoned (NaN) pages or slots")
     tol = 2e-5 if dtype == jnp.float32 else 3e-2
-    np.testing.assert_allclose(out, ref, atol=tol, rtol=tol)
     jnp_ref = paged_attention(**inputs, scale=scale, softcap=softcap, window=window, backend="reference")
     np.testing.assert_allclose(out, np.asarray(jnp_ref.astype(jnp.float32)), atol=tol, rtol=tol)
     for b, h in zip(*np.nonzero(np.asarray(inputs["lengths"]) == 0), strict=True):
