@@ -60,11 +60,13 @@ def resolve_precision(precision) -> jax.lax.Precision | None:
     or a `jax.lax.Precision`), else jax's `default_matmul_precision` setting at trace time, else None (the
     platform's default). What it means for float32 inputs on GPU: DEFAULT and HIGH let Triton use TF32 (a 10-bit
     mantissa, ~1e-3 relative error per product); HIGHEST keeps IEEE float32. bf16 inputs are exact in every mode
-    (products accumulate in float32). Raises ValueError naming the value and the choices."""
+    (products accumulate in float32). Raises ValueError naming the value and the choices for an unknown explicit
+    `precision`."""
     if precision is None:
-        precision = jax.config.jax_default_matmul_precision
-        if precision is None:
-            return None
+        setting = jax.config.jax_default_matmul_precision
+        # A setting jax accepts but this enum cannot express (an algorithm name such as "BF16_BF16_F32") is left
+        # to the dots themselves: None makes them take jax's setting.
+        return _PRECISION_NAMES.get(setting.lower()) if isinstance(setting, str) else None
     if isinstance(precision, jax.lax.Precision):
         return precision
     if isinstance(precision, str) and precision.lower() in _PRECISION_NAMES:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 
 TARGET_NAME = "kvzip_cpu_attention_f32"
@@ -72,6 +73,7 @@ def _library_path(compiler: str, flags: tuple[str, ...]) -> Path:
     digest.update(_SOURCE.read_bytes())
     digest.update("\0".join((compiler, *flags)).encode())
     digest.update(jax.__version__.encode())
+    digest.update(jaxlib.__version__.encode())  # the FFI headers compiled against come from jaxlib
     return _cache_dir() / f"cpu_attention_{digest.hexdigest()[:24]}.so"
 
 
@@ -130,7 +132,7 @@ DISABLE_ENV = "KVZIP_KERNELS_NO_CPU_ATTENTION"
 def cpu_attention_available() -> bool:
     """True when the fused kernel is built and loaded (building it on the first call) and the CPU has AVX2 and
     FMA. False, with one warning per process saying why, otherwise; False without a word when $DISABLE_ENV is set
-    to anything but "" or "0" (read on every call, so a benchmark can compare both paths in one process)."""
+    to anything but "" or "0" (read on every call; jitted callers read it when they trace)."""
     if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
         return False
     return _ensure_loaded()
@@ -166,5 +168,6 @@ def fused_attention_cpu(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: floa
         raise RuntimeError(f"fused_attention_cpu: the kernel is unavailable: {_state.get('reason')}")
     if q.size == 0:
         return jnp.zeros(q.shape, jnp.float32)
-    call = jax.ffi.ffi_call(TARGET_NAME, jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    # vmap runs the call once per mapped element (the kernel already spreads B x N heads over the cores).
+    call = jax.ffi.ffi_call(TARGET_NAME, jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")
     return call(q, k, v, scale=np.float32(scale))

@@ -56,10 +56,12 @@ def _check_paged_inputs(q, k_pages, v_pages, pos_pages, page_table, lengths, q_p
         raise ValueError(f"k_pages dtype {k_pages.dtype} differs from v_pages dtype {v_pages.dtype}")
     if not (jnp.issubdtype(q.dtype, jnp.floating) and jnp.issubdtype(k_pages.dtype, jnp.floating)):
         raise ValueError(f"q ({q.dtype}) and the cache ({k_pages.dtype}) must be floating point")
-    if jnp.finfo(k_pages.dtype).bits > jnp.finfo(q.dtype).bits:
-        # The kernels take the logits in the queries' dtype: a wider cache would be rounded without a word.
-        raise ValueError(f"the cache dtype {k_pages.dtype} is wider than the queries' {q.dtype}; cast the queries "
-                         f"to {k_pages.dtype} or store the cache as {q.dtype}")
+    if jnp.promote_types(q.dtype, k_pages.dtype) != q.dtype:
+        # The kernels take the logits in the queries' dtype: a cache that does not convert to it exactly (wider,
+        # or float16 under bf16 queries) would be rounded without a word.
+        raise ValueError(f"the cache dtype {k_pages.dtype} does not convert exactly to the queries' {q.dtype}; "
+                         f"cast the queries to {jnp.promote_types(q.dtype, k_pages.dtype)} or store the cache as "
+                         f"{q.dtype}")
     if pos_pages.shape != k_pages.shape[:2]:
         raise ValueError(f"pos_pages must be {k_pages.shape[:2]}, got {pos_pages.shape}")
     if page_table.ndim != 3 or page_table.shape[:2] != (b, hkv):
@@ -159,7 +161,7 @@ def paged_attention(
     float32 cache on GPU anything below "highest" means TF32 products (see `resolve_precision`). debug: also check
     traced page tables and lengths when the values arrive (None: the KVZIP_KERNELS_DEBUG environment variable).
     Raises ValueError on bad input, before any kernel runs. The queries may be wider than the cache (a bf16 cache
-    under float32 activations), never narrower.
+    under float32 activations), never narrower or of another float format.
     """
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")

@@ -96,10 +96,11 @@ def split_count(programs_per_split: int, table_width: int, pages_per_step: int, 
 def _partial_kernel(len_ref, win_ref, table_ref, q_ref, qpos_ref, k_ref, v_ref, pos_ref, o_ref, m_ref, l_ref, *,
                     scale, softcap, num_pages, num_splits, pages_per_step, hkv, width, precision):
     b, h, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    n = len_ref[b, h]
-    window = win_ref[0]
     page = k_ref.shape[1]
     d = k_ref.shape[2]
+    # Clamped like the page ids: a traced length past the table must not walk into the next head's table row.
+    n = jnp.clip(len_ref[b, h], 0, width * page)
+    window = win_ref[0]
     block_keys = pages_per_step * page
     q = q_ref[...]  # [R, D]
     qpos = qpos_ref[...]  # [R, 1]

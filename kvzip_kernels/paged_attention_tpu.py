@@ -120,7 +120,8 @@ def _kernel(len_ref, win_ref, q_ref, qpos_ref, table_hbm, k_hbm, v_hbm, pos_hbm,
     n_pool, page = k_hbm.shape[0], k_hbm.shape[1]
     width = table_hbm.shape[2]
     block_k = pages_per_block * page
-    n = len_ref[b * hkv + h]
+    # Clamped like the page ids: a traced length past the table must not index past the SMEM slice.
+    n = jnp.clip(len_ref[b * hkv + h], 0, width * page)
     n_pages = pl.cdiv(n, page)
     n_blocks = pl.cdiv(n, block_k)
 

@@ -440,14 +440,17 @@ def run_decode_group(args, batch, context, scale, copy_bw, kernel_ok, results, c
             if copy_bw:
                 row["pct_copy_bw"] = 100 * row["kv_bytes"] / row["median_s"] / copy_bw
             row["status"] = _status(row)
-            if row["status"] == "ok":
+        except Exception as e:  # out of memory or a compile failure at this shape: a reported row
+            row.update(status="error", error=f"{type(e).__name__}: {e}"[:500])
+        if row["status"] == "ok":
+            try:  # the previous schedule failing must not turn the new kernel's good row into an error
                 old_stats, old_outs = time_op(old_fn, ins, n_sets, args.repeats)
                 del old_outs
                 row["old_median_s"] = old_stats["median_s"]
                 row["old_gb_s"] = row["kv_bytes"] / old_stats["median_s"] / 1e9
                 row["speedup_vs_old"] = old_stats["median_s"] / row["median_s"]
-        except Exception as e:  # out of memory or a compile failure at this shape: a reported row
-            row.update(status="error", error=f"{type(e).__name__}: {e}"[:500])
+            except Exception as e:
+                row["old_error"] = f"{type(e).__name__}: {e}"[:300]
         results["decode"].append(row)
         print(f"[decode] B={batch} ctx={context} r={r}: {_fmt_row(row)}", flush=True)
     del pool, per_ratio, fn, old_fn

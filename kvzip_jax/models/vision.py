@@ -263,9 +263,9 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, sc
     """Softmax attention, heads first: q [B, N, T, D], k, v [B, N, S, D], mask [B, S] -> [B, N, T, D].
 
     On CPU, unmasked float32 attention runs the fused C++ kernel (`kvzip_kernels.cpu_attention`, no [T, S] array:
-    Whisper-base's 1,500-frame attention 58-63 ms per layer against 86-95 ms for the jnp path below and torch's
-    fused SDPA 69-83 ms on the 2-core CPU, scripts/bench_cpu_attention.py); elsewhere, or where it is unavailable,
-    the jnp path."""
+    Whisper-base's 1,500-frame attention 62.9 ms per layer against 103.7 ms for the jnp path below and 83.9 ms for
+    torch's fused SDPA on the 2-core CPU, docs/benchmarks.md); elsewhere, or where it is unavailable, the jnp
+    path."""
     if mask is None and _fused_cpu_attention_fits(q, k, v):
         return _fused_attend(q, k, v, scale)
     return _attend_jnp(q, k, v, mask, scale)
@@ -276,22 +276,17 @@ def _fused_cpu_attention_fits(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
             and q.shape[-1] % 8 == 0 and q.shape[-1] <= MAX_HEAD_DIM and cpu_attention_available())
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
 def _fused_attend(q: jax.Array, k: jax.Array, v: jax.Array, scale: np.float32) -> jax.Array:
     return fused_attention_cpu(q, k, v, scale=float(scale))
 
 
-def _fused_attend_fwd(q, k, v, scale):
-    return _fused_attend(q, k, v, scale), (q, k, v)
-
-
-def _fused_attend_bwd(scale, residuals, grad):
-    # The kernel is forward-only: gradients (an encoder fine-tuned on CPU) recompute through the jnp path.
-    _, vjp = jax.vjp(lambda q, k, v: _attend_jnp(q, k, v, None, scale), *residuals)
-    return vjp(grad)
-
-
-_fused_attend.defvjp(_fused_attend_fwd, _fused_attend_bwd)
+@_fused_attend.defjvp
+def _fused_attend_jvp(scale, primals, tangents):
+    # The kernel is forward-only: derivatives (an encoder fine-tuned or linearised on CPU) come from the jnp path's
+    # JVP, which jax also transposes for gradients.
+    _, tangent = jax.jvp(lambda q, k, v: _attend_jnp(q, k, v, None, scale), primals, tangents)
+    return _fused_attend(*primals, scale), tangent
 
 
 def _attend_jnp(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: np.float32) -> jax.Array:

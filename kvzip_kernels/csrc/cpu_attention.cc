@@ -62,6 +62,7 @@ struct Scratch {
 inline __m256 exp2_nonpositive(__m256 x) {
   const __m256 lowest = _mm256_set1_ps(-126.0f);
   const __m256 valid = _mm256_cmp_ps(x, lowest, _CMP_GE_OQ);
+  const __m256 nan = _mm256_and_ps(x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));  // NaN in, NaN out (else 0 bits)
   x = _mm256_max_ps(x, lowest);
   // Adding 1.5 * 2^23 rounds x to an integer held in the low mantissa bits of t (round to nearest even).
   const __m256 magic = _mm256_set1_ps(12582912.0f);
@@ -78,7 +79,7 @@ inline __m256 exp2_nonpositive(__m256 x) {
   // n's low bits, shifted into the exponent field, scale p (in [0.7, 1.42]) by 2^n without leaving normal range.
   const __m256i e = _mm256_slli_epi32(_mm256_castps_si256(t), 23);
   const __m256 r = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
-  return _mm256_and_ps(r, valid);
+  return _mm256_or_ps(_mm256_and_ps(r, valid), nan);
 }
 
 inline float hsum(__m256 v) {
@@ -286,8 +287,14 @@ void run_items(const Problem& pr, WorkRange* ranges, int64_t threads, int64_t se
       for (int64_t r = 0; r < rows_pad; ++r) {
         float* row = tile.ptr + r * kNb;
         __m256 mx = _mm256_set1_ps(neg_inf);
-        for (int64_t c = 0; c < nk_pad; c += 8) mx = _mm256_max_ps(mx, _mm256_load_ps(row + c));
-        const float m_new = std::max(m[r], hmax(mx));
+        __m256 nan = _mm256_setzero_ps();  // max_ps drops a NaN operand: a NaN logit is tracked apart, as jnp does
+        for (int64_t c = 0; c < nk_pad; c += 8) {
+          const __m256 x = _mm256_load_ps(row + c);
+          mx = _mm256_max_ps(mx, x);
+          nan = _mm256_or_ps(nan, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+        }
+        const float m_new = _mm256_movemask_ps(nan) ? std::numeric_limits<float>::quiet_NaN()
+                                                    : std::max(m[r], hmax(mx));
         alpha[r] = std::exp2(m[r] - m_new);  // 0 on the first block (m = -inf)
         const __m256 mv = _mm256_set1_ps(m_new);
         __m256 sum = _mm256_setzero_ps();

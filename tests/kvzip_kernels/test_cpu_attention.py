@@ -99,10 +99,13 @@ def test_bad_input_raises(shapes, dtype, match):
         fused_attention_cpu(q, k, v, scale=1.0)
 
 
-def test_second_build_reuses_the_cached_library(kernel):
+def test_second_build_reuses_the_cached_library(kernel, monkeypatch, tmp_path):
+    # A cache of its own: in the shared one, another test process may be building the same file right now.
+    monkeypatch.setenv("KVZIP_KERNELS_CACHE", str(tmp_path))
     compiler = os.environ.get("CXX") or "c++"
     path = cpu_attention._library_path(compiler, (*cpu_attention._FLAGS, f"-I{jax.ffi.include_dir()}"))
-    assert path.exists()
+    cpu_attention._build()
+    assert path.exists() and path.parent == tmp_path
     before = path.stat().st_mtime_ns
     cpu_attention._build()
     assert path.stat().st_mtime_ns == before
@@ -152,3 +155,26 @@ def test_encoders_take_the_fused_path_and_its_gradient(monkeypatch):
     plain = jax.grad(loss(vision._attend_jnp), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(fused, plain, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+
+
+def test_nan_keys_propagate_and_vmap_and_jvp_work():
+    """A NaN in the keys makes the rows that see it NaN, as the jnp path does (the kernel may not hide corrupt
+    activations); vmap runs the call per element; forward-mode derivatives come from the jnp path's JVP."""
+    from kvzip_jax.models import vision
+
+    if not cpu_attention_available():
+        pytest.skip("the fused CPU attention is unavailable here (see the warning)")
+    rng = np.random.default_rng(1)
+    q, k, v = (jnp.asarray(rng.standard_normal((1, 2, 40, 64)), jnp.float32) for _ in range(3))
+    for key in (0, 7, 133 % 40):  # positions in different 8-lane groups of a block
+        bad = k.at[0, 1, key, 3].set(jnp.nan)
+        out = np.asarray(fused_attention_cpu(q, bad, v, scale=0.125))
+        assert np.isnan(out[0, 1]).all() and np.isfinite(out[0, 0]).all(), key
+    batched = jax.vmap(lambda q, k, v: fused_attention_cpu(q, k, v, scale=0.125))(q[None], k[None], v[None])
+    np.testing.assert_array_equal(np.asarray(batched[0]), np.asarray(fused_attention_cpu(q, k, v, scale=0.125)))
+    scale = np.float32(0.125)
+    tangents = tuple(jnp.asarray(rng.standard_normal(q.shape), jnp.float32) for _ in range(3))
+    out, tangent = jax.jvp(lambda *a: vision._attend(*a, None, scale), (q, k, v), tangents)
+    ref_out, ref_tangent = jax.jvp(lambda *a: vision._attend_jnp(*a, None, scale), (q, k, v), tangents)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(tangent), np.asarray(ref_tangent), atol=1e-5, rtol=1e-5)

@@ -444,18 +444,47 @@ def test_gpu_kernel_refuses_untileable_shapes(monkeypatch):
 
 
 def test_query_and_cache_dtypes():
-    """A bf16 cache under float32 queries is fine (keys widen exactly); a cache wider than the queries, or not
-    floating point, is refused by name."""
+    """A bf16 cache under float32 queries is fine (keys widen exactly); a cache that does not convert exactly to
+    the queries' dtype (wider, or float16 under bf16), or is not floating point, is refused by name."""
     inputs, _ = _case(seed=0, g=4, d=64, t=1, dtype=jnp.float32, lengths=KERNEL_LENGTHS[0])
     narrow = {**inputs, "k_pages": inputs["k_pages"].astype(jnp.bfloat16),
               "v_pages": inputs["v_pages"].astype(jnp.bfloat16)}
     out = paged_attention(**narrow, scale=0.125)
     assert out.dtype == jnp.float32 and np.isfinite(np.asarray(out)).all()
-    with pytest.raises(ValueError, match=r"cache dtype float32 is wider than the queries' bfloat16"):
+    with pytest.raises(ValueError, match=r"cache dtype float32 does not convert exactly to the queries' bfloat16"):
         paged_attention(**{**inputs, "q": inputs["q"].astype(jnp.bfloat16)}, scale=0.125)
+    half = {**inputs, "q": inputs["q"].astype(jnp.bfloat16), "k_pages": inputs["k_pages"].astype(jnp.float16),
+            "v_pages": inputs["v_pages"].astype(jnp.float16)}
+    with pytest.raises(ValueError, match=r"cache dtype float16 does not convert exactly to the queries' bfloat16"):
+        paged_attention(**half, scale=0.125)
     ints = {**inputs, "k_pages": inputs["k_pages"].astype(jnp.int8), "v_pages": inputs["v_pages"].astype(jnp.int8)}
     with pytest.raises(ValueError, match=r"q \(float32\) and the cache \(int8\) must be floating point"):
         paged_attention(**ints, scale=0.125)
+
+
+@pytest.mark.parametrize("backend", PALLAS)
+def test_kernels_clamp_traced_lengths(backend):
+    """Under jit (no value check) a length past the table is clamped to it: the kernels read the head's own
+    table row only (never the next head's or past the end), and the output stays finite."""
+    inputs, _ = _case(seed=0, g=4, d=64, t=1, dtype=jnp.float32, lengths=KERNEL_LENGTHS[0])
+    long = inputs["lengths"].at[1, 1].set(10 * P_MAX * PAGE)
+    run = jax.jit(lambda x: paged_attention(**x, scale=0.125, backend=backend, interpret=True))
+    out = np.asarray(run({**inputs, "lengths": long}))
+    at_table = np.asarray(run({**inputs, "lengths": inputs["lengths"].at[1, 1].set(P_MAX * PAGE)}))
+    np.testing.assert_array_equal(out, at_table)
+
+
+def test_precision_settings_jax_accepts():
+    """An algorithm name jax accepts as its default matmul precision is left to the dots (None), not an error;
+    an unknown explicit precision is one."""
+    from kvzip_kernels.backend import resolve_precision
+
+    with jax.default_matmul_precision("BF16_BF16_F32"):
+        assert resolve_precision(None) is None
+    with jax.default_matmul_precision("tensorfloat32"):
+        assert resolve_precision(None) == jax.lax.Precision.HIGH
+    with pytest.raises(ValueError, match=r"unknown matmul precision 'fp8'"):
+        resolve_precision("fp8")
 
 
 def test_debug_mode_checks_traced_tables(monkeypatch):
