@@ -13,6 +13,7 @@ import math
 
 import jax
 import numpy as np
+import pytest
 from jax.extend.core import ClosedJaxpr, Jaxpr
 
 
@@ -27,6 +28,17 @@ class PallasCallInfo:
     @property
     def grid_steps(self) -> int:
         return math.prod(self.grid)
+
+
+def lowered_text(fn, *args, platform: str) -> str:
+    """The StableHLO of `fn` lowered for `platform` ("cuda" | "tpu") on this host, lower-cased: the real Triton /
+    Mosaic lowering runs (block-shape rules, supported ops), their compilers do not. Skips the test when this
+    jaxlib was built without that platform's lowering."""
+    try:
+        lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,))
+    except (ImportError, NotImplementedError) as err:
+        pytest.skip(f"no {platform} lowering in this jaxlib: {err}")
+    return lowered.as_text().lower()
 
 
 def _sub_jaxprs(value):

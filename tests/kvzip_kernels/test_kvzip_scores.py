@@ -27,7 +27,7 @@ from jax.extend.core import ClosedJaxpr, Jaxpr
 import kvzip_kernels.kvzip_scores_gpu as scores_gpu
 from kvzip_kernels.backend import resolve_precision
 from kvzip_kernels.kvzip_scores import kvzip_scores, kvzip_scores_reference
-from tests.kvzip_kernels.pallas_inspect import pallas_calls
+from tests.kvzip_kernels.pallas_inspect import lowered_text, pallas_calls
 
 B, HKV, T, M = 2, 2, 20, 24
 
@@ -321,8 +321,8 @@ def test_llama8b_scoring_lowers_with_hardware_sized_tiles(backend, platform, m):
             assert call.scalar_prefetch_bytes <= 1 << 20, call
     if platform == "cuda":
         assert all(lhs.shape[0] >= 128 for lhs, _ in lse.dot_operands), lse  # pass 1 holds 128 query rows
-    lowered = jax.jit(fn).trace(*structs).lower(lowering_platforms=(platform,))
-    assert lowered.as_text().count("xla.gpu.triton" if platform == "cuda" else "tpu_custom_call") == 2
+    text = lowered_text(fn, *structs, platform=platform)
+    assert text.count("xla.gpu.triton" if platform == "cuda" else "tpu_custom_call") == 2
 
 
 # ----------------------------------------------------------------------------------- real backends (skipped here)
